@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   install, then run the main job on the embedded default (toy family)
+#   make test   install, then run the test suite
+# Both run inside a loopback-only network namespace (scripts/offline): nothing leaves the machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first, pinned: an unpinned torch pulls several GB of CUDA wheels on a CPU machine.
+# On a GPU machine, set TORCH_SPEC to the build you want (e.g. TORCH_SPEC=torch==2.13.0).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	touch $@
+
+demo: install
+	scripts/offline $(BIN)/crossray demo
+
+test: install
+	scripts/offline $(BIN)/python -m pytest -q

@@ -1,0 +1,159 @@
+"""The `crossray` command line.
+
+    crossray demo                                   build the toy family, print its accuracy curves
+    crossray toy build [--out DIR]                  build (or reuse) the toy model family
+    crossray checkpoints check --family F --revisions a,b [--layer L]
+    crossray tasks accuracy --family F --task FILE_OR_DIR [--out DIR]
+
+Bad input (a missing revision, a malformed task file, identical checkpoints, a layer out of range)
+prints one `crossray: error: ...` line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from crossray.checkpoints import CheckpointError, Family
+from crossray.tasks import TaskError
+
+logger = logging.getLogger("crossray")
+
+
+def family_from_args(args: argparse.Namespace) -> Family:
+    revisions = tuple(r for r in (args.revisions or "").split(",") if r)
+    src = args.family
+    overrides = {"revisions": revisions} if revisions else {}
+    if args.naming:
+        overrides["naming"] = args.naming
+    if args.tokenizer:
+        overrides["tokenizer"] = args.tokenizer
+    if Path(src).is_dir():
+        return Family.from_dir(src, **overrides)
+    if src.startswith(("/", ".", "~")) or Path(src).suffix:
+        raise CheckpointError(f"family folder {src} does not exist")
+    overrides.setdefault("naming", "pythia")
+    return Family(name=src.split("/")[-1], source=src, **overrides)
+
+
+def _add_family_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", required=True,
+                   help="local family folder (sub-folders are revisions) or hub repo id")
+    p.add_argument("--revisions", help="comma-separated revisions (default: all local ones)")
+    p.add_argument("--naming", choices=["pythia", "olmo", "bloom", "plain"],
+                   help="revision naming scheme (default: from family.json, else pythia for hub)")
+    p.add_argument("--tokenizer", help="tokenizer repo or folder when not stored with checkpoints")
+
+
+def cmd_toy_build(args: argparse.Namespace) -> int:
+    from crossray.toy.build import ToyConfig, build_toy_family
+
+    out = build_toy_family(args.out, ToyConfig(seed=args.seed))
+    print(out)
+    return 0
+
+
+def cmd_checkpoints_check(args: argparse.Namespace) -> int:
+    from crossray.checkpoints import resolve_checkpoint_set
+    from crossray.models.layer import check_layer, find_blocks, load_model
+
+    family = family_from_args(args)
+    revisions = family.available_revisions()
+    cset = resolve_checkpoint_set(family, revisions)
+    rows = cset.describe()
+    if args.layer is not None:
+        for row in rows:
+            model = load_model(family, row["revision"])
+            blocks = find_blocks(model, family.block_path)
+            check_layer(args.layer, len(blocks), f"{family.name}@{row['revision']}")
+            row["d_model"] = int(model.config.hidden_size)
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_tasks_accuracy(args: argparse.Namespace) -> int:
+    from crossray.accuracy import accuracy_curves, format_curves, write_accuracy
+
+    family = family_from_args(args)
+    rows, tasks = accuracy_curves(family, args.task, family.available_revisions())
+    for t in tasks:
+        logger.info("task %s: kept %d of %d, skipped %s", t.name, len(t.examples), t.n_rows,
+                    dict(t.skipped) or "none")
+    if args.out:
+        write_accuracy(rows, tasks, args.out)
+        logger.info("wrote %s/accuracy.{parquet,csv,json}", args.out)
+    print(format_curves(rows, "prefix_accuracy"))
+    print(format_curves(rows, "sentence_accuracy"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default, until the full pipeline lands."""
+    from crossray.accuracy import accuracy_curves, format_curves, write_accuracy
+    from crossray.toy.build import ToyConfig, build_toy_family
+
+    folder = build_toy_family(None, ToyConfig())
+    family = Family.from_dir(folder)
+    rows, tasks = accuracy_curves(family, [folder / "tasks"])
+    write_accuracy(rows, tasks, args.out)
+    print(f"toy family: {folder}")
+    print(format_curves(rows, "prefix_accuracy"))
+    print(f"tables: {args.out}/accuracy.{{parquet,csv,json}}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crossray", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="build the toy family and print its accuracy curves")
+    demo.add_argument("--out", default="runs/toy-accuracy")
+    demo.set_defaults(func=cmd_demo)
+
+    toy = sub.add_parser("toy", help="the embedded toy model family").add_subparsers(
+        dest="toy_command", required=True)
+    build = toy.add_parser("build", help="build (or reuse) the toy family")
+    build.add_argument("--out", help="folder (default: the cache, keyed by config hash)")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(func=cmd_toy_build)
+
+    ck = sub.add_parser("checkpoints", help="checkpoint sets").add_subparsers(
+        dest="ck_command", required=True)
+    check = ck.add_parser("check", help="hash a checkpoint set; refuse identical checkpoints")
+    _add_family_args(check)
+    check.add_argument("--layer", type=int, help="also check the layer exists in every checkpoint")
+    check.set_defaults(func=cmd_checkpoints_check)
+
+    tasks = sub.add_parser("tasks", help="minimal-pair tasks").add_subparsers(
+        dest="tasks_command", required=True)
+    acc = tasks.add_parser("accuracy", help="score every checkpoint on tasks")
+    _add_family_args(acc)
+    acc.add_argument("--task", action="append", required=True,
+                     help="task JSONL file, folder of them, or hub data set (repeatable)")
+    acc.add_argument("--out", help="folder for accuracy.{parquet,csv,json}")
+    acc.set_defaults(func=cmd_tasks_accuracy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per checkpoint load drowns the real progress
+    try:
+        return args.func(args)
+    except (CheckpointError, TaskError, ValueError) as e:
+        print(f"crossray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Shared fixtures: offline hubs, seeds, the cached toy family, tiny random HF checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED_BLIMP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "blimp"
+
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def toy_dir() -> Path:
+    """The default toy family, built once into the cache (CROSSRAY_CACHE) and reused."""
+    from crossray.toy.build import ToyConfig, build_toy_family
+
+    return build_toy_family(None, ToyConfig())
+
+
+@pytest.fixture(scope="session")
+def toy_family(toy_dir):
+    from crossray.checkpoints import Family
+
+    return Family.from_dir(toy_dir)
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(toy_family):
+    from crossray.models.layer import load_tokenizer
+
+    return load_tokenizer(toy_family, toy_family.available_revisions()[0])
+
+
+def tiny_config(arch: str, n_layers: int = 3, d: int = 32, vocab: int = 128):
+    """A randomly initialised config of a given architecture, small enough for milliseconds."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab)
+    match arch:
+        case "gpt_neox":
+            return tf.GPTNeoXConfig(hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=4,
+                                    intermediate_size=4 * d, rotary_pct=0.25, **common)
+        case "gpt2":
+            return tf.GPT2Config(n_embd=d, n_layer=n_layers, n_head=4, n_positions=64, **common)
+        case "llama":
+            return tf.LlamaConfig(hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=2 * d, **common)
+        case "bloom":
+            return tf.BloomConfig(hidden_size=d, n_layer=n_layers, n_head=4, **common)
+        case other:
+            raise ValueError(other)
+
+
+def save_tiny_family(root: Path, arch: str, revisions=("step1", "step2"), seed: int = 0) -> Path:
+    """A local family folder of randomly initialised checkpoints, one per revision."""
+    from transformers import AutoModelForCausalLM
+
+    for i, rev in enumerate(revisions):
+        torch.manual_seed(seed + i)
+        model = AutoModelForCausalLM.from_config(tiny_config(arch))
+        model.save_pretrained(root / rev)
+    return root

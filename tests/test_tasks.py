@@ -1,0 +1,119 @@
+"""Task readers, the single-token rule (method.md §9.2), scoring, and the real BLiMP files."""
+
+import json
+
+import pytest
+
+from crossray.accuracy import accuracy_curves
+from crossray.tasks import (
+    TaskError,
+    blimp_example,
+    load_task,
+    reduce_to_single_tokens,
+    rows_to_task,
+    word_example,
+)
+from tests.conftest import SHARED_BLIMP
+
+
+class CharTokenizer:
+    """One token per character: makes the 1- and 2-token cases of the rule easy to write by hand."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids, clean_up_tokenization_spaces=False):
+        return "".join(chr(i) for i in ids)
+
+
+def test_single_token_rule_by_hand():
+    tok = CharTokenizer()
+    ex = reduce_to_single_tokens(tok, "pre", "a", "b")
+    assert (ex.clean_prefix, ex.clean_answer, ex.patch_answer) == ("pre", "a", "b")
+    assert (ex.clean_answer_id, ex.patch_answer_id) == (ord("a"), ord("b"))
+    ex = reduce_to_single_tokens(tok, "pre", "ab", "cd")  # 2 tokens, first differ: first tokens
+    assert (ex.clean_prefix, ex.clean_answer, ex.patch_answer) == ("pre", "a", "c")
+    ex = reduce_to_single_tokens(tok, "pre", "xb", "xc")  # shared first token joins the prefix
+    assert (ex.clean_prefix, ex.clean_answer, ex.patch_answer) == ("prex", "b", "c")
+    assert reduce_to_single_tokens(tok, "p", "abc", "abd") == "answer_too_long"
+    assert reduce_to_single_tokens(tok, "p", "ab", "c") == "answer_length_mismatch"
+    assert reduce_to_single_tokens(tok, "p", "a", "a") == "identical_answers"
+
+
+def test_blimp_token_prefix_split():
+    tok = CharTokenizer()
+    # "The dog is" vs "The dog xs": common token prefix is "The dog ", answers "i"/"x" (first tokens)
+    ex = blimp_example(tok, "The dog ", " is", "xs")
+    assert ex.clean_prefix == "The dog " and (ex.clean_answer, ex.patch_answer) == ("i", "x")
+
+
+def test_word_level_split():
+    tok = CharTokenizer()
+    assert word_example(tok, "the cat sits", "the cat sit") == "answer_length_mismatch"
+    assert word_example(tok, "we xa", "we ya") == "answer_too_long"  # " xa" is 3 characters
+    ex = word_example(tok, "we x now", "we y now")  # " x"/" y": shared space joins the prefix
+    assert (ex.clean_prefix, ex.clean_answer, ex.patch_answer) == ("we ", "x", "y")
+    assert word_example(tok, "same", "same") == "no_differing_word"
+
+
+def test_readers_on_toy_tokenizer(toy_tokenizer, tmp_path):
+    blimp = {"sentence_good": "The dogs are here.", "sentence_bad": "The dogs is here.",
+             "one_prefix_method": True, "one_prefix_prefix": "The dogs",
+             "one_prefix_word_good": "are", "one_prefix_word_bad": "is", "pairID": "0"}
+    t = rows_to_task([blimp], toy_tokenizer, "b", "mem")
+    ex = t.examples[0]
+    assert ex.clean_prefix == "The dogs" and ex.clean_answer == " are" and ex.patch_answer == " is"
+    assert t.sentences == [("The dogs are here.", "The dogs is here.")]
+    clams = {"clean_prefix": "The cats near the dog", "clean_answer": " are", "patch_answer": " is"}
+    t = rows_to_task([clams], toy_tokenizer, "c", "mem")
+    assert t.format == "clams" and t.examples[0].clean_answer_id == toy_tokenizer.encode(" are")[0]
+    multi = {"sen": "The men were tired .", "wrong_sen": "The men was tired ."}
+    t = rows_to_task([multi], toy_tokenizer, "m", "mem")
+    assert t.format == "multiblimp" and t.examples[0].clean_prefix == "The men"
+    assert (t.examples[0].clean_answer, t.examples[0].patch_answer) == (" were", " was")
+
+
+def test_malformed_task_files(tmp_path, toy_tokenizer):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"sentence_good": "a", "sentence_bad": "b", "one_prefix_method": True,
+                               "one_prefix_prefix": "x", "one_prefix_word_good": "y"}) + "\n")
+    with pytest.raises(TaskError, match=r"bad.jsonl:1: missing .*one_prefix_word_bad"):
+        load_task(bad, toy_tokenizer)
+    bad.write_text('{"sen": "a b"}\n{oops\n')
+    with pytest.raises(TaskError, match=r"bad.jsonl:2: not valid JSON"):
+        load_task(bad, toy_tokenizer)
+    with pytest.raises(TaskError, match="does not exist"):
+        load_task(tmp_path / "missing.jsonl", toy_tokenizer)
+    mixed = [{"sentence_good": "a", "sentence_bad": "b", "one_prefix_method": v,
+              "one_prefix_prefix": "x", "one_prefix_word_good": "y", "one_prefix_word_bad": "z"}
+             for v in (True, False)]
+    with pytest.raises(TaskError, match="mixes one-prefix and two-prefix"):
+        rows_to_task(mixed, toy_tokenizer, "m", "mem")
+
+
+def test_toy_tasks_keep_everything(toy_dir, toy_tokenizer):
+    for f in sorted((toy_dir / "tasks").glob("*.jsonl")):
+        t = load_task(f, toy_tokenizer)
+        assert len(t.examples) == t.n_rows and not t.skipped, (f.name, t.skipped)
+
+
+@pytest.mark.skipif(not SHARED_BLIMP.exists(), reason="../shared/data/blimp not present")
+def test_real_blimp_files_load_and_score(toy_family, toy_tokenizer):
+    files = sorted(SHARED_BLIMP.glob("*.jsonl"))
+    assert len(files) == 15
+    for f in files:
+        t = load_task(f, toy_tokenizer)
+        assert len(t.examples) + sum(t.skipped.values()) == t.n_rows == 1000  # nothing silent
+        assert len(t.sentences) == 1000
+        if f.stem.endswith("_2") and "irregular_plural" not in f.stem and "adj_irregular_1" not in f.stem:
+            assert t.skipped.get("two_prefix") == 1000
+    revisions = toy_family.available_revisions()
+    rows, tasks = accuracy_curves(toy_family, files, [revisions[0], revisions[len(revisions) // 2],
+                                                      revisions[-1]], batch_size=256)
+    print("\nreal BLiMP on the toy family (kept/skipped, prefix and sentence accuracy):")
+    for t in tasks:
+        print(f"  {t.name:50s} kept {len(t.examples):4d} skipped {dict(t.skipped)}")
+    for r in rows:
+        print(f"  {r['revision']:9s} {r['task']:50s} prefix {r['prefix_accuracy']:.3f} "
+              f"sentence {r['sentence_accuracy']:.3f}")
+    assert len(rows) == 45 and all(0 <= r["sentence_accuracy"] <= 1 for r in rows)
