@@ -1,0 +1,141 @@
+"""Feature analyses on crosscoder weights and activations, for any number C of checkpoints.
+
+- decoder norms per checkpoint, and their shares: one-vs-all `v_c / sum_j v_j` and every pair
+  `v_b / (v_a + v_b)` (RelDec, method.md §8.1; the same share functions serve RelIE);
+- the paper's classes (share < 0.3 -> 0, > 0.7 -> 1, else 0.5) and group labels generalised to any C:
+  "<c> specific" when one share exceeds the high threshold, else the set of checkpoints whose share
+  reaches the low threshold ("A-B shared", "shared by all"), else "others" (§8.2);
+- emerging / maintained / discontinued / transient along the checkpoint order, from presence
+  (decoder norm at least `presence` of the feature's largest norm);
+- decoder cosine similarity between checkpoints (§8.3, for every pair);
+- top-activating contexts per feature, jointly and per checkpoint.
+
+Dimension legend: L latents, C checkpoints, D d_model, N tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import combinations
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Shares(NamedTuple):
+    share_LC: Tensor
+    all_zero_L: Tensor
+    """Features whose values are zero at every checkpoint (given share 1/C, flagged)."""
+
+
+def decoder_norms(W_dec_LCD: Tensor) -> Tensor:
+    assert W_dec_LCD.ndim == 3, "W_dec must be (L, C, D)"
+    return W_dec_LCD.norm(dim=-1)
+
+
+def one_vs_all(values_LC: Tensor) -> Shares:
+    """v_c / sum_j v_j per feature; all-zero features get 1/C and are flagged."""
+    values_LC = values_LC.abs().float()
+    total_L = values_LC.sum(-1)
+    zero_L = total_L == 0
+    share = values_LC / total_L.clamp_min(torch.finfo(values_LC.dtype).tiny)[:, None]
+    share[zero_L] = 1.0 / values_LC.shape[1]
+    return Shares(share, zero_L)
+
+
+def pairwise(values_LC: Tensor) -> dict[tuple[int, int], Shares]:
+    """For every pair a < b: v_b / (v_a + v_b); a pair that sums to 0 gets 0.5 and is flagged (§16.6)."""
+    values_LC = values_LC.abs().float()
+    out = {}
+    for a, b in combinations(range(values_LC.shape[1]), 2):
+        s = one_vs_all(values_LC[:, [a, b]])
+        out[(a, b)] = Shares(s.share_LC[:, 1], s.all_zero_L)
+    return out
+
+
+def classify(share: Tensor, low: float = 0.3, high: float = 0.7) -> Tensor:
+    """The paper's scalar classes: 0 below `low`, 1 above `high`, 0.5 between."""
+    out = torch.full_like(share, 0.5)
+    out[share < low] = 0.0
+    out[share > high] = 1.0
+    return out
+
+
+def group_labels(share_LC: Tensor, names: Sequence[str], low: float = 0.3, high: float = 0.7
+                 ) -> list[str]:
+    """Paper's group of each feature from its one-vs-all shares, for any number of checkpoints."""
+    C = share_LC.shape[1]
+    assert len(names) == C, "one name per checkpoint"
+    labels = []
+    for row in share_LC.tolist():
+        top = max(range(C), key=row.__getitem__)
+        if row[top] > high:
+            labels.append(f"{names[top]} specific")
+            continue
+        members = [names[c] for c in range(C) if row[c] >= low]
+        if len(members) == C:
+            labels.append("shared by all")
+        elif len(members) >= 2:
+            labels.append("-".join(members) + " shared")
+        else:
+            labels.append("others")
+    return labels
+
+
+def trajectory_classes(norms_LC: Tensor, presence: float = 0.3) -> list[str]:
+    """emerging / discontinued / maintained / transient / absent along the checkpoint order."""
+    peak_L = norms_LC.max(-1).values.clamp_min(torch.finfo(torch.float32).tiny)
+    present_LC = norms_LC >= presence * peak_L[:, None]
+    present_LC &= norms_LC > 0
+    out = []
+    for first, last, any_ in zip(present_LC[:, 0].tolist(), present_LC[:, -1].tolist(),
+                                 present_LC.any(-1).tolist(), strict=True):
+        if first and last:
+            out.append("maintained")
+        elif last:
+            out.append("emerging")
+        elif first:
+            out.append("discontinued")
+        else:
+            out.append("transient" if any_ else "absent")
+    return out
+
+
+def decoder_cosine(W_dec_LCD: Tensor) -> Tensor:
+    """Cosine similarity of each feature's decoder vectors between checkpoints, shape (L, C, C)."""
+    unit = F.normalize(W_dec_LCD.float(), dim=-1)
+    return torch.einsum("lcd,led->lce", unit, unit)
+
+
+# -- top-activating contexts ------------------------------------------------------------------------
+
+class TopContexts:
+    """Streaming top-k token positions per feature (and per checkpoint) over batches of activations.
+
+    `update(scores_NL, ids_N)` keeps, for each feature, the k largest scores seen so far and the
+    integer ids (e.g. seq * 2**20 + pos) of the tokens that produced them.
+    """
+
+    def __init__(self, n_latents: int, k: int, n_views: int = 1):
+        self.k = k
+        self.values_VkL = torch.full((n_views, k, n_latents), float("-inf"))
+        self.ids_VkL = torch.full((n_views, k, n_latents), -1, dtype=torch.long)
+
+    def update(self, scores_VNL: Tensor, ids_N: Tensor) -> None:
+        V, N, L = scores_VNL.shape
+        ids_VNL = ids_N.view(1, N, 1).expand(V, N, L)
+        values = torch.cat([self.values_VkL, scores_VNL.float().cpu()], dim=1)
+        ids = torch.cat([self.ids_VkL, ids_VNL.cpu()], dim=1)
+        top = values.topk(self.k, dim=1)
+        self.values_VkL, self.ids_VkL = top.values, ids.gather(1, top.indices)
+
+
+def checkpoint_contributions(W_enc_CDL: Tensor, x_NCD: Tensor) -> Tensor:
+    """Each checkpoint's share of every pre-activation, x_c @ W_enc[c], shape (C, N, L).
+
+    The latent is shared, so its joint activation ranks contexts once; these per-checkpoint terms say
+    which contexts each checkpoint's own activations tie to the feature.
+    """
+    return torch.einsum("ncd,cdl->cnl", x_NCD.float(), W_enc_CDL.float())

@@ -1,0 +1,124 @@
+"""Crosscoder evaluation metrics (method.md §7), per checkpoint.
+
+- FVE as a ratio of sums, `1 - sum ||x - x^||^2 / sum ||x - mean||^2` (the standard definition), and
+  the paper's mean of per-token ratios as a separately named metric (`fve_mean_of_ratios`, §7.1).
+- L0 and dead latents over a window of tokens.
+- ΔCE and CE-recovered with the reconstruction spliced into each checkpoint's forward pass (§7.3),
+  optionally leaving position 0 alone (§16.7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crossray.models.crosscoder import Crosscoder
+from crossray.models.layer import LayerModel
+
+
+class FVE(NamedTuple):
+    per_checkpoint_C: Tensor
+    joint: Tensor
+
+
+def fve(x_BCD: Tensor, recon_BCD: Tensor) -> FVE:
+    """Fraction of variance explained, ratio of sums over the batch (mean taken over the batch)."""
+    x, r = x_BCD.float(), recon_BCD.float()
+    err_C = (x - r).pow(2).sum(dim=(0, 2))
+    var_C = (x - x.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
+    return FVE(1 - err_C / var_C, 1 - err_C.sum() / var_C.sum())
+
+
+def fve_mean_of_ratios(x_BCD: Tensor, recon_BCD: Tensor) -> FVE:
+    """The paper's explained variance: mean over tokens of per-token ratios (method.md §7.1)."""
+    x, r = x_BCD.float(), recon_BCD.float()
+    err_BC = (x - r).pow(2).sum(-1)
+    var_BC = (x - x.mean(0, keepdim=True)).pow(2).sum(-1)
+    return FVE((1 - err_BC / var_BC).mean(0), (1 - err_BC.sum(1) / var_BC.sum(1)).mean())
+
+
+def l0(latents_BL: Tensor) -> Tensor:
+    return (latents_BL > 0).float().sum(-1).mean()
+
+
+class DeadLatents:
+    """Tokens since each latent last fired; dead when that reaches `window_tokens`."""
+
+    def __init__(self, n_latents: int, window_tokens: int, device: torch.device | str = "cpu"):
+        self.window = window_tokens
+        self.tokens_since_fired_L = torch.zeros(n_latents, dtype=torch.long, device=device)
+
+    def update(self, latents_BL: Tensor) -> None:
+        fired = (latents_BL > 0).any(0)
+        self.tokens_since_fired_L += latents_BL.shape[0]
+        self.tokens_since_fired_L[fired] = 0
+
+    def mask(self) -> Tensor:
+        return self.tokens_since_fired_L >= self.window
+
+    def count(self) -> int:
+        return int(self.mask().sum())
+
+
+# -- CE with the reconstruction spliced in ---------------------------------------------------------
+
+class CEResult(NamedTuple):
+    ce_clean_C: Tensor
+    ce_spliced_C: Tensor
+    ce_zero_C: Tensor
+
+    @property
+    def delta_ce_C(self) -> Tensor:
+        """The paper's ΔCE: spliced minus clean, nats."""
+        return self.ce_spliced_C - self.ce_clean_C
+
+    @property
+    def ce_recovered_C(self) -> Tensor:
+        return 1 - self.delta_ce_C / (self.ce_zero_C - self.ce_clean_C)
+
+
+def _ce_with(lm: LayerModel, input_ids: Tensor, replacement: Tensor | None) -> Tensor:
+    """Mean next-token CE of the full model, block `lm.layer`'s input replaced when given."""
+    def swap(_module, args, kwargs):
+        if args:
+            return (replacement.to(args[0].dtype), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": replacement.to(kwargs["hidden_states"].dtype)}
+
+    handle = lm.blocks[lm.layer].register_forward_pre_hook(swap, with_kwargs=True) \
+        if replacement is not None else None
+    try:
+        logits = lm.model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+@torch.no_grad()
+def spliced_ce(crosscoder: Crosscoder, models: Sequence[LayerModel], input_ids: Tensor,
+               skip_first_position: bool = True) -> CEResult:
+    """CE clean / with the crosscoder reconstruction spliced in / with the layer zeroed, per checkpoint.
+
+    The reconstruction uses the activations of all checkpoints at once (the latent is shared); with
+    `skip_first_position` position 0 keeps its real activation (training never saw it, §16.7).
+    """
+    if len(models) != crosscoder.cfg.n_checkpoints:
+        raise ValueError(f"{len(models)} models for a crosscoder over {crosscoder.cfg.n_checkpoints}")
+    acts_CBSD = torch.stack([m.resid_pre(input_ids) for m in models])
+    C, B, S, D = acts_CBSD.shape
+    x_NCD = acts_CBSD.permute(1, 2, 0, 3).reshape(B * S, C, D)  # (B*S, C, D)
+    recon_NCD = crosscoder(crosscoder.normalise(x_NCD)).recon_BCD / crosscoder.norm_factors_C[:, None]
+    recon_CBSD = recon_NCD.view(B, S, C, D).permute(2, 0, 1, 3)  # (C, B, S, D)
+    if skip_first_position:
+        recon_CBSD = recon_CBSD.clone()
+        recon_CBSD[:, :, 0] = acts_CBSD[:, :, 0]
+    clean, spliced, zero = [], [], []
+    for c, lm in enumerate(models):
+        clean.append(_ce_with(lm, input_ids, None))
+        spliced.append(_ce_with(lm, input_ids, recon_CBSD[c]))
+        zero.append(_ce_with(lm, input_ids, torch.zeros_like(acts_CBSD[c])))
+    return CEResult(torch.stack(clean), torch.stack(spliced), torch.stack(zero))

@@ -1,0 +1,260 @@
+"""Crosscoder training loop over any iterator of (B, C, D) batches (method.md §5, with §16 fixes).
+
+Per step: loss = L2 + sparsity, where L2 = mean_b sum_{c,d} (x^ - x)^2 and sparsity is
+- relu:      lambda(t) * mean_b sum_i f_i * sum_c ||W_dec[i, c]||   (L1 warm-up over the first 5%),
+- jumprelu:  lambda(t) * expected L0 (straight-through),
+- batchtopk: auxk_alpha * aux-k loss on dead latents, with the residual sign fixed (x - x^, §16.1);
+then gradient clipping, Adam, and an LR that is constant and decays linearly over the last 20%.
+
+Fast path: flattened GEMMs (in the model), bf16 autocast with fp32 master weights where the device
+runs bf16 fast, a fused Adam, metrics every `metrics_every` steps (no per-step host syncs), and
+sparse decoding for BatchTopK. Resuming from a saved state continues exactly like an uninterrupted
+run given the same data order: the state records how many batches were consumed.
+
+The loop takes `log(step, metrics)` and `save(trainer)` callables, so it runs over a list in tests
+and over a Ray Data shard in jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from crossray import metrics as M
+from crossray import store
+from crossray.config import TrainConfig
+from crossray.models.crosscoder import Crosscoder, ForwardOutput
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteBatchError(ValueError):
+    """A batch holds NaN or Inf; the training state was not touched."""
+
+
+class Losses(NamedTuple):
+    loss: Tensor
+    l2: Tensor
+    sparsity: Tensor
+    aux: Tensor
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+def l1_coeff_at(step: int, cfg: TrainConfig) -> float:
+    warm = cfg.l1_warmup_frac * cfg.n_steps
+    return cfg.l1_coeff * min(1.0, step / warm) if warm > 0 else cfg.l1_coeff
+
+
+def lr_factor_at(step: int, cfg: TrainConfig) -> float:
+    decay = cfg.lr_decay_frac * cfg.n_steps
+    start = cfg.n_steps - decay
+    return 1.0 if step < start or decay == 0 else max(0.0, 1.0 - (step - start) / decay)
+
+
+def k_at(step: int, cfg: TrainConfig) -> int:
+    cc = cfg.crosscoder
+    if cc.k_init is None or step >= cc.k_anneal_steps:
+        return cc.k
+    return max(cc.k, round(cc.k_init - (cc.k_init - cc.k) * step / cc.k_anneal_steps))
+
+
+@lru_cache(maxsize=1)
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_has_fast_bf16()
+
+
+# -- losses ---------------------------------------------------------------------------------------
+
+def aux_k_loss(cc: Crosscoder, x_BCD: Tensor, recon_BCD: Tensor, pre_BL: Tensor, dead_L: Tensor
+               ) -> Tensor:
+    """Dead latents reconstruct the residual x - x^ (sign fixed, §16.1), normalised by its variance."""
+    n_dead = int(dead_L.sum())
+    if n_dead == 0:
+        return x_BCD.new_zeros(())
+    C, D, L = cc.shape
+    k_aux = min(D // 2, n_dead)
+    resid = (x_BCD - recon_BCD).detach().flatten(1).float()  # (B, C*D)
+    scaled = (pre_BL * cc.selection_norms()).masked_fill(~dead_L, float("-inf"))
+    idx = scaled.topk(k_aux, dim=-1).indices
+    acts = torch.zeros_like(pre_BL).scatter(-1, idx, pre_BL.gather(-1, idx))
+    recon_aux = acts.float() @ cc.W_dec_LCD.reshape(L, C * D)  # no b_dec
+    num = (resid - recon_aux).pow(2).sum(-1).mean()
+    den = (resid - resid.mean(0)).pow(2).sum(-1).mean()
+    return torch.nan_to_num(num / den, nan=0.0)
+
+
+def compute_losses(cc: Crosscoder, x_BCD: Tensor, out: ForwardOutput, cfg: TrainConfig, step: int,
+                   dead_L: Tensor | None) -> Losses:
+    recon = out.recon_BCD.float()
+    l2 = (recon - x_BCD).pow(2).sum(dim=(1, 2)).mean()
+    zero = l2.new_zeros(())
+    match cc.cfg.activation:
+        case "relu":
+            l1 = (out.latents_BL.float() * cc.selection_norms()).sum(-1).mean()
+            sparsity, aux = l1_coeff_at(step, cfg) * l1, zero
+        case "jumprelu":
+            sparsity, aux = l1_coeff_at(step, cfg) * cc.jumprelu_penalty(out.latents_BL.float()), zero
+        case "batchtopk":
+            aux = aux_k_loss(cc, x_BCD, recon, out.pre_BL, dead_L) if dead_L is not None else zero
+            sparsity = cfg.auxk_alpha * aux
+        case other:
+            raise ValueError(f"unknown activation {other!r}")
+    return Losses(l2 + sparsity, l2, sparsity, aux)
+
+
+def check_batch(x_BCD: Tensor, cc: Crosscoder, index: int) -> None:
+    cc.check_input(x_BCD)
+    if not torch.isfinite(x_BCD).all():
+        bad = (~torch.isfinite(x_BCD)).flatten(1).any(1).nonzero()[:5, 0].tolist()
+        raise NonFiniteBatchError(f"batch {index} contains NaN/Inf (rows {bad}...); "
+                                  "training state unchanged")
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+
+class Trainer:
+    """Holds the crosscoder, optimizer, scheduler and counters; `fit` runs the loop."""
+
+    def __init__(self, cc: Crosscoder, cfg: TrainConfig, device: str | torch.device | None = None):
+        if cfg.crosscoder != cc.cfg:
+            raise ValueError("TrainConfig.crosscoder differs from the crosscoder's own config")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cc, self.cfg = cc.to(self.device), cfg
+        fused = cfg.fused_optimizer and self.device.type in ("cuda", "cpu")
+        self.optimizer = torch.optim.Adam(cc.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                          fused=fused or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: lr_factor_at(s, cfg))
+        self.dead = M.DeadLatents(cc.cfg.n_latents, max(1, cfg.dead_window_tokens), self.device)
+        self.step = 0
+        self.tokens = 0
+        self.batches_consumed = 0
+        self.bf16 = use_bf16(cfg, self.device)
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def train_step(self, x_BCD: Tensor) -> tuple[Losses, ForwardOutput]:
+        cc, cfg = self.cc, self.cfg
+        is_topk = cc.cfg.activation == "batchtopk"
+        with self._autocast():
+            out = cc(x_BCD, mode="train", k=k_at(self.step, cfg) if is_topk else None,
+                     sparse_decode=cfg.sparse_decode)
+        dead_L = self.dead.mask() if is_topk else None
+        losses = compute_losses(cc, x_BCD, out, cfg, self.step, dead_L)
+        losses.loss.backward()
+        torch.nn.utils.clip_grad_norm_(cc.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.dead.update(out.latents_BL)
+        if is_topk and self.step >= cc.cfg.threshold_start_step:
+            cc.update_threshold(out.latents_BL)
+        return losses, out
+
+    def metrics(self, x_BCD: Tensor, losses: Losses, out: ForwardOutput) -> dict[str, float]:
+        recon = out.recon_BCD.detach()
+        fve, paper = M.fve(x_BCD, recon), M.fve_mean_of_ratios(x_BCD, recon)
+        row = {"loss": losses.loss.item(), "l2": losses.l2.item(), "sparsity": losses.sparsity.item(),
+               "aux": losses.aux.item(), "l0": M.l0(out.latents_BL).item(), "fve": fve.joint.item(),
+               "fve_mean_of_ratios": paper.joint.item(), "dead": self.dead.count(),
+               "lr": self.scheduler.get_last_lr()[0], "l1_coeff": l1_coeff_at(self.step, self.cfg)}
+        for c in range(x_BCD.shape[1]):
+            row[f"fve/{c}"] = fve.per_checkpoint_C[c].item()
+            row[f"fve_mean_of_ratios/{c}"] = paper.per_checkpoint_C[c].item()
+        return row
+
+    def fit(self, batches: Iterable[Tensor], log: Callable[[int, dict], None] | None = None,
+            save: Callable[[Trainer], None] | None = None, progress: bool = True) -> Trainer:
+        """Train on raw activations until `n_steps` (or the batches run out).
+
+        `batches` must start at `self.batches_consumed` (0 for a fresh run) for an exact resume.
+        """
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.cfg.n_steps, initial=self.step, desc="crosscoder", disable=not progress or None)
+        it: Iterator[Tensor] = iter(batches)
+        while self.step < self.cfg.n_steps:
+            x = next(it, None)
+            if x is None:
+                logger.warning("batches ran out at step %d of %d", self.step, self.cfg.n_steps)
+                break
+            x = x.to(self.device, torch.float32, non_blocking=True)
+            check_batch(x, self.cc, self.batches_consumed)
+            x = self.cc.normalise(x)
+            losses, out = self.train_step(x)
+            self.step += 1
+            self.batches_consumed += 1
+            self.tokens += x.shape[0]
+            bar.update(1)
+            last = self.step == self.cfg.n_steps
+            if log and (self.step % self.cfg.metrics_every == 0 or last):
+                log(self.step, self.metrics(x, losses, out))
+            if save and (self.step % self.cfg.checkpoint_every == 0 or last):
+                save(self)
+        bar.close()
+        return self
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, folder: str | Path, meta: dict | None = None) -> Path:
+        """Weights + config + full training state, atomically."""
+        def write_state(tmp: Path) -> None:
+            scalars = {"step": self.step, "tokens": self.tokens,
+                       "batches_consumed": self.batches_consumed}
+            store.write_train_state(tmp, self.optimizer, self.scheduler, scalars,
+                                    {"tokens_since_fired_L": self.dead.tokens_since_fired_L})
+
+        return store.save_crosscoder(self.cc, folder, self.cfg, meta, extra=write_state)
+
+    @classmethod
+    def resume(cls, folder: str | Path, cfg: TrainConfig | None = None,
+               device: str | torch.device | None = None) -> Trainer:
+        """A trainer in exactly the state `save` wrote (optimizer, schedule, RNG, counters)."""
+        cc = store.load_crosscoder(folder)
+        cfg = cfg or store.load_train_config(folder)
+        if cfg is None:
+            raise store.ArtifactError(f"{folder} holds no training config")
+        trainer = cls(cc, cfg, device)
+        scalars, tensors = store.read_train_state(folder, trainer.optimizer, trainer.scheduler)
+        trainer.step, trainer.tokens = scalars["step"], scalars["tokens"]
+        trainer.batches_consumed = scalars["batches_consumed"]
+        trainer.dead.tokens_since_fired_L = tensors["tokens_since_fired_L"].to(trainer.device)
+        return trainer
+
+
+@torch.no_grad()
+def estimate_norm_factors(batches: Iterable[Tensor], n_batches: int) -> Tensor:
+    """s_c = sqrt(D) / mean_t ||x_c,t|| over the first `n_batches` batches (method.md §3.4), shape (C,)."""
+    total, count = None, 0
+    for i, x_BCD in enumerate(batches):
+        if i >= n_batches:
+            break
+        norms_C = x_BCD.float().norm(dim=-1).sum(0)
+        total = norms_C if total is None else total + norms_C
+        count += x_BCD.shape[0]
+    if total is None:
+        raise ValueError("no batches to estimate normalisation factors from")
+    D = x_BCD.shape[-1]
+    return D**0.5 / (total / count)

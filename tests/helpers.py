@@ -1,0 +1,49 @@
+"""Builders shared by the crosscoder tests: tiny configs and a planted-dictionary data set."""
+
+from __future__ import annotations
+
+import torch
+
+from crossray.config import CrosscoderConfig, TrainConfig
+
+
+def make_cc_cfg(**overrides) -> CrosscoderConfig:
+    base = dict(n_checkpoints=2, d_model=16, n_latents=64, seed=0)
+    base.update(overrides)
+    return CrosscoderConfig(**base)
+
+
+def make_train_cfg(cc_cfg: CrosscoderConfig | None = None, **overrides) -> TrainConfig:
+    base = dict(crosscoder=cc_cfg or make_cc_cfg(), n_steps=20, batch_size=64, lr=1e-3,
+                metrics_every=5, checkpoint_every=10, dead_window_tokens=640)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+KINDS = {"shared": (1, 1, 1), "emerging": (0, 0, 1), "discontinued": (1, 0, 0), "middle": (0, 1, 0)}
+EXPECTED_GROUP = {"shared": "shared by all", "emerging": "C specific", "discontinued": "A specific",
+                  "middle": "B specific"}
+
+
+def planted_dictionary(n_each: int = 8, d_model: int = 32, seed: int = 0):
+    """Unit directions per (feature, checkpoint) for 3 checkpoints; zero where a feature is absent.
+
+    Every checkpoint holds the same number of features, so normalisation treats them alike.
+    """
+    g = torch.Generator().manual_seed(seed)
+    kinds = [k for k in KINDS for _ in range(n_each)]
+    present_FC = torch.tensor([KINDS[k] for k in kinds], dtype=torch.float32)
+    dirs_FCD = torch.nn.functional.normalize(torch.randn(len(kinds), 3, d_model, generator=g), dim=-1)
+    return kinds, dirs_FCD * present_FC[:, :, None]
+
+
+def planted_batches(dirs_FCD: torch.Tensor, n_batches: int, batch_size: int = 512, p: float = 0.06,
+                    seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    F = dirs_FCD.shape[0]
+    out = []
+    for _ in range(n_batches):
+        on = (torch.rand(batch_size, F, generator=g) < p).float()
+        coef = on * (0.5 + torch.rand(batch_size, F, generator=g))
+        out.append(torch.einsum("nf,fcd->ncd", coef, dirs_FCD))
+    return out

@@ -1,0 +1,187 @@
+"""Training: losses by hand, schedules, aux-k sign, ground-truth recovery, exact resume, bad input."""
+
+import pytest
+import torch
+
+from crossray import analysis as A
+from crossray.config import CrosscoderConfig, TrainConfig, from_dict
+from crossray.models.crosscoder import Crosscoder
+from crossray.train import (
+    NonFiniteBatchError,
+    Trainer,
+    aux_k_loss,
+    compute_losses,
+    estimate_norm_factors,
+    k_at,
+    l1_coeff_at,
+    lr_factor_at,
+)
+from tests.helpers import (
+    EXPECTED_GROUP,
+    make_cc_cfg,
+    make_train_cfg,
+    planted_batches,
+    planted_dictionary,
+)
+
+
+def test_losses_by_hand():
+    cfg = make_train_cfg(make_cc_cfg(n_checkpoints=2, d_model=2, n_latents=2), l1_coeff=2.0,
+                         l1_warmup_frac=0.0)
+    cc = Crosscoder(cfg.crosscoder)
+    with torch.no_grad():
+        cc.W_enc_CDL.zero_()
+        cc.W_enc_CDL[0, 0, 0] = 1.0  # latent 0 reads x[c=0, d=0]
+        cc.W_dec_LCD.zero_()
+        cc.W_dec_LCD[0, 0] = torch.tensor([3.0, 4.0])  # norm 5 at checkpoint 0
+        cc.W_dec_LCD[0, 1] = torch.tensor([0.0, 1.0])  # norm 1 at checkpoint 1
+    x = torch.tensor([[[2.0, 0.0], [0.0, 0.0]], [[-1.0, 0.0], [1.0, 1.0]]])
+    out = cc(x, mode="train")
+    # token 0: f0 = 2, recon = [[6, 8], [0, 2]]; err^2 = 16 + 64 + 0 + 4 = 84
+    # token 1: f0 = 0, recon = 0; err^2 = 1 + 1 + 1 = 3 ; L2 = (84 + 3) / 2
+    # L1 = mean_b f0 * (5 + 1) = (2 * 6) / 2 = 6 ; loss = L2 + 2 * L1
+    losses = compute_losses(cc, x, out, cfg, step=10, dead_L=None)
+    assert losses.l2.item() == pytest.approx(43.5)
+    assert losses.sparsity.item() == pytest.approx(12.0)
+    assert losses.loss.item() == pytest.approx(55.5)
+
+
+def test_schedules():
+    cfg = make_train_cfg(n_steps=1000, l1_coeff=2.0, l1_warmup_frac=0.05, lr_decay_frac=0.2)
+    assert l1_coeff_at(0, cfg) == 0 and l1_coeff_at(25, cfg) == pytest.approx(1.0)
+    assert l1_coeff_at(50, cfg) == 2.0 and l1_coeff_at(999, cfg) == 2.0
+    assert lr_factor_at(799, cfg) == 1.0 and lr_factor_at(900, cfg) == pytest.approx(0.5)
+    assert lr_factor_at(1000, cfg) == 0.0
+    topk = make_train_cfg(make_cc_cfg(activation="batchtopk", k=10, k_init=110, k_anneal_steps=100))
+    assert [k_at(s, topk) for s in (0, 50, 100, 500)] == [110, 60, 10, 10]
+
+
+def test_aux_k_uses_the_true_residual():
+    """§16.1: dead latents must learn x - x^, so a decoder along +residual scores lower loss."""
+    cfg = make_cc_cfg(n_checkpoints=2, d_model=4, n_latents=4, activation="batchtopk", k=1)
+    cc = Crosscoder(cfg)
+    x = torch.zeros(3, 2, 4)
+    x[:, 0, 0] = torch.tensor([1.0, 2.0, 3.0])
+    recon = torch.zeros_like(x)  # residual = x, along +e0 of checkpoint 0
+    pre = torch.zeros(3, 4)
+    pre[:, 3] = torch.tensor([1.0, 2.0, 3.0])
+    dead = torch.tensor([False, False, False, True])
+    with torch.no_grad():
+        cc.W_dec_LCD[3] = 0
+        cc.W_dec_LCD[3, 0, 0] = 1.0
+    aligned = aux_k_loss(cc, x, recon, pre, dead)
+    with torch.no_grad():
+        cc.W_dec_LCD[3, 0, 0] = -1.0
+    opposed = aux_k_loss(cc, x, recon, pre, dead)
+    assert aligned.item() == pytest.approx(0.0, abs=1e-6) and opposed.item() > 1.0
+    assert aux_k_loss(cc, x, recon, pre, torch.zeros(4, dtype=torch.bool)).item() == 0.0
+
+
+@pytest.mark.parametrize("activation", ["relu", "batchtopk"])
+def test_ground_truth_recovery(activation):
+    """Planted shared / emerging / discontinued / middle features across 3 checkpoints."""
+    kinds, dirs_FCD = planted_dictionary(n_each=8, d_model=32)
+    data = planted_batches(dirs_FCD, n_batches=600)
+    topk = activation == "batchtopk"
+    cc_cfg = CrosscoderConfig(n_checkpoints=3, d_model=32, n_latents=64, activation=activation,
+                              dec_init_norm=1.0 if topk else 0.08, k=3, threshold_start_step=50, seed=0)
+    cfg = TrainConfig(crosscoder=cc_cfg, n_steps=600, batch_size=512, lr=3e-3, metrics_every=600,
+                      dead_window_tokens=512 * 20)
+    cc = Crosscoder(cc_cfg)
+    cc.norm_factors_C.copy_(estimate_norm_factors(data, 10))
+    logs = []
+    Trainer(cc, cfg, "cpu").fit(data, log=lambda s, m: logs.append(m), progress=False)
+    W_FK = torch.nn.functional.normalize(cc.fold().W_dec_LCD.detach().flatten(1), dim=-1)
+    planted = torch.nn.functional.normalize(dirs_FCD.flatten(1), dim=-1)
+    best, idx = (planted @ W_FK.T).max(1)
+    recovered = best > 0.9
+    shares = A.one_vs_all(cc.decoder_norms().detach()).share_LC[idx]
+    labels = A.group_labels(shares, ["A", "B", "C"])
+    match = [lab == EXPECTED_GROUP[k] for lab, k, ok in zip(labels, kinds, recovered, strict=True) if ok]
+    print(f"\n{activation}: recovered {recovered.float().mean():.2f}, class match "
+          f"{sum(match) / len(match):.2f}, final fve {logs[-1]['fve']:.3f}, l0 {logs[-1]['l0']:.2f}")
+    assert recovered.float().mean() >= 0.9
+    assert sum(match) / len(match) >= 0.9
+    assert logs[-1]["fve"] > 0.9 and all(logs[-1][f"fve/{c}"] > 0.9 for c in range(3))
+
+
+def _run(cfg, data, trainer=None, start=0):
+    trainer = trainer or Trainer(Crosscoder(cfg.crosscoder), cfg, "cpu")
+    trainer.fit(data[start:], progress=False)
+    return trainer
+
+
+@pytest.mark.parametrize("activation", ["relu", "batchtopk"])
+def test_resume_is_exact(tmp_path, activation):
+    cc_cfg = make_cc_cfg(activation=activation, k=4, threshold_start_step=3)
+    cfg = make_train_cfg(cc_cfg, n_steps=20, dead_window_tokens=128)
+    data = [torch.randn(64, 2, 16) for _ in range(20)]
+    full = _run(cfg, data)
+    half_cfg = make_train_cfg(cc_cfg, n_steps=20, dead_window_tokens=128)
+    half = Trainer(Crosscoder(cc_cfg), half_cfg, "cpu")
+    half.fit(data[:10], progress=False)  # stops when the data runs out, mid-schedule
+    half.save(tmp_path / "ckpt")
+    resumed = Trainer.resume(tmp_path / "ckpt", device="cpu")
+    assert resumed.step == 10 and resumed.batches_consumed == 10
+    resumed.fit(data[resumed.batches_consumed:], progress=False)
+    for k, v in full.cc.state_dict().items():
+        assert torch.equal(v, resumed.cc.state_dict()[k]), k
+    assert torch.equal(full.dead.tokens_since_fired_L, resumed.dead.tokens_since_fired_L)
+
+
+def test_log_and_save_cadence():
+    cfg = make_train_cfg(n_steps=20, metrics_every=5, checkpoint_every=10)
+    logged, saved = [], []
+    Trainer(Crosscoder(cfg.crosscoder), cfg, "cpu").fit(
+        [torch.randn(64, 2, 16) for _ in range(20)], log=lambda s, m: logged.append(s),
+        save=lambda t: saved.append(t.step), progress=False)
+    assert logged == [5, 10, 15, 20] and saved == [10, 20]
+
+
+def test_nan_batch_is_refused_and_state_untouched():
+    cfg = make_train_cfg(n_steps=5)
+    trainer = Trainer(Crosscoder(cfg.crosscoder), cfg, "cpu")
+    data = [torch.randn(64, 2, 16) for _ in range(5)]
+    trainer.fit(data[:2], progress=False)
+    before = {k: v.clone() for k, v in trainer.cc.state_dict().items()}
+    bad = torch.randn(64, 2, 16)
+    bad[7, 1, 3] = float("nan")
+    with pytest.raises(NonFiniteBatchError, match=r"batch 2 contains NaN/Inf \(rows \[7\]"):
+        trainer.fit([bad], progress=False)
+    assert trainer.step == 2 and all(torch.equal(v, trainer.cc.state_dict()[k]) for k, v in before.items())
+    trainer.fit(data[2:], progress=False)  # training goes on after the bad batch
+    assert trainer.step == 5
+
+
+def test_wrong_shapes_are_refused():
+    cfg = make_train_cfg()
+    trainer = Trainer(Crosscoder(cfg.crosscoder), cfg, "cpu")
+    with pytest.raises(ValueError, match="C=2, D=16"):
+        trainer.fit([torch.randn(64, 3, 16)], progress=False)
+    with pytest.raises(ValueError, match="differs"):
+        Trainer(Crosscoder(make_cc_cfg(n_latents=8)), cfg, "cpu")
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        make_cc_cfg(activation="gelu")
+    with pytest.raises(ValueError, match=r"activation: 'gelu' is not one of"):
+        from_dict(CrosscoderConfig, {"n_checkpoints": 2, "d_model": 4, "n_latents": 8,
+                                     "activation": "gelu"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_latent'\]"):
+        from_dict(CrosscoderConfig, {"n_checkpoints": 2, "d_model": 4, "n_latent": 8})
+    with pytest.raises(ValueError, match=r"d_model: expected int, got str"):
+        from_dict(CrosscoderConfig, {"n_checkpoints": 2, "d_model": "4", "n_latents": 8})
+    with pytest.raises(ValueError, match="n_checkpoints must be >= 2"):
+        make_cc_cfg(n_checkpoints=1)
+    cfg = from_dict(TrainConfig, {"crosscoder": {"n_checkpoints": 3, "d_model": 4, "n_latents": 8},
+                                  "n_steps": 10, "lr": 1})
+    assert cfg.crosscoder.n_checkpoints == 3 and cfg.lr == 1.0
+
+
+def test_norm_factors_follow_the_paper():
+    x = torch.randn(256, 2, 16)
+    x[:, 1] *= 10
+    s = estimate_norm_factors([x[:128], x[128:]], n_batches=2)
+    normed = x * s[None, :, None]
+    torch.testing.assert_close(normed.norm(dim=-1).mean(0), torch.full((2,), 4.0))  # sqrt(16)
