@@ -52,10 +52,10 @@ class DeadLatents:
         self.window = window_tokens
         self.tokens_since_fired_L = torch.zeros(n_latents, dtype=torch.long, device=device)
 
-    def update(self, latents_BL: Tensor) -> None:
-        fired = (latents_BL > 0).any(0)
-        self.tokens_since_fired_L += latents_BL.shape[0]
-        self.tokens_since_fired_L[fired] = 0
+    def update(self, latent_sums_L: Tensor, n_tokens: int) -> None:
+        """Count `n_tokens` more; latents whose batch sum is positive fired (latents are >= 0)."""
+        self.tokens_since_fired_L += n_tokens
+        self.tokens_since_fired_L.masked_fill_(latent_sums_L > 0, 0)
 
     def mask(self) -> Tensor:
         return self.tokens_since_fired_L >= self.window

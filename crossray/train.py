@@ -44,6 +44,8 @@ class Losses(NamedTuple):
     l2: Tensor
     sparsity: Tensor
     aux: Tensor
+    latent_sums_L: Tensor
+    """Sum of each latent over the batch (detached): > 0 means it fired (latents are >= 0)."""
 
 
 # -- schedules ------------------------------------------------------------------------------------
@@ -108,9 +110,12 @@ def compute_losses(cc: Crosscoder, x_BCD: Tensor, out: ForwardOutput, cfg: Train
     recon = out.recon_BCD.float()
     l2 = (recon - x_BCD).pow(2).sum(dim=(1, 2)).mean()
     zero = l2.new_zeros(())
+    # one reduction over the batch serves the L1 term and dead-latent tracking: an elementwise
+    # f * norms and its broadcast backward cost as much as a GEMM on the CPU
+    f_L = out.latents_BL.sum(0, dtype=torch.float32)
     match cc.cfg.activation:
         case "relu":
-            l1 = (out.latents_BL.float() * cc.selection_norms()).sum(-1).mean()
+            l1 = (f_L * cc.selection_norms()).sum() / x_BCD.shape[0]
             sparsity, aux = l1_coeff_at(step, cfg) * l1, zero
         case "jumprelu":
             sparsity, aux = l1_coeff_at(step, cfg) * cc.jumprelu_penalty(out.latents_BL.float()), zero
@@ -119,7 +124,7 @@ def compute_losses(cc: Crosscoder, x_BCD: Tensor, out: ForwardOutput, cfg: Train
             sparsity = cfg.auxk_alpha * aux
         case other:
             raise ValueError(f"unknown activation {other!r}")
-    return Losses(l2 + sparsity, l2, sparsity, aux)
+    return Losses(l2 + sparsity, l2, sparsity, aux, f_L.detach())
 
 
 def check_batch(x_BCD: Tensor, cc: Crosscoder, index: int) -> None:
@@ -169,7 +174,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.dead.update(out.latents_BL)
+        self.dead.update(losses.latent_sums_L, x_BCD.shape[0])
         if is_topk and self.step >= cc.cfg.threshold_start_step:
             cc.update_threshold(out.latents_BL)
         return losses, out
@@ -194,28 +199,34 @@ class Trainer:
         """
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.cfg.n_steps, initial=self.step, desc="crosscoder", disable=not progress or None)
+        bar = tqdm(total=self.cfg.n_steps, initial=self.step, desc="crosscoder",
+                   disable=not progress or None)
         it: Iterator[Tensor] = iter(batches)
         while self.step < self.cfg.n_steps:
             x = next(it, None)
             if x is None:
                 logger.warning("batches ran out at step %d of %d", self.step, self.cfg.n_steps)
                 break
-            x = x.to(self.device, torch.float32, non_blocking=True)
-            check_batch(x, self.cc, self.batches_consumed)
-            x = self.cc.normalise(x)
-            losses, out = self.train_step(x)
-            self.step += 1
-            self.batches_consumed += 1
-            self.tokens += x.shape[0]
+            self.step_batch(x, log, save)
             bar.update(1)
-            last = self.step == self.cfg.n_steps
-            if log and (self.step % self.cfg.metrics_every == 0 or last):
-                log(self.step, self.metrics(x, losses, out))
-            if save and (self.step % self.cfg.checkpoint_every == 0 or last):
-                save(self)
         bar.close()
         return self
+
+    def step_batch(self, x: Tensor, log: Callable[[int, dict], None] | None = None,
+                   save: Callable[[Trainer], None] | None = None) -> None:
+        """One step on a raw batch: check, normalise, update, then log/save on their cadence."""
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        check_batch(x, self.cc, self.batches_consumed)
+        x = self.cc.normalise(x)
+        losses, out = self.train_step(x)
+        self.step += 1
+        self.batches_consumed += 1
+        self.tokens += x.shape[0]
+        last = self.step == self.cfg.n_steps
+        if log and (self.step % self.cfg.metrics_every == 0 or last):
+            log(self.step, self.metrics(x, losses, out))
+        if save and (self.step % self.cfg.checkpoint_every == 0 or last):
+            save(self)
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, folder: str | Path, meta: dict | None = None) -> Path:

@@ -38,9 +38,9 @@ def test_l0_and_dead_latents():
     lat = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
     assert l0(lat).item() == 1.5
     dead = DeadLatents(3, window_tokens=4)
-    dead.update(lat)
+    dead.update(lat.sum(0), 2)
     assert dead.tokens_since_fired_L.tolist() == [0, 2, 0] and dead.count() == 0
-    dead.update(torch.zeros(2, 3))
+    dead.update(torch.zeros(3), 2)
     assert dead.mask().tolist() == [False, True, False]
 
 

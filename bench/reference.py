@@ -1,0 +1,67 @@
+"""Paper-style reference implementations (the computation pattern of the authors' trainer.py and
+crosscoder.py, re-written here; not their code): einsum encode/decode in fp32, per-model metrics
+with `.item()` every step, default (foreach) Adam, BatchTopK with a dense decode."""
+
+from __future__ import annotations
+
+import torch
+
+
+class PaperCrosscoder(torch.nn.Module):
+    def __init__(self, W_enc, W_dec, b_enc, b_dec):
+        super().__init__()
+        self.W_enc = torch.nn.Parameter(W_enc.clone())  # (n, d, H)
+        self.W_dec = torch.nn.Parameter(W_dec.clone())  # (H, n, d)
+        self.b_enc = torch.nn.Parameter(b_enc.clone())
+        self.b_dec = torch.nn.Parameter(b_dec.clone())
+
+    def pre(self, x):
+        return torch.einsum("bnd,ndh->bh", x, self.W_enc) + self.b_enc
+
+    def decode(self, f):
+        return torch.einsum("bh,hnd->bnd", f, self.W_dec) + self.b_dec
+
+    def dec_norm_sum(self):
+        return self.W_dec.norm(dim=-1).sum(-1)
+
+
+def paper_l1_losses(cc: PaperCrosscoder, x, l1_coeff: float):
+    f = torch.relu(cc.pre(x))
+    recon = cc.decode(f)
+    e = recon - x
+    l2 = e.pow(2).sum(-1).sum(-1).mean()
+    l1 = (f * cc.dec_norm_sum()[None]).sum(-1).mean()
+    return l2 + l1_coeff * l1, recon, f
+
+
+def paper_batchtopk_losses(cc: PaperCrosscoder, x, k: int):
+    p = torch.relu(cc.pre(x))
+    scaled = p * cc.dec_norm_sum()[None]
+    flat = scaled.flatten()
+    idx = flat.topk(k * x.shape[0], sorted=False).indices
+    mask = torch.zeros_like(flat).scatter(0, idx, 1.0).view_as(p)
+    f = p * mask
+    recon = cc.decode(f)
+    return (recon - x).pow(2).sum(-1).sum(-1).mean(), recon, f
+
+
+def paper_metrics(x, recon, f) -> dict:
+    """Per-model metrics with a host sync per value, every step (trainer.py:get_losses)."""
+    out = {"l0": (f > 0).float().sum(-1).mean().item()}
+    mu = x.mean(0, keepdim=True)
+    for m in range(x.shape[1]):
+        e = (x[:, m] - recon[:, m]).pow(2).sum(-1)
+        v = (x[:, m] - mu[:, m]).pow(2).sum(-1)
+        out[f"ev_{m}"] = (1 - e / v).mean().item()
+        out[f"l2_{m}"] = e.mean().item()
+    return out
+
+
+def paper_step(cc, opt, sched, x, loss_fn):
+    loss, recon, f = loss_fn(cc, x)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(cc.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    return {"loss": loss.item(), **paper_metrics(x, recon.detach(), f.detach())}
