@@ -15,13 +15,16 @@ Dimension legend: L latents, C checkpoints, D d_model, N tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import combinations
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from crossray.models.crosscoder import Crosscoder
 
 
 class Shares(NamedTuple):
@@ -139,3 +142,17 @@ def checkpoint_contributions(W_enc_CDL: Tensor, x_NCD: Tensor) -> Tensor:
     which contexts each checkpoint's own activations tie to the feature.
     """
     return torch.einsum("ncd,cdl->cnl", x_NCD.float(), W_enc_CDL.float())
+
+
+@torch.no_grad()
+def top_contexts(crosscoder: Crosscoder, batches: Iterable[tuple[Tensor, Tensor]], k: int) -> TopContexts:
+    """Top-k token ids per feature: view 0 ranks by the joint activation, view 1 + c by checkpoint
+    c's encoder contribution. `batches` yields (raw acts (N, C, D), token ids (N,))."""
+    C, _, L = crosscoder.shape
+    top = TopContexts(L, k, n_views=1 + C)
+    for x_NCD, ids_N in batches:
+        x = crosscoder.normalise(x_NCD.float())
+        joint_NL = crosscoder.encode(x, mode="eval")
+        per_CNL = checkpoint_contributions(crosscoder.W_enc_CDL, x)
+        top.update(torch.cat([joint_NL[None], per_CNL]), ids_N)
+    return top

@@ -80,3 +80,21 @@ def test_checkpoint_contributions_sum_to_pre_activations():
     x = torch.randn(10, 3, 4)
     contrib = A.checkpoint_contributions(W_enc, x)
     torch.testing.assert_close(contrib.sum(0), torch.einsum("ncd,cdl->nl", x, W_enc))
+
+
+def test_top_contexts_over_a_crosscoder():
+    from crossray.models.crosscoder import Crosscoder
+    from tests.helpers import make_cc_cfg
+
+    cc = Crosscoder(make_cc_cfg(n_checkpoints=2, d_model=4, n_latents=3))
+    with torch.no_grad():
+        cc.W_enc_CDL.zero_()
+        cc.W_enc_CDL[0, 0, 0] = 1.0  # latent 0 reads checkpoint 0, dim 0
+        cc.W_enc_CDL[1, 1, 0] = 1.0  # ... and checkpoint 1, dim 1
+    x = torch.zeros(6, 2, 4)
+    x[2, 0, 0] = 5.0  # token 2 drives latent 0 through checkpoint 0
+    x[4, 1, 1] = 3.0  # token 4 through checkpoint 1
+    ids = torch.arange(6) + 100
+    top = A.top_contexts(cc, [(x[:3], ids[:3]), (x[3:], ids[3:])], k=1)
+    assert top.ids_VkL[:, 0, 0].tolist() == [102, 102, 104]  # joint, checkpoint 0, checkpoint 1
+    assert top.values_VkL[:, 0, 0].tolist() == [5.0, 5.0, 3.0]
