@@ -64,6 +64,39 @@ class DeadLatents:
         return int(self.mask().sum())
 
 
+@torch.no_grad()
+def evaluate(crosscoder: Crosscoder, acts_NCD: Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """FVE (both ways), L2 loss, L0 and never-active latents over raw activation rows.
+
+    The standard FVE is a ratio of sums over all rows; the paper's mean of ratios is taken per batch
+    of `batch_size` rows (with that batch's mean) and averaged over batches, like its evaluation.
+    """
+    C = crosscoder.cfg.n_checkpoints
+    err_C = torch.zeros(C, dtype=torch.float64)
+    sum_CD = torch.zeros(C, acts_NCD.shape[-1], dtype=torch.float64)
+    sq_C = torch.zeros(C, dtype=torch.float64)
+    paper, l0s, fired = [], [], torch.zeros(crosscoder.cfg.n_latents, dtype=torch.bool)
+    for x in acts_NCD.split(batch_size):
+        x = crosscoder.normalise(x.float())
+        out = crosscoder(x, mode="eval")
+        err_C += (x - out.recon_BCD).pow(2).sum(dim=(0, 2)).double()
+        sum_CD += x.sum(0).double()
+        sq_C += x.pow(2).sum(dim=(0, 2)).double()
+        paper.append(fve_mean_of_ratios(x, out.recon_BCD).per_checkpoint_C)
+        l0s.append(l0(out.latents_BL) * len(x))
+        fired |= (out.latents_BL > 0).any(0)
+    n = len(acts_NCD)
+    var_C = sq_C - sum_CD.pow(2).sum(-1) / n
+    fve_C = 1 - err_C / var_C
+    paper_C = torch.stack(paper).mean(0)
+    row = {"fve": float(1 - err_C.sum() / var_C.sum()), "l2": float(err_C.sum() / n),
+           "l0": float(sum(l0s) / n), "dead": int((~fired).sum())}
+    for c in range(C):
+        row[f"fve/{c}"] = float(fve_C[c])
+        row[f"fve_mean_of_ratios/{c}"] = float(paper_C[c])
+    return row
+
+
 # -- CE with the reconstruction spliced in ---------------------------------------------------------
 
 class CEResult(NamedTuple):

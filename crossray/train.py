@@ -155,6 +155,8 @@ class Trainer:
         self.tokens = 0
         self.batches_consumed = 0
         self.bf16 = use_bf16(cfg, self.device)
+        self.forward_module: torch.nn.Module = cc
+        """What the forward pass goes through: the crosscoder, or a DDP wrapper of it (jobs)."""
 
     def _autocast(self):
         if not self.bf16:
@@ -165,8 +167,8 @@ class Trainer:
         cc, cfg = self.cc, self.cfg
         is_topk = cc.cfg.activation == "batchtopk"
         with self._autocast():
-            out = cc(x_BCD, mode="train", k=k_at(self.step, cfg) if is_topk else None,
-                     sparse_decode=cfg.sparse_decode)
+            out = self.forward_module(x_BCD, mode="train", k=k_at(self.step, cfg) if is_topk else None,
+                                      sparse_decode=cfg.sparse_decode)
         dead_L = self.dead.mask() if is_topk else None
         losses = compute_losses(cc, x_BCD, out, cfg, self.step, dead_L)
         losses.loss.backward()

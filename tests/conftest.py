@@ -80,3 +80,37 @@ def save_tiny_family(root: Path, arch: str, revisions=("step1", "step2"), seed: 
         model = AutoModelForCausalLM.from_config(tiny_config(arch))
         model.save_pretrained(root / rev)
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (2 CPUs; actors and workers take 0.5 CPU)."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def toy_extract_cfg(toy_dir):
+    """A small extraction of the toy family: 3 checkpoints (chance, middle, learned), layer 2."""
+    from crossray.corpus import CorpusConfig
+    from crossray.extract import ExtractConfig
+
+    return ExtractConfig(family=str(toy_dir), revisions=("step0", "step128", "step1000"), layer=2,
+                         corpus=CorpusConfig(source=str(toy_dir / "corpus" / "train.jsonl"), seq_len=64,
+                                             n_sequences=192),
+                         shard_sequences=16, batch_sequences=16, norm_sequences=64)
+
+
+@pytest.fixture(scope="session")
+def toy_acts(ray_cluster, toy_extract_cfg, tmp_path_factory):
+    """Parquet shards + manifest of the toy extraction (shared by the job tests)."""
+    from jobs.extract import run_extract
+
+    out = tmp_path_factory.mktemp("acts") / "toy"
+    run_extract(toy_extract_cfg, out, actors=2)
+    return out

@@ -90,3 +90,19 @@ def test_spliced_ce_respects_normalisation(two_models):
     with pytest.raises(ValueError, match="3 models"):
         spliced_ce(Crosscoder(make_cc_cfg(n_checkpoints=2, d_model=32)), two_models + two_models[:1],
                    torch.randint(0, 128, (1, 4)))
+
+
+def test_evaluate_matches_one_big_batch():
+    from crossray.metrics import evaluate
+
+    cc = Crosscoder(make_cc_cfg(n_checkpoints=3, d_model=8, n_latents=32))
+    cc.norm_factors_C.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    x = torch.randn(300, 3, 8)
+    row = evaluate(cc, x, batch_size=64)
+    xn = cc.normalise(x)
+    out = cc(xn)
+    whole = fve(xn, out.recon_BCD)
+    assert row["fve"] == pytest.approx(whole.joint.item(), abs=1e-5)
+    assert [row[f"fve/{c}"] for c in range(3)] == pytest.approx(whole.per_checkpoint_C.tolist(), abs=1e-5)
+    assert row["l0"] == pytest.approx(l0(out.latents_BL).item(), rel=1e-5)
+    assert row["dead"] == int((out.latents_BL.sum(0) == 0).sum())

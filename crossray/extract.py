@@ -1,0 +1,288 @@
+"""Activations of a checkpoint set at one layer: the same token rows through every checkpoint.
+
+Rows are `seq:int64, pos:int32, acts:[C, D]`. The forward pass of each checkpoint stops at the hooked
+block (`models.layer.LayerModel`). Two sinks, both driven by `jobs/extract.py`:
+- streaming: rows go straight into training (no disk);
+- Parquet shards + `manifest.json` (checkpoints with weight hashes, layer, corpus hash, token count,
+  normalisation factors, per-shard SHA-256): each shard holds a fixed range of sequences and is written
+  atomically under its own name, so a retried or resumed extraction never duplicates or loses rows.
+
+The normalisation factors (method.md §3.4) are estimated once, on the first `norm_sequences` sequences,
+over the rows training sees, and stored in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from crossray.checkpoints import CheckpointError, Family
+from crossray.corpus import CorpusConfig
+from crossray.models.layer import LayerModel, load_layer_model
+
+logger = logging.getLogger(__name__)
+
+StorageDtype = Literal["bfloat16", "float32"]
+MANIFEST = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A shard folder whose manifest or shards cannot be trusted."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    family: str
+    """Local family folder or hub repo."""
+    revisions: tuple[str, ...]
+    layer: int
+    corpus: CorpusConfig
+    batch_sequences: int = 16
+    """Sequences per forward pass."""
+    shard_sequences: int = 64
+    """Sequences per Parquet shard (the unit of retry and resume)."""
+    norm_sequences: int = 64
+    """Sequences used to estimate the normalisation factors (the paper: 4,000)."""
+    storage_dtype: StorageDtype = "bfloat16"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    naming: str | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.revisions) < 2:
+            raise ValueError(f"a checkpoint set needs at least 2 revisions, got {list(self.revisions)}")
+        if self.batch_sequences < 1 or self.shard_sequences < 1 or self.norm_sequences < 1:
+            raise ValueError("batch_sequences, shard_sequences and norm_sequences must be positive")
+
+    def family_obj(self) -> Family:
+        overrides = {"revisions": tuple(self.revisions)}
+        if self.naming:
+            overrides["naming"] = self.naming
+        if self.tokenizer:
+            overrides["tokenizer"] = self.tokenizer
+        if Path(self.family).is_dir():
+            return Family.from_dir(self.family, **overrides)
+        if self.family.startswith(("/", ".", "~")):
+            raise CheckpointError(f"family folder {self.family} does not exist")
+        return Family(name=self.family.split("/")[-1], source=self.family, **overrides)
+
+
+# -- the extractor ---------------------------------------------------------------------------------
+
+def check_same_width(family: Family, revisions: Sequence[str]) -> int:
+    """Hidden size shared by every checkpoint (read from configs only); refuse a mixed set."""
+    from transformers import AutoConfig
+
+    widths = {}
+    for rev in revisions:
+        src, r = family.location(rev)
+        widths[rev] = AutoConfig.from_pretrained(src, revision=r).hidden_size
+    if len(set(widths.values())) != 1:
+        raise CheckpointError(f"checkpoints of one set must share a hidden size, got {widths}")
+    return next(iter(widths.values()))
+
+
+class CheckpointSetExtractor:
+    """Holds every checkpoint of the set once; maps token ids (N, S) to activations (N, S, C, D)."""
+
+    def __init__(self, cfg: ExtractConfig, device: str | torch.device = "cpu"):
+        family = cfg.family_obj()
+        check_same_width(family, cfg.revisions)
+        dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.models: list[LayerModel] = [load_layer_model(family, r, cfg.layer, dtype=dtype, device=device)
+                                         for r in cfg.revisions]
+
+    @torch.inference_mode()
+    def __call__(self, tokens_NS: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(tokens_NS), self.cfg.batch_sequences):
+            ids = tokens_NS[i:i + self.cfg.batch_sequences].to(self.device)
+            acts = [m.resid_pre(ids).float() for m in self.models]  # C x (n, S, D)
+            out.append(torch.stack(acts, dim=2).cpu())  # (n, S, C, D)
+        return torch.cat(out)
+
+
+def to_rows(seq_ids: np.ndarray, acts_NSCD: torch.Tensor, drop_first_position: bool) -> dict:
+    """Flatten (N, S, C, D) activations to rows seq, pos, acts (C, D)."""
+    N, S, C, D = acts_NSCD.shape
+    start = 1 if drop_first_position else 0
+    acts = acts_NSCD[:, start:].reshape(-1, C, D)  # (N*(S-start), C, D)
+    seq = np.repeat(np.asarray(seq_ids, dtype=np.int64), S - start)
+    pos = np.tile(np.arange(start, S, dtype=np.int32), N)
+    return {"seq": seq, "pos": pos, "acts": acts.numpy()}
+
+
+def norm_stats(rows: dict, seq_limit: int) -> tuple[np.ndarray, int]:
+    """(sum over rows of ||x_c||, row count) for rows of sequences below `seq_limit`."""
+    keep = rows["seq"] < seq_limit
+    acts = rows["acts"][keep].astype(np.float64)
+    return np.linalg.norm(acts, axis=-1).sum(0), int(keep.sum())
+
+
+def norm_factors(norm_sum_C: np.ndarray, count: int, d_model: int) -> list[float]:
+    """s_c = sqrt(D) / mean ||x_c|| (method.md §3.4)."""
+    if count == 0:
+        raise ValueError("no rows to estimate normalisation factors from")
+    return [float(v) for v in d_model**0.5 / (np.asarray(norm_sum_C) / count)]
+
+
+# -- Parquet shards ----------------------------------------------------------------------------------
+
+def _bf16_bits(acts: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32)).to(torch.bfloat16) \
+        .view(torch.int16).numpy().view(np.uint16)
+
+
+def write_shard(path: Path, rows: dict, storage_dtype: StorageDtype) -> dict:
+    """Write rows as one Parquet file atomically; return its name, row count and SHA-256."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    acts = rows["acts"]
+    n, C, D = acts.shape
+    flat = _bf16_bits(acts) if storage_dtype == "bfloat16" else acts.astype(np.float32)
+    tensor_type = pa.fixed_shape_tensor(pa.from_numpy_dtype(flat.dtype), (C, D))
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), C * D)
+    table = pa.table({
+        "seq": pa.array(rows["seq"], pa.int64()),
+        "pos": pa.array(rows["pos"], pa.int32()),
+        "acts": pa.ExtensionArray.from_storage(tensor_type, storage),
+    }).replace_schema_metadata({"acts_dtype": storage_dtype})
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    pq.write_table(table, tmp, compression="none")
+    digest = sha256_file(tmp)
+    tmp.replace(path)
+    return {"name": path.name, "rows": n, "sha256": digest}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """(seq, pos, acts float32 (N, C, D)) of one shard; plain pyarrow, no Ray."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    dtype = (table.schema.metadata or {}).get(b"acts_dtype", b"float32").decode()
+    col = table.column("acts").combine_chunks()
+    shape = tuple(col.type.shape)
+    flat = col.storage.flatten().to_numpy(zero_copy_only=False).reshape(-1, *shape)
+    if dtype == "bfloat16":
+        acts = torch.from_numpy(flat.view(np.int16).copy()).view(torch.bfloat16).float()
+    else:
+        acts = torch.from_numpy(flat.astype(np.float32, copy=True))
+    return table.column("seq").to_numpy(), table.column("pos").to_numpy(), acts
+
+
+# -- manifest ------------------------------------------------------------------------------------------
+
+@dataclass
+class Manifest:
+    key: str
+    family: str
+    revisions: list[str]
+    weight_hashes: list[str]
+    layer: int
+    d_model: int
+    corpus_hash: str
+    seq_len: int
+    n_sequences: int
+    drop_first_position: bool
+    storage_dtype: str
+    norm_factors: list[float]
+    token_count: int = 0
+    shards: list[dict] = field(default_factory=list)
+
+    def write(self, folder: Path) -> None:
+        tmp = folder / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(folder / MANIFEST)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        if not path.exists():
+            raise ManifestError(f"{path} does not exist")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ManifestError(f"{path} is not a crossray manifest: {e}") from e
+
+    def verify(self, folder: str | Path) -> None:
+        """Every shard present with the recorded checksum; raise naming the first bad one."""
+        folder = Path(folder)
+        for shard in self.shards:
+            path = folder / shard["name"]
+            if not path.exists():
+                raise ManifestError(f"shard {path} listed in the manifest is missing")
+            if sha256_file(path) != shard["sha256"]:
+                raise ManifestError(f"shard {path} does not match its manifest checksum "
+                                    f"(sha256 {shard['sha256'][:12]}...): corrupted or replaced")
+
+    def shard_paths(self, folder: str | Path) -> list[Path]:
+        return [Path(folder) / s["name"] for s in self.shards]
+
+
+def extraction_key(cfg: ExtractConfig, weight_hashes: Sequence[str], corpus_hash: str) -> str:
+    blob = json.dumps({"hashes": list(weight_hashes), "layer": cfg.layer, "corpus": corpus_hash,
+                       "drop0": cfg.corpus.drop_first_position, "dtype": cfg.storage_dtype,
+                       "shard": cfg.shard_sequences, "norm": cfg.norm_sequences}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_hashes(cfg: ExtractConfig) -> list[str]:
+    family = cfg.family_obj()
+    from crossray.checkpoints import resolve_checkpoint_set
+
+    return list(resolve_checkpoint_set(family, cfg.revisions).hashes)
+
+
+def shard_plan(n_sequences: int, shard_sequences: int) -> list[tuple[int, int, int]]:
+    """(shard index, first sequence, end sequence) covering every sequence exactly once."""
+    return [(i, s, min(s + shard_sequences, n_sequences))
+            for i, s in enumerate(range(0, n_sequences, shard_sequences))]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.parquet"
+
+
+# -- reading rows back for training ----------------------------------------------------------------
+
+def shuffled_batches(paths: Sequence[Path], batch_size: int, buffer_rows: int, seed: int,
+                     drop_last: bool = True) -> Iterator[torch.Tensor]:
+    """Batches (B, C, D) from shards in order through a local shuffle buffer of `buffer_rows` rows."""
+    gen = torch.Generator().manual_seed(seed)
+    buffer: list[torch.Tensor] = []
+    size = 0
+    for path in paths:
+        buffer.append(read_shard(path)[2])
+        size += len(buffer[-1])
+        if size >= buffer_rows + batch_size:
+            pool = torch.cat(buffer)
+            pool = pool[torch.randperm(len(pool), generator=gen)]
+            n_out = (len(pool) - buffer_rows) // batch_size * batch_size
+            yield from pool[:n_out].split(batch_size)
+            buffer, size = [pool[n_out:]], len(pool) - n_out
+    if size:
+        pool = torch.cat(buffer)
+        pool = pool[torch.randperm(len(pool), generator=gen)]
+        for b in pool.split(batch_size):
+            if len(b) == batch_size or not drop_last:
+                yield b

@@ -1,0 +1,237 @@
+"""Distributed activation extraction with Ray Data.
+
+    python -m jobs.extract --config configs/extract-tiny.yaml [--out DIR] [--actors 2]
+    ray job submit --working-dir . -- python -m jobs.extract --config X.yaml --gpus-per-actor 1
+
+Sequences go to a pool of actors; each actor loads every checkpoint of the set once (in `__init__`)
+and runs them to the hooked block. Parquet mode: one task per shard (a fixed range of sequences),
+written atomically by name with a JSON sidecar, so retries after an actor dies and re-runs after an
+interruption never duplicate or lose rows; a complete extraction (manifest present, same inputs) is a
+no-op. Streaming mode (`stream_dataset`) returns a Ray Dataset of rows for Ray Train, with no disk.
+
+Tiny CPU example: `python -m jobs.extract --config configs/extract-tiny.yaml --out runs/acts`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from crossray import extract as X
+from crossray.corpus import load_sequences
+from crossray.models.layer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything validated and resolved before any Ray work starts."""
+
+    cfg: X.ExtractConfig
+    tokens: np.ndarray  # (N, S) int32
+    corpus_hash: str
+    weight_hashes: list[str]
+    d_model: int
+    key: str
+
+
+def prepare(cfg: X.ExtractConfig) -> Prepared:
+    """Check the checkpoint set (revisions exist, same width, distinct weights) and read the corpus."""
+    family = cfg.family_obj()
+    d_model = X.check_same_width(family, cfg.revisions)
+    hashes = X.resolve_hashes(cfg)
+    tokens, corpus_hash = load_sequences(cfg.corpus, load_tokenizer(family, cfg.revisions[0]))
+    key = X.extraction_key(cfg, hashes, corpus_hash)
+    return Prepared(cfg, tokens.to(torch.int32).numpy(), corpus_hash, hashes, d_model, key)
+
+
+def _device(num_gpus: float) -> str:
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class ShardWriter:
+    """Ray Data actor: extracts and writes whole shards; returns one metadata row per shard."""
+
+    def __init__(self, cfg: X.ExtractConfig, tokens_ref, out: str, num_gpus: float = 0):
+        self.cfg, self.out = cfg, Path(out)
+        self.tokens = ray.get(tokens_ref[0])
+        self.extractor = X.CheckpointSetExtractor(cfg, _device(num_gpus))
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict) -> dict:
+        infos = []
+        for i, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
+            seq_ids = np.arange(start, stop)
+            acts = self.extractor(torch.from_numpy(self.tokens[start:stop]).long())
+            rows = X.to_rows(seq_ids, acts, self.cfg.corpus.drop_first_position)
+            info = X.write_shard(self.out / X.shard_name(int(i)), rows, self.cfg.storage_dtype)
+            info.update(index=int(i), seq_start=int(start), seq_stop=int(stop), node=self.node,
+                        pid=os.getpid())
+            sidecar = self.out / (info["name"] + ".json")
+            tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(info))
+            tmp.replace(sidecar)
+            infos.append(info)
+        return {"info": np.array([json.dumps(i) for i in infos])}
+
+
+class RowExtractor:
+    """Ray Data actor for streaming mode: sequence blocks in, activation rows out."""
+
+    def __init__(self, cfg: X.ExtractConfig, tokens_ref, num_gpus: float = 0):
+        self.cfg = cfg
+        self.tokens = ray.get(tokens_ref[0])
+        self.extractor = X.CheckpointSetExtractor(cfg, _device(num_gpus))
+
+    def __call__(self, batch: dict) -> dict:
+        parts = []
+        for start, stop in zip(batch["start"], batch["stop"], strict=True):
+            acts = self.extractor(torch.from_numpy(self.tokens[start:stop]).long())
+            parts.append(X.to_rows(np.arange(start, stop), acts, self.cfg.corpus.drop_first_position))
+        return {k: np.concatenate([p[k] for p in parts]) for k in ("seq", "pos", "acts")}
+
+
+def estimate_norms(prep: Prepared, num_cpus: float = 0.5, num_gpus: float = 0) -> list[float]:
+    """Normalisation factors from the first `norm_sequences` sequences, computed once in a Ray task."""
+    n = min(prep.cfg.norm_sequences, len(prep.tokens))
+
+    @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)
+    def task(cfg, tokens):
+        acts = X.CheckpointSetExtractor(cfg, _device(num_gpus))(torch.from_numpy(tokens).long())
+        rows = X.to_rows(np.arange(len(tokens)), acts, cfg.corpus.drop_first_position)
+        return X.norm_stats(rows, len(tokens))
+
+    norm_sum, count = ray.get(task.remote(prep.cfg, prep.tokens[:n]))
+    return X.norm_factors(norm_sum, count, prep.d_model)
+
+
+def _actor_args(actors: int, cpus: float, gpus: float, spread: bool) -> dict:
+    args = {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": cpus,
+            "max_restarts": -1, "max_task_retries": -1}
+    if gpus:
+        args["num_gpus"] = gpus
+    if spread:
+        args["scheduling_strategy"] = "SPREAD"
+    return args
+
+
+def _finished_shards(out: Path, plan: list[tuple[int, int, int]]) -> dict[int, dict]:
+    """Shards with a sidecar whose checksum still matches the file (an interrupted run's work)."""
+    done = {}
+    for i, start, stop in plan:
+        sidecar = out / (X.shard_name(i) + ".json")
+        if not sidecar.exists():
+            continue
+        info = json.loads(sidecar.read_text())
+        path = out / info["name"]
+        if (info["seq_start"], info["seq_stop"]) == (start, stop) and path.exists() \
+                and X.sha256_file(path) == info["sha256"]:
+            done[i] = info
+    return done
+
+
+def run_extract(cfg: X.ExtractConfig, out: str | Path, actors: int = 2, cpus_per_actor: float = 0.5,
+                gpus_per_actor: float = 0, spread: bool = False, prep: Prepared | None = None
+                ) -> X.Manifest:
+    """Parquet shards + manifest in `out`; a no-op when a manifest for the same inputs is there."""
+    out = Path(out)
+    prep = prep or prepare(cfg)  # every input check happens here, before any Ray work
+    if (out / X.MANIFEST).exists():
+        manifest = X.Manifest.read(out)
+        if manifest.key == prep.key:
+            manifest.verify(out)
+            logger.info("extraction %s already complete in %s", prep.key, out)
+            return manifest
+        raise X.ManifestError(f"{out} holds another extraction (key {manifest.key}, wanted {prep.key}); "
+                              "choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = X.shard_plan(len(prep.tokens), cfg.shard_sequences)
+    done = _finished_shards(out, plan)
+    todo = [p for p in plan if p[0] not in done]
+    logger.info("extracting %d shards (%d already done) with %d actors", len(todo), len(done), actors)
+    if todo:
+        tokens_ref = ray.put(prep.tokens)
+        ds = ray.data.from_items([{"shard": i, "start": s, "stop": e} for i, s, e in todo],
+                                 override_num_blocks=len(todo))
+        ds = ds.map_batches(ShardWriter, batch_size=1,
+                            fn_constructor_kwargs={"cfg": cfg, "tokens_ref": [tokens_ref], "out": str(out),
+                                                   "num_gpus": gpus_per_actor},
+                            **_actor_args(actors, cpus_per_actor, gpus_per_actor, spread))
+        for row in ds.take_all():
+            info = json.loads(row["info"])
+            done[info["index"]] = info
+    shards = [done[i] for i, _, _ in plan]
+    manifest = X.Manifest(
+        key=prep.key, family=cfg.family, revisions=list(cfg.revisions), weight_hashes=prep.weight_hashes,
+        layer=cfg.layer, d_model=prep.d_model, corpus_hash=prep.corpus_hash, seq_len=cfg.corpus.seq_len,
+        n_sequences=len(prep.tokens), drop_first_position=cfg.corpus.drop_first_position,
+        storage_dtype=cfg.storage_dtype, norm_factors=estimate_norms(prep, cpus_per_actor, gpus_per_actor),
+        token_count=sum(s["rows"] for s in shards), shards=shards)
+    manifest.write(out)
+    return manifest
+
+
+def stream_dataset(cfg: X.ExtractConfig, actors: int = 2, cpus_per_actor: float = 0.5,
+                   gpus_per_actor: float = 0) -> tuple[ray.data.Dataset, Prepared, list[float]]:
+    """Rows `seq, pos, acts` as a lazily executed Ray Dataset (nothing written to disk)."""
+    prep = prepare(cfg)
+    tokens_ref = ray.put(prep.tokens)
+    blocks = [{"start": s, "stop": e} for _, s, e in X.shard_plan(len(prep.tokens), cfg.batch_sequences)]
+    ds = ray.data.from_items(blocks, override_num_blocks=min(len(blocks), 64))
+    ds = ds.map_batches(RowExtractor, batch_size=1,
+                        fn_constructor_kwargs={"cfg": cfg, "tokens_ref": [tokens_ref],
+                                               "num_gpus": gpus_per_actor},
+                        **_actor_args(actors, cpus_per_actor, gpus_per_actor, False))
+    return ds, prep, estimate_norms(prep, cpus_per_actor, gpus_per_actor)
+
+
+def load_config(path: str | Path) -> X.ExtractConfig:
+    import yaml
+
+    from crossray.config import from_dict
+    from crossray.corpus import CorpusConfig
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = data.get("extract", data)
+    if not isinstance(data, dict) or "corpus" not in data:
+        raise ValueError(f"{path}: expected an 'extract' mapping with a 'corpus' section")
+    corpus = from_dict(CorpusConfig, data["corpus"], f"{path}:extract.corpus")
+    return from_dict(X.ExtractConfig, {**data, "corpus": corpus}, f"{path}:extract")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Extract activations of a checkpoint set with Ray Data")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True, help="folder for Parquet shards and manifest.json")
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--cpus-per-actor", type=float, default=0.5)
+    p.add_argument("--gpus-per-actor", type=float, default=0)
+    p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+        prep = prepare(cfg)  # fail on bad input before Ray starts
+    except (ValueError, OSError) as e:
+        print(f"crossray: error: {e}", file=sys.stderr)
+        return 2
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False,
+             ignore_reinit_error=True)
+    manifest = run_extract(cfg, args.out, args.actors, args.cpus_per_actor, args.gpus_per_actor, prep=prep)
+    print(json.dumps({"out": args.out, "shards": len(manifest.shards), "rows": manifest.token_count,
+                      "norm_factors": manifest.norm_factors}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

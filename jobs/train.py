@@ -1,0 +1,209 @@
+"""Crosscoder training with Ray Train: N data-parallel workers (DDP), checkpoints, fault tolerance.
+
+    python -m jobs.train --config configs/train-tiny.yaml --data runs/acts --storage runs/train --name x
+    ray job submit --working-dir . -- python -m jobs.train --config X.yaml --data s3://... --gpus
+
+Each worker reads its share of the data through a local shuffle buffer: either Parquet shards of a
+finished extraction (shard i goes to worker i mod N) or its split of the streaming extraction
+Dataset. The crossray training loop runs unchanged inside (`crossray.train.Trainer`); rank 0 saves a
+full training state (weights, optimizer, schedule, RNG, data position) in each Ray Train checkpoint.
+A failed worker restarts the group from the last checkpoint (`FailureConfig`); re-running with the
+same `--name` and `--storage` resumes a stopped run. Only rank 0 reports metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from crossray.config import TrainConfig
+from crossray.extract import Manifest, shuffled_batches
+from crossray.models.crosscoder import Crosscoder
+from crossray.train import Trainer
+
+logger = logging.getLogger(__name__)
+CROSSCODER_DIR = "crosscoder"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Launch-only settings (not part of the crosscoder's identity)."""
+
+    storage_path: str
+    name: str = ""
+    """Run name; reusing the name of a stopped run resumes it (empty: a fresh unique name)."""
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    max_failures: int = 2
+    shuffle_buffer_rows: int = 8192
+    seed: int = 0
+
+
+def _parquet_batches(folder: str, world: int, rank: int, batch: int, buffer: int, seed: int
+                     ) -> Iterator[torch.Tensor]:
+    paths = Manifest.read(folder).shard_paths(folder)[rank::world]
+    if not paths:
+        raise ValueError(f"worker {rank} of {world} has no shard: use fewer workers than shards")
+    for epoch in itertools.count():
+        yield from shuffled_batches(paths, batch, buffer, seed + 1000 * epoch + rank)
+
+
+def _stream_batches(batch: int, buffer: int, seed: int) -> Iterator[torch.Tensor]:
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in itertools.count():
+        for b in shard.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=buffer,
+                                          local_shuffle_seed=seed + 1000 * epoch, drop_last=True):
+            yield b["acts"]
+
+
+def _make_trainer(cfg: TrainConfig, norm_factors: list[float], device: torch.device) -> Trainer:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer = Trainer.resume(Path(folder) / CROSSCODER_DIR, cfg, device)
+        logger.info("resumed from step %d", trainer.step)
+        return trainer
+    cc = Crosscoder(cfg.crosscoder)
+    cc.norm_factors_C.copy_(torch.tensor(norm_factors))
+    return Trainer(cc, cfg, device)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """About 20 lines of glue: data shard -> crossray Trainer -> ray.train.report."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg: TrainConfig = config["train_cfg"]
+    device = ray.train.torch.get_device()
+    trainer = _make_trainer(cfg, config["norm_factors"], device)
+    if world > 1:
+        trainer.forward_module = ray.train.torch.prepare_model(trainer.cc, move_to_device=False)
+    batch = cfg.batch_size // world
+    seed = config["seed"]
+    batches = (_parquet_batches(config["data"], world, rank, batch, config["buffer"], seed)
+               if config["data"] else _stream_batches(batch, config["buffer"], seed + rank))
+    batches = itertools.islice(batches, trainer.batches_consumed, None)  # data position on resume
+    latest: dict = {"resumed_from_step": trainer.step}
+
+    def log(step: int, metrics: dict) -> None:
+        if rank == 0:
+            latest.update(metrics, step=step)
+            logger.info("step %d loss %.4f fve %.4f l0 %.1f", step, metrics["loss"], metrics["fve"],
+                        metrics["l0"])
+
+    def save(t: Trainer) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                t.save(Path(tmp) / CROSSCODER_DIR)
+                ray.train.report({**latest, "step": t.step}, checkpoint=Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report({"step": t.step})
+
+    trainer.fit(batches, log=log, save=save, progress=rank == 0)
+
+
+def run_train(cfg: TrainConfig, launch: LaunchConfig, norm_factors: list[float],
+              data: str | None = None, dataset: ray.data.Dataset | None = None) -> ray.train.Result:
+    """Fit on Parquet shards (`data`, a manifest folder) or a streaming `dataset` of rows."""
+    if (data is None) == (dataset is None):
+        raise ValueError("give exactly one of data (a manifest folder) or dataset (streaming)")
+    if data is not None:
+        manifest = Manifest.read(data)
+        manifest.verify(data)  # a corrupted shard is an error before any worker starts
+        if len(manifest.shards) < launch.num_workers:
+            raise ValueError(f"{data} has {len(manifest.shards)} shards for {launch.num_workers} workers")
+    if cfg.batch_size % launch.num_workers:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {launch.num_workers} workers")
+    if len(norm_factors) != cfg.crosscoder.n_checkpoints:
+        raise ValueError(f"{len(norm_factors)} normalisation factors for "
+                         f"{cfg.crosscoder.n_checkpoints} checkpoints")
+    name = launch.name or f"crosscoder-{uuid.uuid4().hex[:8]}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train_cfg": cfg, "norm_factors": list(norm_factors), "data": data,
+                           "buffer": launch.shuffle_buffer_rows, "seed": launch.seed},
+        scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=launch.use_gpu,
+                                     resources_per_worker={"CPU": launch.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(Path(launch.storage_path).resolve()),
+                             failure_config=FailureConfig(max_failures=launch.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset} if dataset is not None else None,
+    )
+    return trainer.fit()
+
+
+def crosscoder_dir(result: ray.train.Result) -> Path:
+    """Local folder of the final crosscoder (weights, config, training state) of a finished run."""
+    if result.checkpoint is None:
+        raise ValueError(f"run {result.path} reported no checkpoint")
+    return Path(result.checkpoint.path) / CROSSCODER_DIR
+
+
+def resolve_with_manifest(cfg: TrainConfig, manifest: Manifest) -> TrainConfig:
+    """Fill the crosscoder's lineage from the extraction; refuse a config that does not fit it."""
+    cc = cfg.crosscoder
+    if (cc.n_checkpoints, cc.d_model) != (len(manifest.revisions), manifest.d_model):
+        raise ValueError(f"crosscoder config (C={cc.n_checkpoints}, D={cc.d_model}) does not fit the "
+                         f"extraction (C={len(manifest.revisions)}, D={manifest.d_model})")
+    if cc.checkpoints and list(cc.checkpoints) != manifest.revisions:
+        raise ValueError(f"crosscoder config lists checkpoints {list(cc.checkpoints)} but the "
+                         f"extraction holds {manifest.revisions}")
+    lineage = dataclasses.replace(cc, checkpoints=tuple(manifest.revisions), family=manifest.family,
+                                  checkpoint_hashes=tuple(manifest.weight_hashes), layer=manifest.layer)
+    return dataclasses.replace(cfg, crosscoder=lineage)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    import yaml
+
+    from crossray.config import from_dict
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return from_dict(TrainConfig, data.get("train", data), f"{path}:train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    p = argparse.ArgumentParser(description="Train a crosscoder with Ray Train")
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", required=True, help="extraction folder (manifest.json + shards)")
+    p.add_argument("--storage", required=True, help="Ray Train storage path (local or s3://)")
+    p.add_argument("--name", default="", help="run name; the name of a stopped run resumes it")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cpus-per-worker", type=float, default=0.5)
+    p.add_argument("--gpus", action="store_true", help="one GPU per worker")
+    p.add_argument("--address", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        manifest = Manifest.read(args.data)
+        manifest.verify(args.data)
+        cfg = resolve_with_manifest(load_config(args.config), manifest)
+    except (ValueError, OSError) as e:
+        print(f"crossray: error: {e}", file=sys.stderr)
+        return 2
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    launch = LaunchConfig(storage_path=args.storage, name=args.name, num_workers=args.workers,
+                          cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpus)
+    result = run_train(cfg, launch, manifest.norm_factors, data=args.data)
+    print(json.dumps({"crosscoder": str(crosscoder_dir(result)), "metrics": result.metrics}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
