@@ -1,8 +1,9 @@
 """B6: Ray overhead, extraction of the toy corpus in one process vs the Ray Data job on the same cores.
 
-In-process: `CheckpointSetExtractor` over all sequences (torch on every core), rows kept in memory.
-Ray: `jobs.extract.run_extract` with 2 actors x 0.5 CPU on a local 2-CPU cluster, writing shards and
-manifest (actor start-up and model loading included, as in the in-process run). Interleaved repeats.
+Both do the same work: read and hash the inputs (`prepare`), load the checkpoints, extract every
+shard and write it (`crossray.extract.extract_shard`). In-process: one process, torch on every core.
+Ray: `jobs.extract.run_extract` with 2 actors x 0.5 CPU on a local 2-CPU cluster (actor start-up
+and model loading included). Interleaved repeats.
 Target: Ray path >= 0.8x the in-process throughput.
 
     python bench/b6_ray_overhead.py [--sequences 1024]   (run inside scripts/offline)
@@ -17,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import emit, machine, parser  # noqa: E402
@@ -26,26 +25,28 @@ from bench.common import emit, machine, parser  # noqa: E402
 
 def main() -> None:
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--sequences", type=int, default=1024)
+    p.add_argument("--sequences", type=int, default=16384)
     args = p.parse_args()
     import ray
 
-    from crossray.corpus import CorpusConfig, load_sequences
-    from crossray.extract import CheckpointSetExtractor, ExtractConfig, to_rows
-    from crossray.models.layer import load_tokenizer
+    from crossray.corpus import CorpusConfig
+    from crossray.extract import CheckpointSetExtractor, ExtractConfig, extract_shard, shard_plan
     from crossray.toy.build import ToyConfig, build_toy_family
-    from jobs.extract import run_extract
+    from jobs.extract import prepare, run_extract
 
     fam = build_toy_family(None, ToyConfig())
     cfg = ExtractConfig(family=str(fam), revisions=("step0", "step128", "step1000"), layer=2,
                         corpus=CorpusConfig(source="toy:7", seq_len=64, n_sequences=args.sequences),
-                        shard_sequences=64, batch_sequences=32)
-    tokens, _ = load_sequences(cfg.corpus, load_tokenizer(cfg.family_obj(), "step0"))
+                        shard_sequences=256, batch_sequences=32)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 
     def in_process():
-        acts = CheckpointSetExtractor(cfg)(tokens)
-        to_rows(np.arange(len(tokens)), acts, True)
+        out = Path(tempfile.mkdtemp())
+        prep = prepare(cfg)
+        extractor = CheckpointSetExtractor(cfg)
+        for i, start, stop in shard_plan(len(prep.tokens), cfg.shard_sequences):
+            extract_shard(extractor, prep.tokens, i, start, stop, out)
+        shutil.rmtree(out)
 
     def with_ray():
         out = Path(tempfile.mkdtemp())

@@ -42,14 +42,14 @@ class ManifestError(ValueError):
 @dataclass(frozen=True)
 class ExtractConfig:
     family: str
-    """Local family folder or hub repo."""
+    """Local family folder, hub repo, or `toy` (the embedded default, built or reused from the cache)."""
     revisions: tuple[str, ...]
     layer: int
     corpus: CorpusConfig
     batch_sequences: int = 16
     """Sequences per forward pass."""
-    shard_sequences: int = 64
-    """Sequences per Parquet shard (the unit of retry and resume)."""
+    shard_sequences: int = 256
+    """Sequences per Parquet shard (the unit of retry and resume; larger amortises task overhead)."""
     norm_sequences: int = 64
     """Sequences used to estimate the normalisation factors (the paper: 4,000)."""
     storage_dtype: StorageDtype = "bfloat16"
@@ -69,6 +69,10 @@ class ExtractConfig:
             overrides["naming"] = self.naming
         if self.tokenizer:
             overrides["tokenizer"] = self.tokenizer
+        if self.family == "toy":
+            from crossray.toy.build import build_toy_family
+
+            return Family.from_dir(build_toy_family(), **overrides)
         if Path(self.family).is_dir():
             return Family.from_dir(self.family, **overrides)
         if self.family.startswith(("/", ".", "~")):
@@ -188,6 +192,33 @@ def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     else:
         acts = torch.from_numpy(flat.astype(np.float32, copy=True))
     return table.column("seq").to_numpy(), table.column("pos").to_numpy(), acts
+
+
+def extract_shard(extractor: CheckpointSetExtractor, tokens_NS: np.ndarray, index: int, start: int,
+                  stop: int, out: Path) -> dict:
+    """Extract sequences [start, stop) and write them as shard `index`, with a JSON sidecar.
+
+    Returns the shard's manifest entry plus its normalisation statistics (rows of sequences below
+    `norm_sequences`). The Parquet file and then the sidecar are each replaced atomically, so a shard
+    with a matching sidecar is complete.
+    """
+    cfg = extractor.cfg
+    acts = extractor(torch.from_numpy(np.asarray(tokens_NS[start:stop])).long())
+    rows = to_rows(np.arange(start, stop), acts, cfg.corpus.drop_first_position)
+    info = write_shard(out / shard_name(index), rows, cfg.storage_dtype)
+    norm_sum, norm_count = norm_stats(rows, cfg.norm_sequences)
+    info.update(index=index, seq_start=start, seq_stop=stop, norm_sum=norm_sum.tolist(),
+                norm_count=norm_count, pid=os.getpid())
+    sidecar = out / (info["name"] + ".json")
+    tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(sidecar)
+    return info
+
+
+def factors_from_shards(shards: Sequence[dict], d_model: int) -> list[float]:
+    norm_sum = np.sum([s["norm_sum"] for s in shards], axis=0)
+    return norm_factors(norm_sum, sum(s["norm_count"] for s in shards), d_model)
 
 
 # -- manifest ------------------------------------------------------------------------------------------

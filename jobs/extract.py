@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,17 +70,8 @@ class ShardWriter:
     def __call__(self, batch: dict) -> dict:
         infos = []
         for i, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
-            seq_ids = np.arange(start, stop)
-            acts = self.extractor(torch.from_numpy(self.tokens[start:stop]).long())
-            rows = X.to_rows(seq_ids, acts, self.cfg.corpus.drop_first_position)
-            info = X.write_shard(self.out / X.shard_name(int(i)), rows, self.cfg.storage_dtype)
-            info.update(index=int(i), seq_start=int(start), seq_stop=int(stop), node=self.node,
-                        pid=os.getpid())
-            sidecar = self.out / (info["name"] + ".json")
-            tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(info))
-            tmp.replace(sidecar)
-            infos.append(info)
+            info = X.extract_shard(self.extractor, self.tokens, int(i), int(start), int(stop), self.out)
+            infos.append({**info, "node": self.node})
         return {"info": np.array([json.dumps(i) for i in infos])}
 
 
@@ -175,7 +165,7 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, actors: int = 2, cpus_per
         key=prep.key, family=cfg.family, revisions=list(cfg.revisions), weight_hashes=prep.weight_hashes,
         layer=cfg.layer, d_model=prep.d_model, corpus_hash=prep.corpus_hash, seq_len=cfg.corpus.seq_len,
         n_sequences=len(prep.tokens), drop_first_position=cfg.corpus.drop_first_position,
-        storage_dtype=cfg.storage_dtype, norm_factors=estimate_norms(prep, cpus_per_actor, gpus_per_actor),
+        storage_dtype=cfg.storage_dtype, norm_factors=X.factors_from_shards(shards, prep.d_model),
         token_count=sum(s["rows"] for s in shards), shards=shards)
     manifest.write(out)
     return manifest

@@ -191,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        cfg = load_config(args.config)
         manifest = Manifest.read(args.data)
         manifest.verify(args.data)
-        cfg = resolve_with_manifest(load_config(args.config), manifest)
+        cfg = resolve_with_manifest(cfg, manifest)
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
