@@ -65,3 +65,55 @@ def paper_step(cc, opt, sched, x, loss_fn):
     sched.step()
     opt.zero_grad()
     return {"loss": loss.item(), **paper_metrics(x, recon.detach(), f.detach())}
+
+
+def paper_ie(cc_folded, models, ids, mask, clean, patch, steps: int, m: int):
+    """IE the way the authors' attribution.py computes it (method.md §11.3-11.4): a full forward of
+    every checkpoint to capture the layer, then one full forward per alpha with the reconstruction
+    plus error spliced in at every position, gradients w.r.t. the latent and error leaves, parameters
+    not frozen, logits at every position. Returns per-token (ie_BSL, err_BS)."""
+    import torch
+
+    from crossray.models.layer import model_inputs
+
+    xs = []
+    for lm in models:
+        with torch.no_grad():
+            hs = lm.model(**model_inputs(lm.model, ids, mask), output_hidden_states=True).hidden_states
+        xs.append(hs[lm.layer].float())
+    x_CBSD = torch.stack(xs)
+    C, B, S, D = x_CBSD.shape
+    with torch.no_grad():
+        out = cc_folded(x_CBSD.permute(1, 2, 0, 3).reshape(B * S, C, D), mode="eval")
+        f = out.latents_BL  # (B*S, L)
+        err = x_CBSD[m] - out.recon_BCD.view(B, S, C, D)[:, :, m]
+    lm = models[m]
+    lm.model.requires_grad_(True)
+    grad_f, grad_e = torch.zeros_like(f), torch.zeros_like(err)
+    try:
+        for k in range(steps):
+            scale = 1 - k / steps
+            f_k = (scale * f).requires_grad_(True)
+            e_k = (scale * err).requires_grad_(True)
+            x_k = (f_k @ cc_folded.W_dec_LCD[:, m] + cc_folded.b_dec_CD[m]).view(B, S, D) + e_k
+
+            def swap(_mod, args, kwargs, x_k=x_k):
+                if args:
+                    return (x_k, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": x_k}
+
+            h = lm.blocks[lm.layer].register_forward_pre_hook(swap, with_kwargs=True)
+            try:
+                logits = lm.model(**model_inputs(lm.model, ids, mask)).logits  # every position
+            finally:
+                h.remove()
+            rows = torch.arange(B)
+            metric = logits[rows, -1, patch] - logits[rows, -1, clean]
+            gf, ge = torch.autograd.grad(metric.sum(), (f_k, e_k))
+            grad_f += gf / steps
+            grad_e += ge / steps
+    finally:
+        lm.model.requires_grad_(False)
+    real = mask.bool()
+    ie = (grad_f * -f).view(B, S, -1) * real[..., None]
+    return ie.detach(), (grad_e * -err).sum(-1).detach() * real

@@ -8,6 +8,8 @@ forward raises out of a pre-hook on block L, so blocks L.. and the LM head never
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,12 @@ BLOCK_PATHS = {
 
 def find_blocks(model: nn.Module, block_path: str | None = None) -> nn.ModuleList:
     """The decoder block list of `model`, by architecture or an explicit dotted `block_path`."""
+    owner, attr = _block_owner(model, block_path)
+    return getattr(owner, attr)
+
+
+def _block_owner(model: nn.Module, block_path: str | None) -> tuple[nn.Module, str]:
+    """(module holding the block list, attribute name), so the list can be swapped temporarily."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     path = block_path or BLOCK_PATHS.get(model_type or "")
     if path is None:
@@ -45,13 +53,14 @@ def find_blocks(model: nn.Module, block_path: str | None = None) -> nn.ModuleLis
             f"unknown architecture {model_type!r}: pass block_path (the dotted path of its block "
             f"list, e.g. 'model.layers'); known: {sorted(BLOCK_PATHS)}")
     obj: Any = model
-    for part in path.split("."):
+    parts = path.split(".")
+    for part in parts:
         if not hasattr(obj, part):
             raise ValueError(f"block_path {path!r} does not exist in {type(model).__name__}")
-        obj = getattr(obj, part)
+        owner, obj = obj, getattr(obj, part)
     if not isinstance(obj, nn.ModuleList):
         raise ValueError(f"block_path {path!r} is a {type(obj).__name__}, not a ModuleList")
-    return obj
+    return owner, parts[-1]
 
 
 def left_pad(tokenizer, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +100,7 @@ class LayerModel:
     layer: int
     blocks: nn.ModuleList
     name: str = ""
+    block_path: str | None = None
 
     def __post_init__(self) -> None:
         check_layer(self.layer, len(self.blocks), self.name or type(self.model).__name__)
@@ -116,6 +126,34 @@ class LayerModel:
         finally:
             handle.remove()
         raise AssertionError("block hook did not fire")  # pragma: no cover
+
+    @contextmanager
+    def _suffix_only(self, hidden_BSD: torch.Tensor) -> Iterator[None]:
+        """Run only blocks `layer`.. with `hidden_BSD` entering block `layer` (the block list is
+        sliced for the duration, so earlier blocks never run; embeddings still do, cheaply)."""
+        owner, attr = _block_owner(self.model, self.block_path)
+        full = getattr(owner, attr)
+        setattr(owner, attr, nn.ModuleList(list(full)[self.layer:]))
+
+        def swap(_module, args, kwargs):
+            if args:
+                return (hidden_BSD, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden_BSD}
+
+        handle = getattr(owner, attr)[0].register_forward_pre_hook(swap, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            setattr(owner, attr, full)
+
+    def last_logits_from(self, hidden_BSD: torch.Tensor, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits at the last position, (B, V), with `hidden_BSD` as the residual entering block
+        `layer`: only the suffix of the model runs and only the last position is unembedded."""
+        with self._suffix_only(hidden_BSD):
+            out = self.model(**model_inputs(self.model, input_ids, attention_mask), logits_to_keep=1)
+        return out.logits[:, -1]
 
 
 def load_tokenizer(family: Family, revision: str):
@@ -146,4 +184,4 @@ def load_layer_model(family: Family, revision: str, layer: int, dtype: torch.dty
                      device: str | torch.device = "cpu") -> LayerModel:
     model = load_model(family, revision, dtype=dtype, device=device)
     blocks = find_blocks(model, family.block_path)
-    return LayerModel(model, layer, blocks, name=f"{family.name}@{revision}")
+    return LayerModel(model, layer, blocks, name=f"{family.name}@{revision}", block_path=family.block_path)

@@ -1,0 +1,294 @@
+"""Indirect effects (IE) of crosscoder features per checkpoint, RelIE, and the ablation check.
+
+method.md §11-§12, for any number C of checkpoints, with §16.5-6 fixed. For checkpoint m and a batch:
+1. the residual entering block L of every checkpoint is computed once (`resid_pre`), encoded jointly
+   by the folded crosscoder into the shared latents f, and split into the reconstruction of
+   checkpoint m plus its error e_m = x_m - x^_m;
+2. integrated gradients along the straight path from the real state (f, e_m) to the baseline state
+   (zero, or the patch prefix's state when the task gives one), K steps, left Riemann sum (the paper's
+   alpha_k = k/K): x_k = x_base + (1 - alpha_k)(x_m - x_base); all K interpolants go through the
+   suffix of the model (blocks L..) in one batch, with frozen parameters and logits at the last
+   position only;
+3. with g = mean_k grad_x metric, the per-token effect of feature i is (f_base_i - f_i) <W_dec[i, m], g>
+   and the error-term effect <e_base - e_m, g> (reported, not discarded);
+4. per-token effects are thresholded (|IE| > threshold), summed over an example's real positions,
+   and averaged over examples (weighted by examples).
+Metric: logit(patch_answer) - logit(clean_answer) at the last real position (left padding), so a
+positive IE means the feature supports the correct answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from crossray import analysis as A
+from crossray.models.crosscoder import Crosscoder
+from crossray.models.layer import LayerModel, left_pad
+from crossray.tasks import Example, Task, TaskError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    steps: int = 10
+    """Integrated-gradient steps (1 = attribution patching)."""
+    threshold: float | None = 0.1
+    """Per-token |IE| threshold in logit units (None: keep everything)."""
+    batch_size: int = 4
+    """Examples per batch (each runs `steps` interpolants at once)."""
+    top_k: int = 10
+    """Features selected per checkpoint by |IE| (their union is studied)."""
+    low: float = 0.3
+    high: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.top_k < 1:
+            raise ValueError("steps, batch_size and top_k must be >= 1")
+
+
+class EffectSums(NamedTuple):
+    """Sums over examples, so shards of a task can be merged by adding them."""
+
+    ie_sum_CL: Tensor
+    err_sum_C: Tensor
+    metric_sum_C: Tensor
+    n_examples: int
+
+    def __add__(self, other: EffectSums) -> EffectSums:  # type: ignore[override]
+        return EffectSums(self.ie_sum_CL + other.ie_sum_CL, self.err_sum_C + other.err_sum_C,
+                          self.metric_sum_C + other.metric_sum_C, self.n_examples + other.n_examples)
+
+    def means(self) -> tuple[Tensor, Tensor, Tensor]:
+        n = max(self.n_examples, 1)
+        return self.ie_sum_CL / n, self.err_sum_C / n, self.metric_sum_C / n
+
+
+def check_crosscoder_fits(cc: Crosscoder, models: Sequence[LayerModel], revisions: Sequence[str]) -> None:
+    """Refuse a crosscoder trained on other checkpoints or another layer, naming both."""
+    cfg = cc.cfg
+    if cfg.checkpoints and tuple(cfg.checkpoints) != tuple(revisions):
+        raise ValueError(f"crosscoder was trained on checkpoints {list(cfg.checkpoints)}, "
+                         f"not on {list(revisions)}")
+    layers = {m.layer for m in models}
+    if cfg.layer is not None and layers != {cfg.layer}:
+        raise ValueError(f"crosscoder was trained at layer {cfg.layer}, the models are hooked at "
+                         f"layer(s) {sorted(layers)}")
+    if len(models) != cfg.n_checkpoints or any(m.d_model != cfg.d_model for m in models):
+        raise ValueError(f"crosscoder expects {cfg.n_checkpoints} checkpoints of width {cfg.d_model}")
+
+
+def _batch_inputs(tokenizer, examples: Sequence[Example], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ids, mask = left_pad(tokenizer, [tokenizer(e.clean_prefix, add_special_tokens=False)["input_ids"]
+                                     for e in examples])
+    clean = torch.tensor([e.clean_answer_id for e in examples])
+    patch = torch.tensor([e.patch_answer_id for e in examples])
+    return ids.to(device), mask.to(device), clean.to(device), patch.to(device)
+
+
+def metric(logits_BV: Tensor, clean_B: Tensor, patch_B: Tensor) -> Tensor:
+    rows = torch.arange(len(clean_B), device=logits_BV.device)
+    return logits_BV[rows, patch_B].float() - logits_BV[rows, clean_B].float()
+
+
+class _State(NamedTuple):
+    x_CBSD: Tensor
+    f_BSL: Tensor
+    err_CBSD: Tensor
+
+
+@torch.no_grad()
+def crosscoder_state(cc_folded: Crosscoder, models: Sequence[LayerModel], ids: Tensor, mask: Tensor
+                     ) -> _State:
+    """Every checkpoint's residual at the layer (prefix computed once), latents and error terms."""
+    x_CBSD = torch.stack([m.resid_pre(ids, mask).float() for m in models])
+    C, B, S, D = x_CBSD.shape
+    x_NCD = x_CBSD.permute(1, 2, 0, 3).reshape(B * S, C, D)  # (B*S, C, D)
+    out = cc_folded(x_NCD, mode="eval")
+    recon_CBSD = out.recon_BCD.view(B, S, C, D).permute(2, 0, 1, 3)  # (C, B, S, D)
+    return _State(x_CBSD, out.latents_BL.view(B, S, -1), x_CBSD - recon_CBSD)
+
+
+def ig_gradient(lm: LayerModel, x_BSD: Tensor, x_base_BSD: Tensor, ids: Tensor, mask: Tensor,
+                clean: Tensor, patch: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """(mean over the K interpolants of d metric / d x, metric at the real state), one suffix batch."""
+    K, B = steps, x_BSD.shape[0]
+    scale_K = 1 - torch.arange(K, device=x_BSD.device, dtype=torch.float32) / K  # alpha_k = k/K
+    delta = (x_BSD - x_base_BSD).float()
+    x_KBSD = x_base_BSD.float()[None] + scale_K[:, None, None, None] * delta[None]
+    x_leaf = x_KBSD.reshape(K * B, *x_BSD.shape[1:]).detach().requires_grad_(True)
+    dtype = next(lm.model.parameters()).dtype
+    logits = lm.last_logits_from(x_leaf.to(dtype), ids.repeat(K, 1), mask.repeat(K, 1))
+    m_KB = metric(logits, clean.repeat(K), patch.repeat(K)).view(K, B)
+    (grad,) = torch.autograd.grad(m_KB.sum(), x_leaf)
+    return grad.view(K, B, *x_BSD.shape[1:]).mean(0), m_KB[0].detach()  # alpha_0 = 0: the real state
+
+
+def _threshold(ie: Tensor, threshold: float | None) -> Tensor:
+    return ie if threshold is None else ie * (ie.abs() > threshold)
+
+
+class TokenEffects(NamedTuple):
+    ie_BSL: Tensor
+    """Per-token effect of every feature (before thresholding; zero at padding)."""
+    err_BS: Tensor
+    """Per-token effect of the error term."""
+    metric_B: Tensor
+    """The metric at the real state."""
+
+
+def token_effects(cc_folded: Crosscoder, lm: LayerModel, state: _State, m: int, ids: Tensor,
+                  mask: Tensor, clean: Tensor, patch: Tensor, steps: int) -> TokenEffects:
+    """Integrated-gradient effects of every feature and of the error term, for checkpoint m."""
+    x_base = cc_folded.b_dec_CD[m].detach().expand_as(state.x_CBSD[m])  # f = 0, e = 0 -> x = b_dec
+    g_BSD, met_B = ig_gradient(lm, state.x_CBSD[m], x_base, ids, mask, clean, patch, steps)
+    real_BS = mask.bool()
+    with torch.no_grad():
+        dec_LD = cc_folded.W_dec_LCD[:, m].detach()
+        ie_BSL = -state.f_BSL * (g_BSD @ dec_LD.T) * real_BS[..., None]  # (f_base - f) <W_dec, g>
+        err_BS = -(state.err_CBSD[m] * g_BSD).sum(-1) * real_BS  # <e_base - e, g>
+    return TokenEffects(ie_BSL, err_BS, met_B)
+
+
+def effects_for_batch(cc_folded: Crosscoder, models: Sequence[LayerModel], tokenizer,
+                      examples: Sequence[Example], cfg: AttributionConfig,
+                      checkpoints: Sequence[int] | None = None) -> EffectSums:
+    """IE sums over the examples of one batch for the given checkpoints (default: all)."""
+    device = next(models[0].model.parameters()).device
+    ids, mask, clean, patch = _batch_inputs(tokenizer, examples, device)
+    state = crosscoder_state(cc_folded, models, ids, mask)
+    C, L = len(models), cc_folded.cfg.n_latents
+    ie_CL, err_C, met_C = torch.zeros(C, L), torch.zeros(C), torch.zeros(C)
+    for m in checkpoints if checkpoints is not None else range(C):
+        eff = token_effects(cc_folded, models[m], state, m, ids, mask, clean, patch, cfg.steps)
+        ie_CL[m] = _threshold(eff.ie_BSL, cfg.threshold).sum(dim=(0, 1)).cpu()
+        err_C[m] = eff.err_BS.sum().cpu()
+        met_C[m] = eff.metric_B.sum().cpu()
+    return EffectSums(ie_CL, err_C, met_C, len(examples))
+
+
+def task_effects(cc: Crosscoder, models: Sequence[LayerModel], tokenizer, examples: Sequence[Example],
+                 cfg: AttributionConfig, checkpoints: Sequence[int] | None = None) -> EffectSums:
+    """IE sums over all examples (folds the crosscoder's normalisation first)."""
+    if not examples:
+        raise TaskError("no example with single-token answers is left for this tokenizer")
+    folded = cc.fold().eval().requires_grad_(False)
+    total = None
+    for i in range(0, len(examples), cfg.batch_size):
+        part = effects_for_batch(folded, models, tokenizer, examples[i:i + cfg.batch_size], cfg, checkpoints)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+# -- RelIE, selection, tables ---------------------------------------------------------------------
+
+def top_features(ie_CL: Tensor, k: int) -> list[int]:
+    """Union over checkpoints of the top-k features by |IE| (nonzero only), like the paper."""
+    chosen: set[int] = set()
+    for row in ie_CL.abs():
+        n = min(k, int((row > 0).sum()))
+        chosen |= set(row.topk(n).indices.tolist()) if n else set()
+    return sorted(chosen)
+
+
+def effects_rows(task: str, ie_CL: Tensor, revisions: Sequence[str], cfg: AttributionConfig,
+                 err_C: Tensor | None = None) -> list[dict]:
+    """One row per (feature, checkpoint): IE, RelIE (one-vs-all), class, group, all-zero flag."""
+    shares = A.one_vs_all(ie_CL.T)  # (L, C)
+    classes = A.classify(shares.share_LC, cfg.low, cfg.high)
+    groups = A.group_labels(shares.share_LC, list(revisions), cfg.low, cfg.high)
+    rows = []
+    for i in range(ie_CL.shape[1]):
+        for c, rev in enumerate(revisions):
+            rows.append({"task": task, "feature": i, "checkpoint": rev, "checkpoint_index": c,
+                         "ie": float(ie_CL[c, i]), "relie": float(shares.share_LC[i, c]),
+                         "relie_class": float(classes[i, c]), "group": groups[i],
+                         "all_zero": bool(shares.all_zero_L[i])})
+    return rows
+
+
+# -- ablation check (method.md §12, for N checkpoints) --------------------------------------------
+
+@torch.no_grad()
+def ablation_deltas(cc: Crosscoder, models: Sequence[LayerModel], tokenizer, examples: Sequence[Example],
+                    features: Sequence[int], batch_size: int = 8) -> Tensor:
+    """Mean change of the log-probability difference log p(clean) - log p(patch) when feature i is
+    zero-ablated in checkpoint m's forward pass (x_m - f_i W_dec[i, m] at every position), (F, C)."""
+    folded = cc.fold().eval()
+    F_, C = len(features), len(models)
+    total = torch.zeros(F_, C)
+    feats = torch.tensor(list(features))
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s:s + batch_size]
+        device = next(models[0].model.parameters()).device
+        ids, mask, clean, patch = _batch_inputs(tokenizer, chunk, device)
+        state = crosscoder_state(folded, models, ids, mask)
+        B = len(chunk)
+        for m, lm in enumerate(models):
+            dtype = next(lm.model.parameters()).dtype
+            lpd_clean = -metric(lm.last_logits_from(state.x_CBSD[m].to(dtype), ids, mask).log_softmax(-1),
+                                clean, patch)
+            f_FBS = state.f_BSL[..., feats].permute(2, 0, 1)  # (F, B, S)
+            dec_FD = folded.W_dec_LCD[feats, m]
+            x_abl = state.x_CBSD[m][None] - f_FBS[..., None] * dec_FD[:, None, None, :]  # (F, B, S, D)
+            logits = lm.last_logits_from(x_abl.flatten(0, 1).to(dtype), ids.repeat(F_, 1), mask.repeat(F_, 1))
+            lpd_abl = -metric(logits.log_softmax(-1), clean.repeat(F_), patch.repeat(F_)).view(F_, B)
+            total[:, m] += (lpd_clean[None] - lpd_abl).sum(1).cpu()
+    return total / len(examples)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation with average ranks for ties."""
+    def ranks(x):
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):  # average ties
+            r[x == v] = r[x == v].mean()
+        return r
+
+    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def ablation_correlations(deltas_FC: Tensor, ie_FC: Tensor, dec_norms_FC: Tensor) -> dict:
+    """Per checkpoint: Spearman rho over features between the ablation share |d_m| / sum_j |d_j| and
+    RelIE, and between it and RelDec; plus their means. For 2 checkpoints, the share of the second is
+    monotone in the paper's |d_2| / |d_1|, so rho equals the paper's."""
+    abl = A.one_vs_all(deltas_FC).share_LC.numpy()
+    relie = A.one_vs_all(ie_FC).share_LC.numpy()
+    reldec = A.one_vs_all(dec_norms_FC).share_LC.numpy()
+    C = deltas_FC.shape[1]
+    out = {"rho_relie": [spearman(abl[:, c], relie[:, c]) for c in range(C)],
+           "rho_reldec": [spearman(abl[:, c], reldec[:, c]) for c in range(C)]}
+    out["mean_rho_relie"] = float(np.nanmean(out["rho_relie"]))
+    out["mean_rho_reldec"] = float(np.nanmean(out["rho_reldec"]))
+    return out
+
+
+def attribute(cc: Crosscoder, models: Sequence[LayerModel], revisions: Sequence[str], tokenizer,
+              task: Task, cfg: AttributionConfig) -> dict:
+    """IE for every feature and checkpoint on a task, RelIE rows, selection, ablation check."""
+    check_crosscoder_fits(cc, models, revisions)
+    sums = task_effects(cc, models, tokenizer, task.examples, cfg)
+    ie_CL, err_C, met_C = sums.means()
+    selected = top_features(ie_CL, cfg.top_k)
+    deltas = ablation_deltas(cc, models, tokenizer, task.examples, selected) if selected else None
+    result = {"task": task.name, "n_examples": sums.n_examples, "skipped": dict(task.skipped),
+              "ie_CL": ie_CL, "err_C": err_C, "metric_C": met_C, "selected": selected,
+              "rows": effects_rows(task.name, ie_CL, revisions, cfg, err_C)}
+    if deltas is not None and len(selected) >= 3:
+        norms = cc.decoder_norms().detach()[selected]
+        result["ablation"] = ablation_correlations(deltas, ie_CL[:, selected].T, norms)
+        result["ablation_deltas_FC"] = deltas
+    return result

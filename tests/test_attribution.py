@@ -1,0 +1,165 @@
+"""Attribution: IG effects against the paper-style naive loop, completeness, aggregation, RelIE,
+the ablation check, and the toy family's emergence (RelIE concentrated where accuracy is high)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench.reference import paper_ie
+from crossray.attribution import (
+    AttributionConfig,
+    _batch_inputs,
+    attribute,
+    check_crosscoder_fits,
+    crosscoder_state,
+    effects_rows,
+    spearman,
+    task_effects,
+    token_effects,
+    top_features,
+)
+from crossray.config import CrosscoderConfig, TrainConfig
+from crossray.models.crosscoder import Crosscoder
+from crossray.models.layer import load_layer_model
+from crossray.tasks import TaskError, load_task
+
+REVS = ("step0", "step128", "step1000")
+
+
+@pytest.fixture(scope="module")
+def toy_models(toy_family):
+    return [load_layer_model(toy_family, r, 2) for r in REVS]
+
+
+@pytest.fixture(scope="module")
+def examples(toy_dir, toy_tokenizer):
+    """Interleaved short and long prefixes, so batches are left-padded."""
+    pp = load_task(toy_dir / "tasks" / "agreement_across_pp.jsonl", toy_tokenizer).examples
+    simple = load_task(toy_dir / "tasks" / "simple_agreement.jsonl", toy_tokenizer).examples
+    return [e for pair in zip(simple, pp, strict=False) for e in pair]
+
+
+def _random_crosscoder():
+    cc = Crosscoder(CrosscoderConfig(n_checkpoints=3, d_model=64, n_latents=128, seed=1,
+                                     dec_init_norm=0.3, checkpoints=REVS, layer=2))
+    with torch.no_grad():
+        cc.norm_factors_C.copy_(torch.tensor([20.0, 6.0, 6.0]))
+        cc.b_dec_CD.normal_(0, 0.3)
+        cc.b_enc_L.normal_(0, 0.3)
+    return cc
+
+
+@pytest.mark.parametrize("m", [0, 1, 2])
+def test_efficient_path_equals_paper_style_loop(toy_models, toy_tokenizer, examples, m):
+    folded = _random_crosscoder().fold().requires_grad_(False)
+    ids, mask, clean, patch = _batch_inputs(toy_tokenizer, examples[:5], "cpu")
+    state = crosscoder_state(folded, toy_models, ids, mask)
+    fast = token_effects(folded, toy_models[m], state, m, ids, mask, clean, patch, steps=10)
+    ref_ie, ref_err = paper_ie(folded, toy_models, ids, mask, clean, patch, steps=10, m=m)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(fast.ie_BSL, ref_ie) <= 1e-5 and rel(fast.err_BS, ref_err) <= 1e-5
+    assert (fast.ie_BSL != 0).any() and (mask == 0).any()  # real work, with left padding
+
+
+def test_completeness_with_many_steps(toy_models, toy_tokenizer, examples):
+    """Features + error effects sum to metric(baseline) - metric(clean)."""
+    folded = _random_crosscoder().fold().requires_grad_(False)
+    ids, mask, clean, patch = _batch_inputs(toy_tokenizer, examples[:4], "cpu")
+    state = crosscoder_state(folded, toy_models, ids, mask)
+    from crossray.attribution import metric
+
+    for m in range(3):
+        eff = token_effects(folded, toy_models[m], state, m, ids, mask, clean, patch, steps=200)
+        base = folded.b_dec_CD[m].detach().expand_as(state.x_CBSD[m])
+        with torch.no_grad():
+            m_base = metric(toy_models[m].last_logits_from(base, ids, mask), clean, patch)
+        total = eff.ie_BSL.sum(dim=(1, 2)) + eff.err_BS.sum(1)
+        want = m_base - eff.metric_B
+        assert torch.allclose(total, want, rtol=0.02, atol=0.02 * want.abs().max().item()), (total, want)
+
+
+def test_aggregation_weights_examples_and_thresholds(toy_models, toy_tokenizer, examples):
+    cc = _random_crosscoder()
+    cfg = AttributionConfig(steps=2, threshold=None, batch_size=3)
+    a = task_effects(cc, toy_models, toy_tokenizer, examples[:7], cfg, checkpoints=[2])
+    b = task_effects(cc, toy_models, toy_tokenizer, examples[:7],
+                     AttributionConfig(steps=2, threshold=None, batch_size=7), checkpoints=[2])
+    assert a.n_examples == 7  # the short last batch counts 1 example, not a batch (§16.5)
+    torch.testing.assert_close(a.means()[0], b.means()[0], rtol=1e-4, atol=1e-6)
+    high = task_effects(cc, toy_models, toy_tokenizer, examples[:7],
+                        AttributionConfig(steps=2, threshold=1e9, batch_size=7), checkpoints=[2])
+    assert not high.ie_sum_CL.any() and high.err_sum_C[2] == b.err_sum_C[2]  # error never thresholded
+    with pytest.raises(TaskError, match="no example"):
+        task_effects(cc, toy_models, toy_tokenizer, [], cfg)
+
+
+def test_relie_rows_and_selection():
+    ie = torch.tensor([[0.0, 2.0, 0.0, -1.0], [0.0, 2.0, 3.0, 0.0], [0.0, 0.0, 1.0, 1.5]])  # (C, L)
+    rows = effects_rows("t", ie, ["a", "b", "c"], AttributionConfig())
+    by = {(r["feature"], r["checkpoint"]): r for r in rows}
+    assert by[0, "a"]["all_zero"] and by[0, "b"]["relie"] == pytest.approx(1 / 3)
+    assert by[1, "a"]["relie"] == 0.5 and by[1, "c"]["relie"] == 0 and by[1, "a"]["group"] == "a-b shared"
+    assert by[2, "b"]["relie"] == 0.75 and by[2, "b"]["group"] == "b specific"
+    assert by[3, "a"]["ie"] == -1.0 and by[3, "a"]["relie"] == pytest.approx(0.4)  # |IE|
+    assert top_features(ie, 1) == [1, 2, 3] and top_features(ie, 10) == [1, 2, 3]
+
+
+def test_spearman():
+    assert spearman(np.array([1, 2, 3]), np.array([1, 3, 2])) == pytest.approx(0.5)
+    assert spearman(np.array([1, 2, 2, 4]), np.array([1, 2, 2, 4])) == pytest.approx(1.0)
+    assert np.isnan(spearman(np.array([1, 1]), np.array([1, 2])))
+
+
+def test_wrong_crosscoder_is_refused(toy_models):
+    cc = _random_crosscoder()
+    with pytest.raises(ValueError, match=r"trained on checkpoints \['step0', 'step128', 'step1000'\], "
+                                         r"not on \['step0', 'step64', 'step1000'\]"):
+        check_crosscoder_fits(cc, toy_models, ("step0", "step64", "step1000"))
+    cc.cfg = CrosscoderConfig(**{**cc.cfg.__dict__, "layer": 1})
+    with pytest.raises(ValueError, match=r"trained at layer 1.*layer\(s\) \[2\]"):
+        check_crosscoder_fits(cc, toy_models, REVS)
+
+
+def test_task_without_single_token_answers(toy_tokenizer, tmp_path):
+    rows = [{"sentence_good": "Zyx qqqqxxxxzzzz.", "sentence_bad": "Zyx w.", "one_prefix_method": True,
+             "one_prefix_prefix": "Zyx", "one_prefix_word_good": "qqqqxxxxzzzz", "one_prefix_word_bad": "w"}]
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    task = load_task(f, toy_tokenizer)
+    assert not task.examples and sum(task.skipped.values()) == 1  # skipped and counted
+    with pytest.raises(TaskError, match="no example with single-token answers"):
+        task_effects(_random_crosscoder(), [], toy_tokenizer, task.examples, AttributionConfig())
+
+
+def test_toy_emergence_relie_and_ablation(toy_dir, toy_models, toy_tokenizer):
+    """A crosscoder over chance / middle / late checkpoints: simple agreement's top features matter
+    at the late checkpoint, and zero-ablation agrees with RelIE (the paper: rho 0.945 on Pythia)."""
+    from crossray.corpus import CorpusConfig
+    from crossray.extract import CheckpointSetExtractor, ExtractConfig
+    from crossray.train import Trainer, estimate_norm_factors
+
+    ecfg = ExtractConfig(family=str(toy_dir), revisions=REVS, layer=2,
+                         corpus=CorpusConfig(source="toy:0:1200", seq_len=64))
+    from crossray.corpus import load_sequences
+
+    tokens, _ = load_sequences(ecfg.corpus, toy_tokenizer)
+    acts = CheckpointSetExtractor(ecfg)(tokens)[:, 1:].reshape(-1, 3, 64)
+    batches = list(acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))].split(512))
+    ccfg = CrosscoderConfig(n_checkpoints=3, d_model=64, n_latents=256, seed=0, checkpoints=REVS, layer=2)
+    cc = Crosscoder(ccfg)
+    cc.norm_factors_C.copy_(estimate_norm_factors(batches, 20))
+    Trainer(cc, TrainConfig(crosscoder=ccfg, n_steps=3 * len(batches), batch_size=512, lr=1e-3,
+                            metrics_every=10**6), "cpu").fit(batches * 3, progress=False)
+    task = load_task(toy_dir / "tasks" / "simple_agreement.jsonl", toy_tokenizer)
+    res = attribute(cc, toy_models, REVS, toy_tokenizer, task, AttributionConfig())
+    top10 = [res["ie_CL"][c].abs().topk(10).values.sum().item() for c in range(3)]
+    abl = res["ablation"]
+    print(f"\ntoy simple agreement: summed |IE| of the top-10 features per checkpoint {top10}; "
+          f"chance/last = {top10[0] / top10[2]:.4f}; ablation rho vs RelIE {abl['rho_relie']} "
+          f"(mean {abl['mean_rho_relie']:.3f}), vs RelDec mean {abl['mean_rho_reldec']:.3f}; "
+          f"{len(res['selected'])} features selected")
+    assert top10[0] < 0.2 * top10[2]
+    assert abl["mean_rho_relie"] >= 0.8
+    assert len(res["rows"]) == 256 * 3 and res["n_examples"] == 200
