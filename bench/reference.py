@@ -67,11 +67,11 @@ def paper_step(cc, opt, sched, x, loss_fn):
     return {"loss": loss.item(), **paper_metrics(x, recon.detach(), f.detach())}
 
 
-def paper_ie(cc_folded, models, ids, mask, clean, patch, steps: int, m: int):
+def paper_ie(cc_folded, models, ids, mask, clean, patch, steps: int, ms):
     """IE the way the authors' attribution.py computes it (method.md §11.3-11.4): a full forward of
     every checkpoint to capture the layer, then one full forward per alpha with the reconstruction
     plus error spliced in at every position, gradients w.r.t. the latent and error leaves, parameters
-    not frozen, logits at every position. Returns per-token (ie_BSL, err_BS)."""
+    not frozen, logits at every position. Returns {m: per-token (ie_BSL, err_BS)} for m in `ms`."""
     import torch
 
     from crossray.models.layer import model_inputs
@@ -85,9 +85,19 @@ def paper_ie(cc_folded, models, ids, mask, clean, patch, steps: int, m: int):
     C, B, S, D = x_CBSD.shape
     with torch.no_grad():
         out = cc_folded(x_CBSD.permute(1, 2, 0, 3).reshape(B * S, C, D), mode="eval")
-        f = out.latents_BL  # (B*S, L)
-        err = x_CBSD[m] - out.recon_BCD.view(B, S, C, D)[:, :, m]
-    lm = models[m]
+    return {m: _paper_ig_one(cc_folded, models[m], x_CBSD[m], out, m, ids, mask, clean, patch, steps)
+            for m in ms}
+
+
+def _paper_ig_one(cc_folded, lm, x_BSD, out, m, ids, mask, clean, patch, steps):
+    import torch
+
+    from crossray.models.layer import model_inputs
+
+    B, S, D = x_BSD.shape
+    C = out.recon_BCD.shape[1]
+    f = out.latents_BL  # (B*S, L)
+    err = x_BSD - out.recon_BCD.view(B, S, C, D)[:, :, m]
     lm.model.requires_grad_(True)
     grad_f, grad_e = torch.zeros_like(f), torch.zeros_like(err)
     try:

@@ -157,6 +157,20 @@ class Family:
         return self.location(revision)
 
 
+def resolve_family(spec: str, **overrides) -> Family:
+    """A family from `toy` (the embedded default, built or reused), a local folder, or a hub repo."""
+    if spec == "toy":
+        from crossray.toy.build import build_toy_family
+
+        return Family.from_dir(build_toy_family(), **overrides)
+    if Path(spec).expanduser().is_dir():
+        return Family.from_dir(Path(spec).expanduser(), **overrides)
+    if spec.startswith(("/", ".", "~")):
+        raise CheckpointError(f"family folder {spec} does not exist")
+    overrides.setdefault("naming", "pythia")
+    return Family(name=spec.split("/")[-1], source=spec, **overrides)
+
+
 # -- weight hashes -------------------------------------------------------------------------------
 
 def weights_hash(path: str | Path) -> str:

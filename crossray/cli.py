@@ -15,9 +15,8 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-from crossray.checkpoints import CheckpointError, Family
+from crossray.checkpoints import CheckpointError, Family, resolve_family
 from crossray.tasks import TaskError
 
 logger = logging.getLogger("crossray")
@@ -31,17 +30,12 @@ def family_from_args(args: argparse.Namespace) -> Family:
         overrides["naming"] = args.naming
     if args.tokenizer:
         overrides["tokenizer"] = args.tokenizer
-    if Path(src).is_dir():
-        return Family.from_dir(src, **overrides)
-    if src.startswith(("/", ".", "~")) or Path(src).suffix:
-        raise CheckpointError(f"family folder {src} does not exist")
-    overrides.setdefault("naming", "pythia")
-    return Family(name=src.split("/")[-1], source=src, **overrides)
+    return resolve_family(src, **overrides)
 
 
 def _add_family_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", required=True,
-                   help="local family folder (sub-folders are revisions) or hub repo id")
+                   help="local family folder (sub-folders are revisions), hub repo id, or toy")
     p.add_argument("--revisions", help="comma-separated revisions (default: all local ones)")
     p.add_argument("--naming", choices=["pythia", "olmo", "bloom", "plain"],
                    help="revision naming scheme (default: from family.json, else pythia for hub)")

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from crossray.checkpoints import CheckpointError, Family
+from crossray.checkpoints import CheckpointError, Family, resolve_family
 from crossray.corpus import CorpusConfig
 from crossray.models.layer import LayerModel, load_layer_model
 
@@ -64,20 +64,12 @@ class ExtractConfig:
             raise ValueError("batch_sequences, shard_sequences and norm_sequences must be positive")
 
     def family_obj(self) -> Family:
-        overrides = {"revisions": tuple(self.revisions)}
+        overrides: dict = {"revisions": tuple(self.revisions)}
         if self.naming:
             overrides["naming"] = self.naming
         if self.tokenizer:
             overrides["tokenizer"] = self.tokenizer
-        if self.family == "toy":
-            from crossray.toy.build import build_toy_family
-
-            return Family.from_dir(build_toy_family(), **overrides)
-        if Path(self.family).is_dir():
-            return Family.from_dir(self.family, **overrides)
-        if self.family.startswith(("/", ".", "~")):
-            raise CheckpointError(f"family folder {self.family} does not exist")
-        return Family(name=self.family.split("/")[-1], source=self.family, **overrides)
+        return resolve_family(self.family, **overrides)
 
 
 # -- the extractor ---------------------------------------------------------------------------------

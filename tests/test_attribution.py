@@ -57,7 +57,7 @@ def test_efficient_path_equals_paper_style_loop(toy_models, toy_tokenizer, examp
     ids, mask, clean, patch = _batch_inputs(toy_tokenizer, examples[:5], "cpu")
     state = crosscoder_state(folded, toy_models, ids, mask)
     fast = token_effects(folded, toy_models[m], state, m, ids, mask, clean, patch, steps=10)
-    ref_ie, ref_err = paper_ie(folded, toy_models, ids, mask, clean, patch, steps=10, m=m)
+    ref_ie, ref_err = paper_ie(folded, toy_models, ids, mask, clean, patch, steps=10, ms=[m])[m]
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     assert rel(fast.ie_BSL, ref_ie) <= 1e-5 and rel(fast.err_BS, ref_err) <= 1e-5
     assert (fast.ie_BSL != 0).any() and (mask == 0).any()  # real work, with left padding
