@@ -7,8 +7,8 @@ method.md §11-§12, for any number C of checkpoints, with §16.5-6 fixed. For c
 2. integrated gradients along the straight path from the real state (f, e_m) to the baseline state
    (zero, or the patch prefix's state when the task gives one), K steps, left Riemann sum (the paper's
    alpha_k = k/K): x_k = x_base + (1 - alpha_k)(x_m - x_base); all K interpolants go through the
-   suffix of the model (blocks L..) in one batch, with frozen parameters and logits at the last
-   position only;
+   suffix of the model (blocks L..) in one batch, with frozen parameters, and only the two answer
+   rows of the unembedding at the last position;
 3. with g = mean_k grad_x metric, the per-token effect of feature i is (f_base_i - f_i) <W_dec[i, m], g>
    and the error-term effect <e_base - e_m, g> (reported, not discarded);
 4. per-token effects are thresholded (|IE| > threshold), summed over an example's real positions,
@@ -125,8 +125,8 @@ def ig_gradient(lm: LayerModel, x_BSD: Tensor, x_base_BSD: Tensor, ids: Tensor, 
     x_KBSD = x_base_BSD.float()[None] + scale_K[:, None, None, None] * delta[None]
     x_leaf = x_KBSD.reshape(K * B, *x_BSD.shape[1:]).detach().requires_grad_(True)
     dtype = next(lm.model.parameters()).dtype
-    logits = lm.last_logits_from(x_leaf.to(dtype), ids.repeat(K, 1), mask.repeat(K, 1))
-    m_KB = metric(logits, clean.repeat(K), patch.repeat(K)).view(K, B)
+    m_KB = lm.logit_diff_from(x_leaf.to(dtype), ids.repeat(K, 1), mask.repeat(K, 1),
+                              patch.repeat(K), clean.repeat(K)).view(K, B)
     (grad,) = torch.autograd.grad(m_KB.sum(), x_leaf)
     return grad.view(K, B, *x_BSD.shape[1:]).mean(0), m_KB[0].detach()  # alpha_0 = 0: the real state
 

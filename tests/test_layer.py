@@ -36,6 +36,20 @@ def test_resid_pre_equals_hidden_states(family, layer):
     torch.testing.assert_close(acts[real], full.hidden_states[layer][real], rtol=1e-5, atol=1e-6)
 
 
+def test_suffix_only_forward_equals_the_full_model(family):
+    lm = load_layer_model(family, "step1", 1)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        full = lm.model(**model_inputs(lm.model, ids, mask)).logits[:, -1]
+        h = lm.resid_pre(ids, mask)
+        torch.testing.assert_close(lm.last_logits_from(h, ids, mask), full, rtol=1e-5, atol=1e-5)
+        plus, minus = torch.tensor([5, 9, 11]), torch.tensor([7, 3, 11])
+        diff = lm.logit_diff_from(h, ids, mask, plus, minus)
+    torch.testing.assert_close(diff, full[torch.arange(3), plus] - full[torch.arange(3), minus],
+                               rtol=1e-5, atol=1e-5)
+    assert len(lm.blocks) == 3  # the block list is restored afterwards
+
+
 def test_truncated_forward_never_runs_later_blocks(family):
     lm = load_layer_model(family, "step1", 1)
     calls = []

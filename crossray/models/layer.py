@@ -147,6 +147,26 @@ class LayerModel:
             handle.remove()
             setattr(owner, attr, full)
 
+    def logit_diff_from(self, hidden_BSD: torch.Tensor, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor
+                        ) -> torch.Tensor:
+        """logit[plus] - logit[minus] at the last position, (B,), with `hidden_BSD` entering block
+        `layer`. Only the suffix runs, and only two rows of the unembedding are touched (the full
+        vocabulary projection and its backward dominated integrated gradients)."""
+        if getattr(self.model.config, "final_logit_softcapping", None):  # logits are not linear in h
+            logits = self.last_logits_from(hidden_BSD, input_ids, attention_mask)
+            rows = torch.arange(len(plus), device=logits.device)
+            return logits[rows, plus].float() - logits[rows, minus].float()
+        with self._suffix_only(hidden_BSD):
+            out = self.model.base_model(**model_inputs(self.model, input_ids, attention_mask))
+        h_BD = out.last_hidden_state[:, -1]  # final norm already applied by the base model
+        head = self.model.get_output_embeddings()
+        w_BD = head.weight[plus] - head.weight[minus]
+        diff = (h_BD.float() * w_BD.float()).sum(-1)
+        if getattr(head, "bias", None) is not None:
+            diff = diff + (head.bias[plus] - head.bias[minus]).float()
+        return diff
+
     def last_logits_from(self, hidden_BSD: torch.Tensor, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits at the last position, (B, V), with `hidden_BSD` as the residual entering block
