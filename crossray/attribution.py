@@ -5,7 +5,8 @@ method.md §11-§12, for any number C of checkpoints, with §16.5-6 fixed. For c
    by the folded crosscoder into the shared latents f, and split into the reconstruction of
    checkpoint m plus its error e_m = x_m - x^_m;
 2. integrated gradients along the straight path from the real state (f, e_m) to the baseline state
-   (zero, or the patch prefix's state when the task gives one), K steps, left Riemann sum (the paper's
+   (zero, or the patch prefix's state when the task gives one, `baseline`), K steps (1 = attribution
+   patching), left Riemann sum (the paper's
    alpha_k = k/K): x_k = x_base + (1 - alpha_k)(x_m - x_base); all K interpolants go through the
    suffix of the model (blocks L..) in one batch, with frozen parameters, and only the two answer
    rows of the unembedding at the last position;
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ class AttributionConfig:
     """Examples per batch (each runs `steps` interpolants at once)."""
     top_k: int = 10
     """Features selected per checkpoint by |IE| (their union is studied)."""
+    baseline: Literal["auto", "zero", "patch"] = "auto"
+    """IG baseline: the zero state (the paper), the patch prefix's state, or patch where every
+    example of a batch has a patch prefix of the same token length (auto)."""
     low: float = 0.3
     high: float = 0.7
 
@@ -85,12 +89,30 @@ def check_crosscoder_fits(cc: Crosscoder, models: Sequence[LayerModel], revision
         raise ValueError(f"crosscoder expects {cfg.n_checkpoints} checkpoints of width {cfg.d_model}")
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _batch_inputs(tokenizer, examples: Sequence[Example], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    ids, mask = left_pad(tokenizer, [tokenizer(e.clean_prefix, add_special_tokens=False)["input_ids"]
-                                     for e in examples])
+    ids, mask = left_pad(tokenizer, [_encode(tokenizer, e.clean_prefix) for e in examples])
     clean = torch.tensor([e.clean_answer_id for e in examples])
     patch = torch.tensor([e.patch_answer_id for e in examples])
     return ids.to(device), mask.to(device), clean.to(device), patch.to(device)
+
+
+def patch_inputs(tokenizer, examples: Sequence[Example], mode: str, device) -> Tensor | None:
+    """Left-padded patch-prefix ids aligned with the clean ones, or None for the zero baseline."""
+    if mode == "zero":
+        return None
+    clean = [_encode(tokenizer, e.clean_prefix) for e in examples]
+    patch = [_encode(tokenizer, e.patch_prefix) if e.patch_prefix is not None else None for e in examples]
+    usable = all(p is not None and len(p) == len(c) for p, c in zip(patch, clean, strict=True))
+    if not usable:
+        if mode == "patch":
+            raise TaskError("baseline 'patch' needs a patch_prefix with as many tokens as the clean "
+                            "prefix in every example")
+        return None
+    return left_pad(tokenizer, patch)[0].to(device)  # type: ignore[arg-type]
 
 
 def metric(logits_BV: Tensor, clean_B: Tensor, patch_B: Tensor) -> Tensor:
@@ -145,15 +167,23 @@ class TokenEffects(NamedTuple):
 
 
 def token_effects(cc_folded: Crosscoder, lm: LayerModel, state: _State, m: int, ids: Tensor,
-                  mask: Tensor, clean: Tensor, patch: Tensor, steps: int) -> TokenEffects:
-    """Integrated-gradient effects of every feature and of the error term, for checkpoint m."""
-    x_base = cc_folded.b_dec_CD[m].detach().expand_as(state.x_CBSD[m])  # f = 0, e = 0 -> x = b_dec
+                  mask: Tensor, clean: Tensor, patch: Tensor, steps: int, base: _State | None = None
+                  ) -> TokenEffects:
+    """Integrated-gradient effects of every feature and of the error term, for checkpoint m.
+
+    The baseline is the zero state (f = 0, e = 0, so x = b_dec) or, given `base`, the patch prefix's
+    crosscoder state (aligned position by position).
+    """
+    if base is None:
+        x_base, f_base, e_base = cc_folded.b_dec_CD[m].detach().expand_as(state.x_CBSD[m]), 0.0, 0.0
+    else:
+        x_base, f_base, e_base = base.x_CBSD[m], base.f_BSL, base.err_CBSD[m]
     g_BSD, met_B = ig_gradient(lm, state.x_CBSD[m], x_base, ids, mask, clean, patch, steps)
     real_BS = mask.bool()
     with torch.no_grad():
         dec_LD = cc_folded.W_dec_LCD[:, m].detach()
-        ie_BSL = -state.f_BSL * (g_BSD @ dec_LD.T) * real_BS[..., None]  # (f_base - f) <W_dec, g>
-        err_BS = -(state.err_CBSD[m] * g_BSD).sum(-1) * real_BS  # <e_base - e, g>
+        ie_BSL = (f_base - state.f_BSL) * (g_BSD @ dec_LD.T) * real_BS[..., None]
+        err_BS = ((e_base - state.err_CBSD[m]) * g_BSD).sum(-1) * real_BS
     return TokenEffects(ie_BSL, err_BS, met_B)
 
 
@@ -164,10 +194,12 @@ def effects_for_batch(cc_folded: Crosscoder, models: Sequence[LayerModel], token
     device = next(models[0].model.parameters()).device
     ids, mask, clean, patch = _batch_inputs(tokenizer, examples, device)
     state = crosscoder_state(cc_folded, models, ids, mask)
+    patch_ids = patch_inputs(tokenizer, examples, cfg.baseline, device)
+    base = crosscoder_state(cc_folded, models, patch_ids, mask) if patch_ids is not None else None
     C, L = len(models), cc_folded.cfg.n_latents
     ie_CL, err_C, met_C = torch.zeros(C, L), torch.zeros(C), torch.zeros(C)
     for m in checkpoints if checkpoints is not None else range(C):
-        eff = token_effects(cc_folded, models[m], state, m, ids, mask, clean, patch, cfg.steps)
+        eff = token_effects(cc_folded, models[m], state, m, ids, mask, clean, patch, cfg.steps, base)
         ie_CL[m] = _threshold(eff.ie_BSL, cfg.threshold).sum(dim=(0, 1)).cpu()
         err_C[m] = eff.err_BS.sum().cpu()
         met_C[m] = eff.metric_B.sum().cpu()

@@ -13,6 +13,7 @@ full-sentence log-probability comparison that BLiMP's standard metric uses.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -47,6 +48,8 @@ class Example:
     clean_answer_id: int
     patch_answer_id: int
     pair_id: str = ""
+    patch_prefix: str | None = None
+    """Counterfactual prefix (feature-circuits tasks); the IE baseline when it has as many tokens."""
 
 
 @dataclass
@@ -183,8 +186,11 @@ def rows_to_task(rows: list[dict], tokenizer, name: str, source: str, fmt: str =
         case "clams":
             _require(rows, REQUIRED["clams"], source)
             for i, r in enumerate(rows):
-                keep(reduce_to_single_tokens(tokenizer, r["clean_prefix"], r["clean_answer"],
-                                             r["patch_answer"], str(r.get("pairID", i))))
+                ex = reduce_to_single_tokens(tokenizer, r["clean_prefix"], r["clean_answer"],
+                                             r["patch_answer"], str(r.get("pairID", i)))
+                if isinstance(ex, Example) and isinstance(r.get("patch_prefix"), str):
+                    ex = dataclasses.replace(ex, patch_prefix=r["patch_prefix"])
+                keep(ex)
                 good = r.get("sentence_good") or r["clean_prefix"] + r["clean_answer"]
                 bad = r.get("sentence_bad") or r["clean_prefix"] + r["patch_answer"]
                 sentences.append((good, bad))

@@ -163,3 +163,44 @@ def test_toy_emergence_relie_and_ablation(toy_dir, toy_models, toy_tokenizer):
     assert top10[0] < 0.2 * top10[2]
     assert abl["mean_rho_relie"] >= 0.8
     assert len(res["rows"]) == 256 * 3 and res["n_examples"] == 200
+
+
+def test_patch_prefix_baseline_completeness(toy_models, toy_tokenizer, toy_dir):
+    """With a counterfactual prefix, effects sum to metric(patch run) - metric(clean run)."""
+    import dataclasses
+
+    from crossray.attribution import metric, patch_inputs
+
+    simple = load_task(toy_dir / "tasks" / "simple_agreement.jsonl", toy_tokenizer).examples[:4]
+    flip = {"dog": "dogs", "dogs": "dog", "cat": "cats", "cats": "cat"}
+    examples = []
+    for e in simple:
+        words = e.clean_prefix.split()
+        words[-1] = flip.get(words[-1], words[-1] + "s" if not words[-1].endswith("s") else words[-1][:-1])
+        examples.append(dataclasses.replace(e, patch_prefix=" ".join(words)))
+    folded = _random_crosscoder().fold().requires_grad_(False)
+    ids, mask, clean, patch = _batch_inputs(toy_tokenizer, examples, "cpu")
+    patch_ids = patch_inputs(toy_tokenizer, examples, "auto", "cpu")
+    assert patch_ids is not None and not torch.equal(patch_ids, ids)
+    state = crosscoder_state(folded, toy_models, ids, mask)
+    base = crosscoder_state(folded, toy_models, patch_ids, mask)
+    eff = token_effects(folded, toy_models[2], state, 2, ids, mask, clean, patch, steps=200, base=base)
+    with torch.no_grad():
+        m_patch = metric(toy_models[2].model(input_ids=patch_ids, attention_mask=mask,
+                                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1],
+                         clean, patch)
+    total = eff.ie_BSL.sum(dim=(1, 2)) + eff.err_BS.sum(1)
+    want = m_patch - eff.metric_B
+    assert torch.allclose(total, want, rtol=0.02, atol=0.02 * want.abs().max().item()), (total, want)
+    assert patch_inputs(toy_tokenizer, simple, "auto", "cpu") is None  # no patch prefix: zero baseline
+    with pytest.raises(TaskError, match="baseline 'patch' needs a patch_prefix"):
+        patch_inputs(toy_tokenizer, simple, "patch", "cpu")
+
+
+def test_clams_rows_carry_patch_prefix(toy_tokenizer):
+    from crossray.tasks import rows_to_task
+
+    row = {"clean_prefix": "The dog", "patch_prefix": "The dogs", "clean_answer": " is",
+           "patch_answer": " are"}
+    task = rows_to_task([row], toy_tokenizer, "c", "mem")
+    assert task.examples[0].patch_prefix == "The dogs"
