@@ -7,15 +7,14 @@ JSON in one folder, atomically (a temp folder renamed into place).
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from crossray.checkpoints import Family
 from crossray.models.layer import load_model, load_tokenizer
+from crossray.store import write_tables
 from crossray.tasks import Task, load_tasks, score_task
 
 logger = logging.getLogger(__name__)
@@ -43,20 +42,8 @@ def accuracy_curves(family: Family, task_specs: list[str | Path],
 
 def write_accuracy(rows: list[dict], tasks: list[Task], out: str | Path) -> Path:
     """accuracy.parquet, accuracy.csv and accuracy.json (rows plus kept/skipped counts per task)."""
-    import pandas as pd
-
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    df = pd.DataFrame(rows)
-    df.to_parquet(tmp / "accuracy.parquet", index=False)
-    df.to_csv(tmp / "accuracy.csv", index=False)
     payload = {"rows": rows, "tasks": [t.summary() for t in tasks]}
-    (tmp / "accuracy.json").write_text(json.dumps(payload, indent=2, allow_nan=True))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return write_tables(out, {"accuracy": rows}, {"accuracy.json": payload})
 
 
 def format_curves(rows: list[dict], metric: str = "prefix_accuracy") -> str:

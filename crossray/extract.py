@@ -28,6 +28,7 @@ import torch
 from crossray.checkpoints import CheckpointError, Family, resolve_family
 from crossray.corpus import CorpusConfig
 from crossray.models.layer import LayerModel, load_layer_model
+from crossray.store import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +202,7 @@ def extract_shard(extractor: CheckpointSetExtractor, tokens_NS: np.ndarray, inde
     norm_sum, norm_count = norm_stats(rows, cfg.norm_sequences)
     info.update(index=index, seq_start=start, seq_stop=stop, norm_sum=norm_sum.tolist(),
                 norm_count=norm_count, pid=os.getpid())
-    sidecar = out / (info["name"] + ".json")
-    tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(sidecar)
+    write_json_atomic(out / (info["name"] + ".json"), info)
     return info
 
 
@@ -233,9 +231,7 @@ class Manifest:
     shards: list[dict] = field(default_factory=list)
 
     def write(self, folder: Path) -> None:
-        tmp = folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(folder / MANIFEST)
+        write_json_atomic(folder / MANIFEST, asdict(self))
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:

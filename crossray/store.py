@@ -11,6 +11,7 @@ Writes go to a temporary folder renamed into place, so a crash never leaves half
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -46,6 +47,30 @@ def _commit(tmp: Path, folder: Path) -> None:
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON next to `path` and rename it into place (readers never see half a file)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True))
+    tmp.replace(path)
+
+
+def write_tables(folder: str | Path, tables: dict[str, list[dict]], json_files: dict | None = None
+                 ) -> Path:
+    """Result tables as `<name>.parquet` and `<name>.csv`, plus JSON files, in one atomic folder."""
+    import pandas as pd
+
+    folder = Path(folder)
+    tmp = _atomic_dir(folder)
+    for name, rows in tables.items():
+        df = pd.DataFrame(rows)
+        df.to_parquet(tmp / f"{name}.parquet", index=False)
+        df.to_csv(tmp / f"{name}.csv", index=False)
+    for name, obj in (json_files or {}).items():
+        (tmp / name).write_text(json.dumps(obj, indent=2, allow_nan=True))
+    _commit(tmp, folder)
+    return folder
 
 
 def save_crosscoder(cc: Crosscoder, folder: str | Path, train_cfg: TrainConfig | None = None,

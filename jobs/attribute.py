@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ray.util import ActorPool
 from crossray import attribution as AT
 from crossray.checkpoints import Family, resolve_family
 from crossray.models.layer import load_layer_model, load_tokenizer
-from crossray.store import load_crosscoder
+from crossray.store import load_crosscoder, write_tables
 from crossray.tasks import Task, TaskError, load_tasks
 
 logger = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[s
                          "layer": cc.cfg.layer, "config": cfg.__dict__, "tasks": {}}
     for ti, task in enumerate(tasks):
         rows += _summarise(task, sums[ti], cc, revisions, cfg, pool_actors[ti % actors], summary)
-    _write(rows, summary, Path(out))
+    write_tables(out, {"effects": rows}, {"summary.json": summary})
     return summary
 
 
@@ -100,20 +99,6 @@ def _summarise(task: Task, sums: AT.EffectSums, cc, revisions, cfg, actor, summa
         info["ablation"] = AT.ablation_correlations(deltas, ie_CL[:, selected].T, norms)
     summary["tasks"][task.name] = info
     return AT.effects_rows(task.name, ie_CL, revisions, cfg)
-
-
-def _write(rows: list[dict], summary: dict, out: Path) -> None:
-    import pandas as pd
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    df = pd.DataFrame(rows)
-    df.to_parquet(tmp / "effects.parquet", index=False)
-    df.to_csv(tmp / "effects.csv", index=False)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 def main(argv: list[str] | None = None) -> int:
