@@ -155,8 +155,8 @@ class Trainer:
         self.tokens = 0
         self.batches_consumed = 0
         self.bf16 = use_bf16(cfg, self.device)
+        # what the forward pass goes through: the crosscoder, or a DDP wrapper of it (jobs/train.py)
         self.forward_module: torch.nn.Module = cc
-        """What the forward pass goes through: the crosscoder, or a DDP wrapper of it (jobs)."""
 
     def _autocast(self):
         if not self.bf16:

@@ -98,7 +98,8 @@ def build_toy_family(out: str | Path | None = None, cfg: ToyConfig | None = None
         return out
     if out.exists() and any(out.iterdir()):
         if (out / FAMILY_FILE).exists() or (out / ".building").exists():
-            shutil.rmtree(out)  # a build of another config or an interrupted one: start over
+            logger.info("replacing the toy family in %s (another config, or an interrupted build)", out)
+            shutil.rmtree(out)
         else:
             raise ValueError(f"{out} exists and is not a toy family folder; refusing to overwrite it")
     tmp = out.with_name(out.name + ".tmp")

@@ -1,0 +1,50 @@
+"""Screening and automatic checkpoint selection (issue 6 groundwork, library only)."""
+
+import pytest
+import torch
+
+from crossray.accuracy import accuracy_curves
+from crossray.checkpoints import CheckpointError
+from crossray.screen import activation_similarity, select_checkpoints
+
+
+@pytest.fixture(scope="module")
+def screened(toy_family, toy_dir, toy_tokenizer):
+    revs = toy_family.available_revisions()
+    rows, tasks = accuracy_curves(toy_family, [toy_dir / "tasks"], revs)
+    acc: dict = {}
+    for r in rows:
+        acc.setdefault(r["task"], []).append(r["prefix_accuracy"])
+    texts = [e.clean_prefix + e.clean_answer for t in tasks for e in t.examples[:40]]
+    return revs, acc, activation_similarity(toy_family, revs, 2, toy_tokenizer, texts)
+
+
+def test_similarity_matrix(screened):
+    revs, _, sim = screened
+    assert sim.shape == (len(revs), len(revs)) and torch.allclose(sim, sim.T)
+    assert torch.allclose(sim.diagonal(), torch.ones(len(revs)))
+    assert sim[0, 1] < 0.6 < sim[-2, -1]  # random init vs trained, then stable late in training
+
+
+def test_selection_brackets_the_emergence_of_agreement(screened):
+    revs, acc, sim = screened
+    sel = select_checkpoints(revs, acc, sim, n=3)
+    simple = dict(zip(revs, acc["simple_agreement"], strict=True))
+    print(f"\nselected {sel.revisions}: {sel.reasons}")
+    assert len(set(sel.revisions)) == 3 and list(sel.revisions) == sorted(sel.revisions, key=revs.index)
+    assert simple[sel.revisions[0]] <= 0.65 and simple[sel.revisions[-1]] >= 0.9
+    assert len(sel.reasons) == 2 and all("accuracy change" in r for r in sel.reasons)
+    pair = select_checkpoints(revs, acc, sim, n=2)
+    assert len(pair.revisions) == 2
+
+
+def test_given_set_wins_and_bad_sets_are_refused(screened):
+    revs, acc, sim = screened
+    given = select_checkpoints(revs, acc, sim, given=["step64", "step1000"])
+    assert given.revisions == ("step64", "step1000")
+    with pytest.raises(CheckpointError, match=r"\['step7'\] are not among"):
+        select_checkpoints(revs, acc, sim, given=["step0", "step7"])
+    with pytest.raises(CheckpointError, match="at least 2 distinct"):
+        select_checkpoints(revs, acc, sim, given=["step0", "step0"])
+    with pytest.raises(CheckpointError, match="cannot select"):
+        select_checkpoints(revs[:1], {"t": [0.5]}, None, n=3)
