@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   install, then run the main job on the embedded default (toy family)
+#   make demo   install, then run the pipeline on the embedded default (configs/tiny.yaml)
 #   make test   install, then run the test suite
 # Both run inside a loopback-only network namespace (scripts/offline): nothing leaves the machine.
 PY ?= python3
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	scripts/offline $(BIN)/crossray demo
+	scripts/offline $(BIN)/crossray run configs/tiny.yaml
 
 test: install
 	scripts/offline $(BIN)/python -m pytest -q

@@ -1,5 +1,6 @@
 """The `crossray` command line.
 
+    crossray run CONFIG.yaml                        the whole pipeline (jobs.pipeline), tracked in MLflow
     crossray demo                                   build the toy family, print its accuracy curves
     crossray toy build [--out DIR]                  build (or reuse) the toy model family
     crossray checkpoints check --family F --revisions a,b [--layer L]
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crossray", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline on a config (screen ... analyse, MLflow)")
+    run.add_argument("config")
+    run.add_argument("--address", default=None, help="Ray address (default: a fresh local Ray)")
+    run.set_defaults(func=lambda a: __import__("jobs.pipeline", fromlist=["main"]).main(
+        ["--config", a.config] + (["--address", a.address] if a.address else [])))
 
     demo = sub.add_parser("demo", help="build the toy family and print its accuracy curves")
     demo.add_argument("--out", default="runs/toy-accuracy")

@@ -29,6 +29,7 @@ from crossray.checkpoints import Family, resolve_family
 from crossray.models.layer import load_layer_model, load_tokenizer
 from crossray.store import load_crosscoder, write_tables
 from crossray.tasks import Task, TaskError, load_tasks
+from jobs._ray import init_ray
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class AttributionActor:
 def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[str], out: str | Path,
                   cfg: AT.AttributionConfig, actors: int = 2, cpus_per_actor: float = 0.5,
                   gpus_per_actor: float = 0, shard_examples: int = 64) -> dict:
+    crosscoder_dir = Path(crosscoder_dir).resolve()  # actors may run in another working directory
     cc = load_crosscoder(crosscoder_dir)
     revisions = list(cc.cfg.checkpoints)
     if not revisions or cc.cfg.layer is None:
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    init_ray(args.address)
     try:
         summary = run_attribute(args.crosscoder, family, args.task, args.out, cfg, args.actors,
                                 args.cpus_per_actor, args.gpus_per_actor)

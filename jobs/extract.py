@@ -28,6 +28,7 @@ import torch
 from crossray import extract as X
 from crossray.corpus import load_sequences
 from crossray.models.layer import load_tokenizer
+from jobs._ray import init_ray
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, actors: int = 2, cpus_per
                 gpus_per_actor: float = 0, spread: bool = False, prep: Prepared | None = None
                 ) -> X.Manifest:
     """Parquet shards + manifest in `out`; a no-op when a manifest for the same inputs is there."""
-    out = Path(out)
+    out = Path(out).resolve()  # actors may run in another working directory
     prep = prep or prepare(cfg)  # every input check happens here, before any Ray work
     if (out / X.MANIFEST).exists():
         manifest = X.Manifest.read(out)
@@ -185,24 +186,35 @@ def stream_dataset(cfg: X.ExtractConfig, actors: int = 2, cpus_per_actor: float 
     return ds, prep, estimate_norms(prep, cpus_per_actor, gpus_per_actor)
 
 
-def load_config(path: str | Path) -> X.ExtractConfig:
+def load_config(path: str | Path, revisions: list[str] | None = None) -> X.ExtractConfig:
+    """The `extract` section; family, layer and revisions may come from the `pipeline` section,
+    and `revisions` (the --revisions flag) overrides both."""
     import yaml
 
     from crossray.config import from_dict
     from crossray.corpus import CorpusConfig
 
     data = yaml.safe_load(Path(path).read_text()) or {}
-    data = data.get("extract", data)
-    if not isinstance(data, dict) or "corpus" not in data:
+    section = dict(data.get("extract", data))
+    if not isinstance(section, dict) or "corpus" not in section:
         raise ValueError(f"{path}: expected an 'extract' mapping with a 'corpus' section")
-    corpus = from_dict(CorpusConfig, data["corpus"], f"{path}:extract.corpus")
-    return from_dict(X.ExtractConfig, {**data, "corpus": corpus}, f"{path}:extract")
+    pipe = data.get("pipeline", {}) or {}
+    for key in ("family", "layer", "revisions"):
+        if key not in section and key in pipe:
+            section[key] = pipe[key]
+    if revisions:
+        section["revisions"] = revisions
+    if not section.get("revisions"):
+        raise ValueError(f"{path}: no checkpoint set; give --revisions a,b,c or extract.revisions")
+    corpus = from_dict(CorpusConfig, section["corpus"], f"{path}:extract.corpus")
+    return from_dict(X.ExtractConfig, {**section, "corpus": corpus}, f"{path}:extract")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Extract activations of a checkpoint set with Ray Data")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help="folder for Parquet shards and manifest.json")
+    p.add_argument("--revisions", help="comma-separated checkpoint set (overrides the config)")
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--cpus-per-actor", type=float, default=0.5)
     p.add_argument("--gpus-per-actor", type=float, default=0)
@@ -210,13 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.revisions.split(",") if args.revisions else None)
         prep = prepare(cfg)  # fail on bad input before Ray starts
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False,
-             ignore_reinit_error=True)
+    init_ray(args.address)
     manifest = run_extract(cfg, args.out, args.actors, args.cpus_per_actor, args.gpus_per_actor, prep=prep)
     print(json.dumps({"out": args.out, "shards": len(manifest.shards), "rows": manifest.token_count,
                       "norm_factors": manifest.norm_factors}))

@@ -34,6 +34,7 @@ from crossray.config import TrainConfig
 from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
 from crossray.train import Trainer
+from jobs._ray import init_ray
 
 logger = logging.getLogger(__name__)
 CROSSCODER_DIR = "crosscoder"
@@ -122,6 +123,7 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, norm_factors: list[float],
     if (data is None) == (dataset is None):
         raise ValueError("give exactly one of data (a manifest folder) or dataset (streaming)")
     if data is not None:
+        data = str(Path(data).resolve())  # Train workers run in their own working directory
         manifest = Manifest.read(data)
         manifest.verify(data)  # a corrupted shard is an error before any worker starts
         if len(manifest.shards) < launch.num_workers:
@@ -167,13 +169,20 @@ def resolve_with_manifest(cfg: TrainConfig, manifest: Manifest) -> TrainConfig:
     return dataclasses.replace(cfg, crosscoder=lineage)
 
 
-def load_config(path: str | Path) -> TrainConfig:
+def load_config(path: str | Path, manifest: Manifest | None = None) -> TrainConfig:
+    """The `train` section; the crosscoder's n_checkpoints and d_model default to the extraction's."""
     import yaml
 
     from crossray.config import from_dict
 
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return from_dict(TrainConfig, data.get("train", data), f"{path}:train")
+    section = dict(data.get("train", data))
+    if manifest is not None:
+        cc = dict(section.get("crosscoder", {}))
+        cc.setdefault("n_checkpoints", len(manifest.revisions))
+        cc.setdefault("d_model", manifest.d_model)
+        section["crosscoder"] = cc
+    return from_dict(TrainConfig, section, f"{path}:train")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,14 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config)
         manifest = Manifest.read(args.data)
         manifest.verify(args.data)
-        cfg = resolve_with_manifest(cfg, manifest)
+        cfg = resolve_with_manifest(load_config(args.config, manifest), manifest)
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    init_ray(args.address)
     launch = LaunchConfig(storage_path=args.storage, name=args.name, num_workers=args.workers,
                           cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpus)
     result = run_train(cfg, launch, manifest.norm_factors, data=args.data)

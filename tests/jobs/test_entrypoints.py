@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ray
 
 def _config(tmp_path, **train_overrides):
     cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml").read_text())
-    cfg["extract"]["corpus"]["source"] = "toy:0:160"
+    cfg["extract"]["corpus"]["n_sequences"] = 160
     cfg["extract"]["shard_sequences"] = 64
     cfg["train"].update(n_steps=60, batch_size=256, checkpoint_every=30, **train_overrides)
     path = tmp_path / "tiny.yaml"
@@ -25,7 +25,8 @@ def _config(tmp_path, **train_overrides):
 
 def test_extract_then_train(ray_cluster, tmp_path, capsys):
     config = _config(tmp_path)
-    assert extract_job.main(["--config", str(config), "--out", str(tmp_path / "acts")]) == 0
+    assert extract_job.main(["--config", str(config), "--out", str(tmp_path / "acts"),
+                             "--revisions", "step0,step128,step1000"]) == 0
     extracted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert extracted["shards"] == 3 and extracted["rows"] > 0
     assert train_job.main(["--config", str(config), "--data", str(tmp_path / "acts"),
@@ -41,7 +42,8 @@ def test_config_errors_exit_2(ray_cluster, tmp_path, capsys):
     bad["extract"]["corpus"]["sequence_length"] = 64
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
-    assert extract_job.main(["--config", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert extract_job.main(["--config", str(path), "--out", str(tmp_path / "x"),
+                             "--revisions", "step0,step1000"]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml:extract.corpus" in err and "sequence_length" in err
     assert not (tmp_path / "x").exists()

@@ -1,0 +1,154 @@
+"""The pipeline against a real `mlflow server` on 127.0.0.1: runs, params, metrics, artifacts,
+registry, lineage; a second run skips every stage; configs and bad input."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from jobs.pipeline import Pipeline, check_tracking, load_config, summary_text
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server (sqlite backend), started here and stopped by its PID."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("mlflow server did not start")
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def _small_config(tmp_path) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["pipeline"].update(out=str(tmp_path / "runs"), screen_revisions=["step0", "step64", "step128",
+                                                                          "step256", "step1000"],
+                           register_name="toy-test", eval_sequences=8)
+    cfg["extract"]["corpus"]["n_sequences"] = 128
+    cfg["extract"]["shard_sequences"] = 64
+    cfg["train"].update(n_steps=60, batch_size=256, checkpoint_every=30, metrics_every=30)
+    cfg["attribution"].update(steps=4)
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_pipeline_tracked_in_mlflow(ray_cluster, mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    check_tracking()
+    config = _small_config(tmp_path)
+    results = Pipeline(load_config(config), str(config)).run()
+    text = summary_text(results)
+    assert "FVE" in text and "models:/toy-test@champion" in text
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("crossray-toy")
+    parent = client.get_run(results["parent_run_id"])
+    tags = parent.data.tags
+    revisions = results["select"]["revisions"]
+    assert tags["crossray.family"] == "toy" and tags["crossray.layer"] == "2"
+    assert tags["crossray.revisions"] == ",".join(revisions) and len(revisions) == 3
+    assert len(tags["crossray.weight_hashes"].split(",")) == 3 and len(tags["crossray.corpus_hash"]) == 64
+    assert tags["crossray.manifest"] == results["extract"]["manifest_key"]
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["crossray.stage"]: r for r in children}
+    assert set(by_stage) == {"screen", "select", "extract", "train", "evaluate", "attribute", "analyse"}
+    train = by_stage["train"]
+    params = train.data.params
+    assert params["train.n_steps"] == "60" and params["train.crosscoder.n_latents"] == "512"
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "fve/0")] == [30, 60]
+    evaluate = by_stage["evaluate"].data.metrics
+    assert all(0 < evaluate[f"fve_{r}"] <= 1 for r in revisions)
+    assert len(client.get_metric_history(by_stage["screen"].info.run_id, "accuracy/simple_agreement")) == 5
+    # artifacts: open the tables and the PNGs
+    from PIL import Image
+
+    png = client.download_artifacts(by_stage["analyse"].info.run_id, "analyse/accuracy_curves.png",
+                                    str(tmp_path))
+    with Image.open(png) as im:
+        assert im.size[0] > 300 and im.format == "PNG"
+    effects = client.download_artifacts(by_stage["attribute"].info.run_id,
+                                        "attribute/effects/effects.parquet", str(tmp_path))
+    df = pd.read_parquet(effects)
+    assert set(df.checkpoint) == set(revisions) and len(df) == 6 * 512 * 3
+    weights = client.download_artifacts(train.info.run_id, "train/crosscoder", str(tmp_path / "cc"))
+    assert (Path(weights) / "weights.safetensors").exists() and (Path(weights) / "config.json").exists()
+    version = client.get_model_version_by_alias("toy-test", "champion")
+    assert version.run_id == train.info.run_id and version.source.endswith("train/crosscoder")
+    # a second run skips every stage and logs no new stage runs
+    t0 = time.time()
+    again = Pipeline(load_config(config), str(config)).run()
+    assert time.time() - t0 < 30 and again["parent_run_id"] == results["parent_run_id"]
+    assert len(client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 7
+
+
+def test_configs_parse_and_resolve():
+    for name in ("tiny", "pythia-1b", "olmo-1b", "bloom-1b1"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        if name != "tiny":
+            p = Pipeline(cfg, name)  # resolves the hub family without touching the network
+            assert len(cfg.pipeline.revisions) == 3 and not p.family.is_local
+            labels = [p.family.revision(r).label for r in cfg.pipeline.revisions]
+            assert labels[-1] in {"300B", "3048B", "341B"}
+    bloom = load_config(ROOT / "configs" / "bloom-1b1.yaml").pipeline
+    assert bloom.layer == 13 and bloom.tokenizer == "bigscience/bloom-1b1"
+
+
+def test_bad_config_and_dead_server(tmp_path, monkeypatch):
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["train"]["n_step"] = 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"bad.yaml:train: unknown key\(s\) \['n_step'\]"):
+        load_config(bad)
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["pipeline"]["layer"] = "two"
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"bad.yaml:pipeline.layer: expected int"):
+        load_config(bad)
+    port = _free_port()  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    t0 = time.time()
+    with pytest.raises(ValueError, match=f"MLflow tracking server http://127.0.0.1:{port} does not answer"):
+        check_tracking()
+    assert time.time() - t0 < 20
