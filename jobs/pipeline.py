@@ -246,7 +246,7 @@ class Pipeline:
     def train(self, folder: Path) -> dict:
         import mlflow
 
-        from jobs.train import LaunchConfig, crosscoder_dir, run_train
+        from jobs.train import LaunchConfig, crosscoder_dir, metric_history, run_train
 
         cfg = self.train_config()
         mlflow.log_params(_flat({"train": to_dict(cfg)}))
@@ -255,8 +255,7 @@ class Pipeline:
                               use_gpu=self.p.gpus_per_actor > 0)
         result = run_train(cfg, launch, self.results["extract"]["norm_factors"],
                            data=self.results["extract"]["acts"])
-        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-        for row in history:  # one row per Ray Train report (every checkpoint_every steps)
+        for row in metric_history(result):  # every metrics_every steps
             for k, v in row.items():
                 if isinstance(v, int | float) and k not in ("step", "resumed_from_step"):
                     mlflow.log_metric(k, float(v), step=int(row.get("step", 0)))

@@ -38,6 +38,8 @@ from jobs._ray import init_ray
 
 logger = logging.getLogger(__name__)
 CROSSCODER_DIR = "crosscoder"
+HISTORY = "metrics.json"
+"""Every metrics row rank 0 logged, kept in each checkpoint (Ray keeps only a few checkpoints)."""
 
 
 @dataclass(frozen=True)
@@ -72,16 +74,19 @@ def _stream_batches(batch: int, buffer: int, seed: int) -> Iterator[torch.Tensor
             yield b["acts"]
 
 
-def _make_trainer(cfg: TrainConfig, norm_factors: list[float], device: torch.device) -> Trainer:
+def _make_trainer(cfg: TrainConfig, norm_factors: list[float], device: torch.device
+                  ) -> tuple[Trainer, list[dict]]:
+    """A fresh trainer, or the one in the latest Ray Train checkpoint with its metric history."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer = Trainer.resume(Path(folder) / CROSSCODER_DIR, cfg, device)
+            history = json.loads((Path(folder) / HISTORY).read_text())
         logger.info("resumed from step %d", trainer.step)
-        return trainer
+        return trainer, history
     cc = Crosscoder(cfg.crosscoder)
     cc.norm_factors_C.copy_(torch.tensor(norm_factors))
-    return Trainer(cc, cfg, device)
+    return Trainer(cc, cfg, device), []
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -90,7 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg: TrainConfig = config["train_cfg"]
     device = ray.train.torch.get_device()
-    trainer = _make_trainer(cfg, config["norm_factors"], device)
+    trainer, history = _make_trainer(cfg, config["norm_factors"], device)
     if world > 1:
         trainer.forward_module = ray.train.torch.prepare_model(trainer.cc, move_to_device=False)
     batch = cfg.batch_size // world
@@ -103,6 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
     def log(step: int, metrics: dict) -> None:
         if rank == 0:
             latest.update(metrics, step=step)
+            history.append({**metrics, "step": step})
             logger.info("step %d loss %.4f fve %.4f l0 %.1f", step, metrics["loss"], metrics["fve"],
                         metrics["l0"])
 
@@ -110,6 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 t.save(Path(tmp) / CROSSCODER_DIR)
+                (Path(tmp) / HISTORY).write_text(json.dumps(history))
                 ray.train.report({**latest, "step": t.step}, checkpoint=Checkpoint.from_directory(tmp))
             else:
                 ray.train.report({"step": t.step})
@@ -146,6 +153,11 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, norm_factors: list[float],
         datasets={"train": dataset} if dataset is not None else None,
     )
     return trainer.fit()
+
+
+def metric_history(result: ray.train.Result) -> list[dict]:
+    """Every metrics row of a finished run (rank 0's, every metrics_every steps)."""
+    return json.loads((crosscoder_dir(result).parent / HISTORY).read_text())
 
 
 def crosscoder_dir(result: ray.train.Result) -> Path:

@@ -62,19 +62,28 @@ def _small_config(tmp_path) -> Path:
                            register_name="toy-test", eval_sequences=8)
     cfg["extract"]["corpus"]["n_sequences"] = 128
     cfg["extract"]["shard_sequences"] = 64
-    cfg["train"].update(n_steps=60, batch_size=256, checkpoint_every=30, metrics_every=30)
+    cfg["train"].update(n_steps=600, batch_size=256, checkpoint_every=50, metrics_every=50)
     cfg["attribution"].update(steps=4)
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def test_pipeline_tracked_in_mlflow(ray_cluster, mlflow_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+@pytest.fixture(scope="module")
+def tracked_run(ray_cluster, mlflow_server, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     mlflow.set_tracking_uri(mlflow_server)
-    check_tracking()
-    config = _small_config(tmp_path)
-    results = Pipeline(load_config(config), str(config)).run()
+    try:
+        check_tracking()
+        config = _small_config(tmp_path)
+        yield Pipeline(load_config(config), str(config)).run(), config
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
+    results, config = tracked_run
     text = summary_text(results)
     assert "FVE" in text and "models:/toy-test@champion" in text
 
@@ -93,8 +102,9 @@ def test_pipeline_tracked_in_mlflow(ray_cluster, mlflow_server, tmp_path, monkey
     assert set(by_stage) == {"screen", "select", "extract", "train", "evaluate", "attribute", "analyse"}
     train = by_stage["train"]
     params = train.data.params
-    assert params["train.n_steps"] == "60" and params["train.crosscoder.n_latents"] == "512"
-    assert [m.step for m in client.get_metric_history(train.info.run_id, "fve/0")] == [30, 60]
+    assert params["train.n_steps"] == "600" and params["train.crosscoder.n_latents"] == "512"
+    history = client.get_metric_history(train.info.run_id, "fve/0")
+    assert [m.step for m in history] == [50 * i for i in range(1, 13)]
     evaluate = by_stage["evaluate"].data.metrics
     assert all(0 < evaluate[f"fve_{r}"] <= 1 for r in revisions)
     assert len(client.get_metric_history(by_stage["screen"].info.run_id, "accuracy/simple_agreement")) == 5
@@ -119,6 +129,47 @@ def test_pipeline_tracked_in_mlflow(ray_cluster, mlflow_server, tmp_path, monkey
     assert time.time() - t0 < 30 and again["parent_run_id"] == results["parent_run_id"]
     assert len(client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 7
+
+
+def _registered(storage: Path) -> int:
+    import json
+
+    for snap in storage.glob("**/checkpoint_manager_snapshot.json"):
+        try:
+            return len(json.loads(snap.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+    return 0
+
+
+def test_killed_pipeline_resumes_training(tracked_run, tmp_path):
+    """SIGKILL the whole pipeline during training; the re-run resumes from the last checkpoint."""
+    import json
+
+    reference, _ = tracked_run
+    config = _small_config(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    train_dir = tmp_path / "runs" / "tiny" / "train"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and _registered(train_dir / "ray") < 1:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the pipeline ended before training reached a checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (train_dir / "done.json").exists()
+    again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    train = json.loads((train_dir / "done.json").read_text())["result"]["final"]
+    assert train["step"] == 600 and 50 <= train["resumed_from_step"] < 600
+    evaluate = json.loads((tmp_path / "runs" / "tiny" / "evaluate" / "done.json").read_text())["result"]
+    for c in range(3):
+        assert evaluate[f"fve/{c}"] == pytest.approx(reference["evaluate"][f"fve/{c}"], abs=0.01)
+    assert "FVE" in again.stdout
 
 
 def test_configs_parse_and_resolve():
