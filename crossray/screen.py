@@ -37,8 +37,12 @@ def revision_activations(family: Family, revision: str, layer: int, tokenizer, t
 def activation_similarity(family: Family, revisions: Sequence[str], layer: int, tokenizer,
                           texts: Sequence[str]) -> torch.Tensor:
     """Mean per-token cosine similarity between every pair of revisions, (R, R)."""
-    acts = [revision_activations(family, r, layer, tokenizer, texts) for r in revisions]
-    R = len(revisions)
+    return similarity_matrix([revision_activations(family, r, layer, tokenizer, texts) for r in revisions])
+
+
+def similarity_matrix(acts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(R, R) mean per-token cosine from unit-normalised activations of the same tokens."""
+    R = len(acts)
     sim = torch.eye(R)
     for a in range(R):
         for b in range(a + 1, R):

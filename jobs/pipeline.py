@@ -169,35 +169,44 @@ class Pipeline:
         return [str(Path(self.family.source) / "tasks") if t == "toy" else t for t in self.p.tasks]
 
     # -- stages ------------------------------------------------------------------------------------
+    def _remote(self, fn):
+        import ray
+
+        return ray.remote(num_cpus=self.p.cpus_per_actor, num_gpus=self.p.gpus_per_actor)(fn)
+
     def screen(self, folder: Path) -> dict:
+        """Accuracy and activations of every revision in Ray tasks (one revision each)."""
         import mlflow
         import ray
 
-        from crossray.screen import activation_similarity
-
-        revisions = list(self.p.screen_revisions) or self.family.available_revisions()
-
-        @ray.remote(num_cpus=self.p.cpus_per_actor)
-        def score(rev: str) -> list[dict]:
-            from crossray.accuracy import accuracy_curves
-
-            return accuracy_curves(self.family, self.task_specs(), [rev])[0]
-
-        rows = [r for part in ray.get([score.remote(r) for r in revisions]) for r in part]
         from crossray.models.layer import load_tokenizer
+        from crossray.screen import similarity_matrix
         from crossray.store import write_tables
         from crossray.tasks import load_tasks
 
+        revisions = list(self.p.screen_revisions) or self.family.available_revisions()
         tokenizer = load_tokenizer(self.family, revisions[0])
         texts = [e.clean_prefix + e.clean_answer for t in load_tasks(self.task_specs(), tokenizer)
                  for e in t.examples[: self.p.screen_examples]]
-        sim = activation_similarity(self.family, revisions, self.p.layer, tokenizer, texts)
+        family, specs, layer = self.family, self.task_specs(), self.p.layer
+
+        def screen_revision(rev: str):
+            from crossray.accuracy import accuracy_curves
+            from crossray.screen import revision_activations
+
+            rows = accuracy_curves(family, specs, [rev])[0]
+            return rows, revision_activations(family, rev, layer, tokenizer, texts)
+
+        task = self._remote(screen_revision)
+        parts = ray.get([task.remote(r) for r in revisions])
+        rows = [r for part, _ in parts for r in part]
+        sim = similarity_matrix([acts for _, acts in parts])
         accuracy: dict[str, list[float]] = {}
         for r in rows:
             accuracy.setdefault(r["task"], []).append(r["prefix_accuracy"])
-        for task, acc in accuracy.items():  # step = position in the screened revision list
+        for task_name, acc in accuracy.items():  # step = position in the screened revision list
             for i, value in enumerate(acc):
-                mlflow.log_metric(f"accuracy/{task}", value, step=i)
+                mlflow.log_metric(f"accuracy/{task_name}", value, step=i)
         write_tables(folder / "tables", {"accuracy": rows}, {"similarity.json": sim.tolist()})
         return {"revisions": revisions, "accuracy": accuracy, "similarity": sim.tolist()}
 
@@ -264,30 +273,44 @@ class Pipeline:
         return {"crosscoder": str(folder / "crosscoder"), "final": dict(result.metrics or {})}
 
     def evaluate(self, folder: Path) -> dict:
+        """FVE, L0, dead latents and spliced ΔCE on held-out sequences, in a Ray task."""
         import mlflow
+        import ray
 
-        from crossray.corpus import load_sequences
-        from crossray.extract import CheckpointSetExtractor, Manifest
-        from crossray.metrics import evaluate, spliced_ce
-        from crossray.models.layer import load_tokenizer
-        from crossray.store import load_crosscoder
+        from crossray.extract import Manifest
 
         ecfg = self.extract_config()
         n_train = Manifest.read(self.results["extract"]["acts"]).n_sequences
-        corpus = dataclasses.replace(ecfg.corpus, n_sequences=n_train + self.p.eval_sequences)
-        tokens, _ = load_sequences(corpus, load_tokenizer(self.family, ecfg.revisions[0]))
-        held_out = tokens[n_train:]
-        if len(held_out) == 0:
-            raise ValueError("the corpus has no sequence left after the training ones for evaluation")
-        extractor = CheckpointSetExtractor(ecfg)
-        acts = extractor(held_out)
-        start = 1 if ecfg.corpus.drop_first_position else 0
-        cc = load_crosscoder(self.results["train"]["crosscoder"])
-        metrics = evaluate(cc, acts[:, start:].reshape(-1, *acts.shape[2:]))
-        ce = spliced_ce(cc, extractor.models, held_out[: min(8, len(held_out))], skip_first_position=True)
+        family, crosscoder, n_eval = self.family, self.results["train"]["crosscoder"], self.p.eval_sequences
+
+        def run_evaluation() -> dict:
+            from crossray.corpus import load_sequences
+            from crossray.extract import CheckpointSetExtractor
+            from crossray.metrics import evaluate, spliced_ce
+            from crossray.models.layer import load_tokenizer
+            from crossray.store import load_crosscoder
+
+            corpus = dataclasses.replace(ecfg.corpus, n_sequences=n_train + n_eval)
+            tokens, _ = load_sequences(corpus, load_tokenizer(family, ecfg.revisions[0]))
+            held_out = tokens[n_train:]
+            if len(held_out) == 0:
+                raise ValueError("the corpus has no sequence left after the training ones for evaluation")
+            extractor = CheckpointSetExtractor(ecfg)
+            acts = extractor(held_out)
+            start = 1 if ecfg.corpus.drop_first_position else 0
+            cc = load_crosscoder(crosscoder)
+            metrics = evaluate(cc, acts[:, start:].reshape(-1, *acts.shape[2:]))
+            ce = spliced_ce(cc, extractor.models, held_out[: min(8, len(held_out))], skip_first_position=True)
+            for c in range(len(ecfg.revisions)):
+                metrics[f"delta_ce/{c}"] = float(ce.delta_ce_C[c])
+                metrics[f"ce_recovered/{c}"] = float(ce.ce_recovered_C[c])
+            return metrics
+
+        try:
+            metrics = ray.get(self._remote(run_evaluation).remote())
+        except ray.exceptions.RayTaskError as e:
+            raise e.as_instanceof_cause() from None
         for c, rev in enumerate(ecfg.revisions):
-            metrics[f"delta_ce/{c}"] = float(ce.delta_ce_C[c])
-            metrics[f"ce_recovered/{c}"] = float(ce.ce_recovered_C[c])
             mlflow.log_metric(f"fve_{rev}", metrics[f"fve/{c}"])
             mlflow.log_metric(f"delta_ce_{rev}", metrics[f"delta_ce/{c}"])
         mlflow.log_metrics({"fve": metrics["fve"], "l0": metrics["l0"], "dead": metrics["dead"]})
