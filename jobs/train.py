@@ -182,18 +182,18 @@ def resolve_with_manifest(cfg: TrainConfig, manifest: Manifest) -> TrainConfig:
 
 
 def load_config(path: str | Path, manifest: Manifest | None = None) -> TrainConfig:
-    """The `train` section; the crosscoder's n_checkpoints and d_model default to the extraction's."""
+    """The `train` section; the crosscoder's n_checkpoints and d_model default to the extraction's
+    (without a manifest, placeholders stand in so the rest of the config is still validated)."""
     import yaml
 
     from crossray.config import from_dict
 
     data = yaml.safe_load(Path(path).read_text()) or {}
     section = dict(data.get("train", data))
-    if manifest is not None:
-        cc = dict(section.get("crosscoder", {}))
-        cc.setdefault("n_checkpoints", len(manifest.revisions))
-        cc.setdefault("d_model", manifest.d_model)
-        section["crosscoder"] = cc
+    cc = dict(section.get("crosscoder", {}))
+    cc.setdefault("n_checkpoints", len(manifest.revisions) if manifest else 2)
+    cc.setdefault("d_model", manifest.d_model if manifest else 1)
+    section["crosscoder"] = cc
     return from_dict(TrainConfig, section, f"{path}:train")
 
 
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        load_config(args.config)  # a bad config is reported before the data is looked at
         manifest = Manifest.read(args.data)
         manifest.verify(args.data)
         cfg = resolve_with_manifest(load_config(args.config, manifest), manifest)
