@@ -17,6 +17,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def accuracy_curves(revisions: Sequence[str], accuracy: dict[str, Sequence[float]], chosen: Sequence[str],
                     path: Path) -> Path:
     """Task accuracy per revision, the crosscoded checkpoints marked."""
@@ -32,10 +39,7 @@ def accuracy_curves(revisions: Sequence[str], accuracy: dict[str, Sequence[float
     ax.set_ylabel("prefix accuracy")
     ax.set_title("task accuracy per checkpoint (dashed: crosscoded)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def reldec_histogram(share_LC: torch.Tensor, names: Sequence[str], path: Path) -> Path:
@@ -47,10 +51,7 @@ def reldec_histogram(share_LC: torch.Tensor, names: Sequence[str], path: Path) -
     ax.set_xlabel("relative decoder norm")
     ax.set_ylabel("features")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def relie_scatter(share_FC: torch.Tensor, names: Sequence[str], path: Path) -> Path:
@@ -72,10 +73,7 @@ def relie_scatter(share_FC: torch.Tensor, names: Sequence[str], path: Path) -> P
         ax.set_yticks(range(len(names)), names)
         ax.set_xlabel("RelIE")
     ax.set_title("RelIE of the selected features")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def ie_evolution(ie_CF: torch.Tensor, features: Sequence[int], names: Sequence[str], path: Path) -> Path:
@@ -88,7 +86,4 @@ def ie_evolution(ie_CF: torch.Tensor, features: Sequence[int], names: Sequence[s
     ax.set_ylabel("IE")
     ax.set_title("IE of the top features across checkpoints")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -47,3 +47,16 @@ def planted_batches(dirs_FCD: torch.Tensor, n_batches: int, batch_size: int = 51
         coef = on * (0.5 + torch.rand(batch_size, F, generator=g))
         out.append(torch.einsum("nf,fcd->ncd", coef, dirs_FCD))
     return out
+
+
+def registered_checkpoints(storage) -> int:
+    """Checkpoints a Ray Train controller has registered (its snapshot), not merely written."""
+    import json
+    from pathlib import Path
+
+    for snap in Path(storage).glob("**/checkpoint_manager_snapshot.json"):
+        try:
+            return len(json.loads(snap.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+    return 0

@@ -17,6 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from jobs.pipeline import Pipeline, check_tracking, load_config, summary_text
+from tests.helpers import registered_checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.ray
@@ -131,17 +132,6 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 7
 
 
-def _registered(storage: Path) -> int:
-    import json
-
-    for snap in storage.glob("**/checkpoint_manager_snapshot.json"):
-        try:
-            return len(json.loads(snap.read_text())["checkpoint_results"])
-        except (OSError, ValueError, KeyError):
-            return 0
-    return 0
-
-
 def test_killed_pipeline_resumes_training(tracked_run, tmp_path):
     """SIGKILL the whole pipeline during training; the re-run resumes from the last checkpoint."""
     import json
@@ -156,7 +146,7 @@ def test_killed_pipeline_resumes_training(tracked_run, tmp_path):
                             start_new_session=True)
     train_dir = tmp_path / "runs" / "tiny" / "train"
     deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and _registered(train_dir / "ray") < 1:
+    while time.time() < deadline and proc.poll() is None and registered_checkpoints(train_dir / "ray") < 1:
         time.sleep(0.1)
     assert proc.poll() is None, "the pipeline ended before training reached a checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)

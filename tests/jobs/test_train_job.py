@@ -1,7 +1,6 @@
 """Ray Train: DDP workers match one process, streaming matches Parquet, killed workers restore."""
 
 import dataclasses
-import json
 import os
 import signal
 import threading
@@ -20,6 +19,7 @@ from crossray.store import load_crosscoder
 from crossray.train import Trainer
 from jobs.extract import stream_dataset
 from jobs.train import LaunchConfig, crosscoder_dir, resolve_with_manifest, run_train
+from tests.helpers import registered_checkpoints
 
 pytestmark = pytest.mark.ray
 
@@ -93,16 +93,6 @@ def _train_worker_pids() -> set[int]:
     return pids
 
 
-def _registered_checkpoints(storage: Path) -> int:
-    """Checkpoints the Train controller has registered (its snapshot), not merely written."""
-    for snap in storage.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            return len(json.loads(snap.read_text())["checkpoint_results"])
-        except (OSError, ValueError, KeyError):
-            return 0
-    return 0
-
-
 def _kill_a_worker_after_a_checkpoint(storage: Path, killed: list, timeout: float = 120):
     """SIGKILL a worker of this run once the controller has registered a checkpoint.
 
@@ -112,7 +102,7 @@ def _kill_a_worker_after_a_checkpoint(storage: Path, killed: list, timeout: floa
     earlier = _train_worker_pids()
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if _registered_checkpoints(storage) >= 1:
+        if registered_checkpoints(storage) >= 1:
             pids = _train_worker_pids() - earlier
             if pids:
                 os.kill(max(pids), signal.SIGKILL)
