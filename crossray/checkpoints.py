@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -103,7 +103,6 @@ class Family:
     tokens_per_step: int | None = None
     block_path: str | None = None
     """Dotted path of the block list, for architectures crossray does not know."""
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def is_local(self) -> bool:

@@ -29,14 +29,13 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             if arg is type(None) and value is None:
                 return None
             try:
                 return _check_type(value, arg, where)
-            except ValueError as e:
-                errors.append(str(e))
+            except ValueError:
+                continue
         raise ValueError(f"{where}: {value!r} does not fit {tp}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
