@@ -156,3 +156,69 @@ def top_contexts(crosscoder: Crosscoder, batches: Iterable[tuple[Tensor, Tensor]
         per_CNL = checkpoint_contributions(crosscoder.W_enc_CDL, x)
         top.update(torch.cat([joint_NL[None], per_CNL]), ids_N)
     return top
+
+
+def window_scores(crosscoder: Crosscoder, top: TopContexts, batches: Iterable[tuple[Tensor, Tensor]],
+                  before: int, after: int) -> Tensor:
+    """Each top entry's scores over its window of positions pos-before .. pos+after, (V, k, L, W).
+
+    A second pass over the same batches (raw acts (N, C, D), token ids seq * 2**20 + pos): the score of
+    entry (view v, feature l) at every position of its window, so a page can shade each token of a
+    top context. Positions outside the stored rows stay NaN.
+    """
+    V, k, L = top.ids_VkL.shape
+    offsets = torch.arange(-before, after + 1)
+    keys_VkLW = top.ids_VkL[..., None] + offsets  # the token ids each window needs
+    keys_VkLW[top.ids_VkL < 0] = -1
+    out = torch.full(keys_VkLW.shape, float("nan"))
+    v_idx = torch.arange(V).view(V, 1, 1, 1).expand_as(keys_VkLW)
+    l_idx = torch.arange(L).view(1, 1, L, 1).expand_as(keys_VkLW)
+    with torch.no_grad():
+        for x_NCD, ids_N in batches:
+            ids_sorted, order = ids_N.sort()
+            pos = torch.searchsorted(ids_sorted, keys_VkLW).clamp(max=len(ids_N) - 1)
+            hit = ids_sorted[pos] == keys_VkLW
+            if not hit.any():
+                continue
+            x = crosscoder.normalise(x_NCD.float())
+            scores_VNL = torch.cat([crosscoder.encode(x, mode="eval")[None],
+                                    checkpoint_contributions(crosscoder.W_enc_CDL, x)])
+            rows = order[pos[hit]]
+            out[hit] = scores_VNL[v_idx[hit], rows, l_idx[hit]].float()
+    return out
+
+
+def context_rows(top: TopContexts, windows_VkLW: Tensor, tokens_NS: Tensor, decode, views: Sequence[str],
+                 before: int) -> list[dict]:
+    """Table rows, one per (feature, view, rank) with a positive score: the window's tokens (decoded
+    one by one with `decode(id)`), their scores, and the index of the top token in the window."""
+    rows = []
+    W = windows_VkLW.shape[-1]
+    keep = (top.values_VkL > 0) & (top.ids_VkL >= 0)
+    for v, r, f in keep.nonzero().tolist():
+        token_id = int(top.ids_VkL[v, r, f])
+        seq, pos = token_id >> 20, token_id & (2**20 - 1)
+        lo, hi = max(0, pos - before), min(tokens_NS.shape[1], pos - before + W)
+        scores = windows_VkLW[v, r, f, lo - (pos - before): hi - (pos - before)]
+        rows.append({"feature": f, "view": views[v], "rank": r, "value": float(top.values_VkL[v, r, f]),
+                     "seq": seq, "pos": pos, "target": pos - lo,
+                     "tokens": [decode(int(t)) for t in tokens_NS[seq, lo:hi]],
+                     "scores": [0.0 if s != s else round(float(s), 5) for s in scores.tolist()]})
+    rows.sort(key=lambda row: (row["feature"], views.index(row["view"]), row["rank"]))
+    return rows
+
+
+def feature_rows(crosscoder: Crosscoder) -> list[dict]:
+    """The features table: decoder norm, RelDec share and cosine per checkpoint (every pair), the
+    RelDec group and the trajectory class."""
+    revs = list(crosscoder.cfg.checkpoints)
+    norms = crosscoder.decoder_norms().detach()
+    shares = one_vs_all(norms)
+    groups = group_labels(shares.share_LC, revs)
+    trajectory = trajectory_classes(norms)
+    cos = decoder_cosine(crosscoder.W_dec_LCD.detach())
+    pairs = list(combinations(range(len(revs)), 2))
+    return [{"feature": i, **{f"dec_norm/{r}": float(norms[i, c]) for c, r in enumerate(revs)},
+             **{f"reldec/{r}": float(shares.share_LC[i, c]) for c, r in enumerate(revs)},
+             **{f"cos/{revs[a]}-{revs[b]}": float(cos[i, a, b]) for a, b in pairs},
+             "group": groups[i], "trajectory": trajectory[i]} for i in range(norms.shape[0])]

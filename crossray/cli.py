@@ -1,6 +1,7 @@
 """The `crossray` command line.
 
     crossray run CONFIG.yaml                        the whole pipeline (jobs.pipeline), tracked in MLflow
+    crossray serve --run RUN [--port 8000]          the results over HTTP (Ray Serve): JSON API and a page
     crossray demo                                   build the toy family, print its accuracy curves
     crossray toy build [--out DIR]                  build (or reuse) the toy model family
     crossray checkpoints check --family F --revisions a,b [--layer L]
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=lambda a: __import__("jobs.pipeline", fromlist=["main"]).main(
         ["--config", a.config] + (["--address", a.address] if a.address else [])))
 
+    sub.add_parser("serve", help="serve finished runs over HTTP with Ray Serve (crossray serve --help)")
+
     demo = sub.add_parser("demo", help="build the toy family and print its accuracy curves")
     demo.add_argument("--out", default="runs/toy-accuracy")
     demo.set_defaults(func=cmd_demo)
@@ -141,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # its own parser (serve.app), which imports Ray
+        return __import__("serve.app", fromlist=["main"]).main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

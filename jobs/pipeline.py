@@ -64,6 +64,12 @@ class PipelineConfig:
     workers: int = 2
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0
+    context_sequences: int = 256
+    """Extracted sequences scanned for top-activating contexts."""
+    context_k: int = 8
+    """Top contexts kept per feature, jointly and per checkpoint."""
+    context_before: int = 10
+    context_after: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,13 +350,8 @@ class Pipeline:
         norms = cc.decoder_norms().detach()
         shares = A.one_vs_all(norms)
         groups = A.group_labels(shares.share_LC, revs)
-        trajectory = A.trajectory_classes(norms)
-        cos = A.decoder_cosine(cc.W_dec_LCD.detach())
-        rows = [{"feature": i, **{f"dec_norm/{r}": float(norms[i, c]) for c, r in enumerate(revs)},
-                 **{f"reldec/{r}": float(shares.share_LC[i, c]) for c, r in enumerate(revs)},
-                 **{f"cos/{revs[c]}-{revs[c + 1]}": float(cos[i, c, c + 1]) for c in range(len(revs) - 1)},
-                 "group": groups[i], "trajectory": trajectory[i]} for i in range(norms.shape[0])]
-        write_tables(folder / "tables", {"features": rows})
+        rows = A.feature_rows(cc)
+        write_tables(folder / "tables", {"features": rows, "top_contexts": self.context_rows(cc)})
         s = self.results["screen"]
         plots.accuracy_curves(s["revisions"], s["accuracy"], revs, folder / "accuracy_curves.png")
         plots.reldec_histogram(shares.share_LC, revs, folder / "reldec_histogram.png")
@@ -370,6 +371,40 @@ class Pipeline:
                                folder / f"ie_evolution_{task}.png")
             counts[task] = pd.Series(A.group_labels(share, revs)).value_counts().to_dict()
         return {"groups_by_reldec": pd.Series(groups).value_counts().to_dict(), "groups_by_relie": counts}
+
+    def context_rows(self, cc) -> list[dict]:
+        """Top-activating contexts per feature (joint and per checkpoint) over the first extracted
+        sequences, with each window's tokens and scores."""
+        import functools
+
+        import torch
+
+        from crossray import analysis as A
+        from crossray.corpus import load_sequences
+        from crossray.extract import Manifest, read_shard
+        from crossray.models.layer import load_tokenizer
+
+        acts = self.results["extract"]["acts"]
+        manifest = Manifest.read(acts)
+        n_seq = min(self.p.context_sequences, manifest.n_sequences)
+        paths = [p for p, s in zip(manifest.shard_paths(acts), manifest.shards, strict=True)
+                 if s["seq_start"] < n_seq]
+
+        def batches():
+            for path in paths:
+                seq, pos, x = read_shard(path)
+                keep = torch.from_numpy(seq < n_seq)
+                yield x[keep], torch.from_numpy(seq * 2**20 + pos).long()[keep]
+
+        top = A.top_contexts(cc, batches(), self.p.context_k)
+        before, after = self.p.context_before, self.p.context_after
+        windows = A.window_scores(cc, top, batches(), before, after)
+        ecfg = self.extract_config()
+        tokenizer = load_tokenizer(self.family, ecfg.revisions[0])
+        corpus = dataclasses.replace(ecfg.corpus, n_sequences=n_seq)
+        tokens, _ = load_sequences(corpus, tokenizer)
+        decode = functools.lru_cache(maxsize=None)(lambda t: tokenizer.decode([t]))
+        return A.context_rows(top, windows, tokens, decode, ["joint", *cc.cfg.checkpoints], before)
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict:

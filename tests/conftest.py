@@ -114,3 +114,58 @@ def toy_acts(ray_cluster, toy_extract_cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("acts") / "toy"
     run_extract(toy_extract_cfg, out, actors=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server (sqlite backend), started here and stopped by its PID."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("mlflow server did not start")
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tracked_run(ray_cluster, mlflow_server, tmp_path_factory):
+    """The tiny pipeline (shrunk) tracked in the real MLflow server, run once per session:
+    (results, config path). Shared by the pipeline and the Serve tests."""
+    import mlflow
+
+    from jobs.pipeline import Pipeline, check_tracking, load_config
+    from tests.helpers import small_pipeline_config
+
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        check_tracking()
+        config = small_pipeline_config(tmp_path)
+        yield Pipeline(load_config(config), str(config)).run(), config
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from crossray.config import CrosscoderConfig, TrainConfig
@@ -60,3 +62,29 @@ def registered_checkpoints(storage) -> int:
         except (OSError, ValueError, KeyError):
             return 0
     return 0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_pipeline_config(tmp_path: Path) -> Path:
+    """configs/tiny.yaml shrunk for tests: 5 screened revisions, 128 sequences, 600 steps."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "configs" / "tiny.yaml").read_text())
+    cfg["pipeline"].update(out=str(tmp_path / "runs"), screen_revisions=["step0", "step64", "step128",
+                                                                          "step256", "step1000"],
+                           register_name="toy-test", eval_sequences=8)
+    cfg["extract"]["corpus"]["n_sequences"] = 128
+    cfg["extract"]["shard_sequences"] = 64
+    cfg["train"].update(n_steps=600, batch_size=256, checkpoint_every=50, metrics_every=50)
+    cfg["attribution"].update(steps=4)
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

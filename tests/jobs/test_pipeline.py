@@ -3,11 +3,9 @@ registry, lineage; a second run skips every stage; configs and bad input."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -17,70 +15,10 @@ import yaml
 from mlflow import MlflowClient
 
 from jobs.pipeline import Pipeline, check_tracking, load_config, summary_text
-from tests.helpers import registered_checkpoints
+from tests.helpers import free_port, registered_checkpoints, small_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.ray
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server (sqlite backend), started here and stopped by its PID."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("mlflow server did not start")
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
-def _small_config(tmp_path) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    cfg["pipeline"].update(out=str(tmp_path / "runs"), screen_revisions=["step0", "step64", "step128",
-                                                                          "step256", "step1000"],
-                           register_name="toy-test", eval_sequences=8)
-    cfg["extract"]["corpus"]["n_sequences"] = 128
-    cfg["extract"]["shard_sequences"] = 64
-    cfg["train"].update(n_steps=600, batch_size=256, checkpoint_every=50, metrics_every=50)
-    cfg["attribution"].update(steps=4)
-    path = tmp_path / "small.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tracked_run(ray_cluster, mlflow_server, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("pipeline")
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
-    mlflow.set_tracking_uri(mlflow_server)
-    try:
-        check_tracking()
-        config = _small_config(tmp_path)
-        yield Pipeline(load_config(config), str(config)).run(), config
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
 
 
 def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
@@ -137,7 +75,7 @@ def test_killed_pipeline_resumes_training(tracked_run, tmp_path):
     import json
 
     reference, _ = tracked_run
-    config = _small_config(tmp_path)
+    config = small_pipeline_config(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
     env.pop("RAY_ADDRESS", None)
@@ -186,7 +124,7 @@ def test_bad_config_and_dead_server(tmp_path, monkeypatch):
     bad.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match=r"bad.yaml:pipeline.layer: expected int"):
         load_config(bad)
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     t0 = time.time()

@@ -1,0 +1,317 @@
+"""A finished pipeline run's results, loaded for queries: what the Serve API answers from.
+
+A run is found by its pipeline folder (`<out>/<name>`), its MLflow parent run id, or a registered
+crosscoder `models:/<name>@<alias>` (or `models:/<name>/<version>`), whose source run leads to the
+parent. From MLflow only the stage artifacts the queries read are downloaded (the tables, the
+evaluation metrics and the crosscoder's config, not its weights), into a cache folder that mirrors
+the pipeline folder, so both ways end in `load_folder`.
+
+`RunIndex` answers the queries with precomputed arrays: a feature card, features ranked by RelIE or
+|IE| for a task at a checkpoint with filters and pagination, accuracy curves, the run's summary.
+Values that are not finite become None, so every answer is valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+STAGE_FILES = {"screen": "screen/tables/accuracy.parquet", "evaluate": "evaluate/metrics.json",
+               "attribute": "attribute/effects", "analyse": "analyse/tables",
+               "train": "train/crosscoder/config.json"}
+
+
+class ResultsError(ValueError):
+    """A source that is not a usable pipeline run."""
+
+
+class NotFound(LookupError):
+    """An unknown run, feature, task or checkpoint; the message names it and what exists."""
+
+
+@dataclass
+class RunResults:
+    id: str
+    name: str
+    source: str
+    family: str
+    layer: int
+    revisions: list[str]
+    steps: list[int | None]
+    tokens_seen: list[int | None]
+    n_latents: int
+    metrics: dict
+    features: pd.DataFrame
+    effects: pd.DataFrame
+    accuracy: pd.DataFrame
+    contexts: pd.DataFrame
+    tasks: dict = field(default_factory=dict)
+    """Per task: examples, skipped, selected features, ablation summary (from the attribute stage)."""
+    registered: str | None = None
+
+
+def _read(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise ResultsError(f"{path} is missing: not a finished crossray pipeline run")
+    return pd.read_parquet(path)
+
+
+def load_folder(folder: str | Path, run_id: str | None = None, name: str | None = None,
+                registered: str | None = None) -> RunResults:
+    """A run from its pipeline folder (the stage sub-folders that `jobs.pipeline` writes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ResultsError(f"{folder} is not a folder")
+    cfg_path = folder / STAGE_FILES["train"]
+    if not cfg_path.exists():
+        raise ResultsError(f"{cfg_path} is missing: not a finished crossray pipeline run")
+    cc = json.loads(cfg_path.read_text())["crosscoder"]
+    revisions = list(cc["checkpoints"])
+    accuracy = _read(folder / STAGE_FILES["screen"])
+    by_rev = accuracy.drop_duplicates("revision").set_index("revision")
+
+    def meta(column: str) -> list[int | None]:
+        return [int(by_rev.at[r, column]) if r in by_rev.index and pd.notna(by_rev.at[r, column]) else None
+                for r in revisions]
+
+    summary_path = folder / STAGE_FILES["attribute"] / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"tasks": {}}
+    contexts_path = folder / STAGE_FILES["analyse"] / "top_contexts.parquet"
+    contexts = pd.read_parquet(contexts_path) if contexts_path.exists() else pd.DataFrame(
+        columns=["feature", "view", "rank", "value", "seq", "pos", "target", "tokens", "scores"])
+    metrics_path = folder / STAGE_FILES["evaluate"]
+    return RunResults(
+        id=run_id or folder.name, name=name or folder.name, source=str(folder),
+        family=str(cc.get("family", "")), layer=int(cc.get("layer", -1)), revisions=revisions,
+        steps=meta("step"), tokens_seen=meta("tokens_seen"), n_latents=int(cc["n_latents"]),
+        metrics=json.loads(metrics_path.read_text()) if metrics_path.exists() else {},
+        features=_read(folder / STAGE_FILES["analyse"] / "features.parquet"),
+        effects=_read(folder / STAGE_FILES["attribute"] / "effects.parquet"),
+        accuracy=accuracy, contexts=contexts, tasks=summary.get("tasks", {}), registered=registered)
+
+
+def parent_run_id(ref: str) -> str:
+    """The pipeline's parent run id for a run id (parent or stage child) or a `models:/` reference."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        if ref.startswith("models:/"):
+            name, _, rest = ref.removeprefix("models:/").partition("@")
+            if rest:
+                version = client.get_model_version_by_alias(name, rest)
+            else:
+                name, _, number = name.partition("/")
+                version = client.get_model_version(name, number)
+            ref = version.run_id
+        run = client.get_run(ref)
+    except MlflowException as e:
+        raise ResultsError(f"MLflow has no run or model {ref!r}: {e.message.splitlines()[0]}") from e
+    return run.data.tags.get("mlflow.parentRunId", run.info.run_id)
+
+
+def load_mlflow(ref: str, cache_dir: str | Path) -> RunResults:
+    """A run from MLflow: the newest finished stage runs under the parent, their artifacts cached."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    parent = parent_run_id(ref)
+    client = MlflowClient()
+    parent_run = client.get_run(parent)
+    children = client.search_runs([parent_run.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+                                  order_by=["attributes.start_time DESC"])
+    stages = {}
+    for child in children:
+        stage = child.data.tags.get("crossray.stage")
+        if stage in STAGE_FILES and stage not in stages and child.info.status == "FINISHED":
+            stages[stage] = child.info.run_id
+    missing = sorted(set(STAGE_FILES) - set(stages))
+    if missing:
+        raise ResultsError(f"MLflow run {parent} has no finished stage run for {missing}: "
+                           "not a finished crossray pipeline run")
+    folder = Path(cache_dir) / parent
+    for stage, path in STAGE_FILES.items():
+        if not (folder / path).exists():
+            mlflow.artifacts.download_artifacts(run_id=stages[stage], artifact_path=path,
+                                                dst_path=str(folder))
+    return load_folder(folder, run_id=parent, name=parent_run.info.run_name or parent,
+                       registered=parent_run.data.tags.get("crossray.registered_model"))
+
+
+def load_run(source: str, cache_dir: str | Path) -> RunResults:
+    """A folder path if one exists, else an MLflow run id or `models:/` reference."""
+    if Path(source).is_dir():
+        return load_folder(source)
+    return load_mlflow(source, cache_dir)
+
+
+# -- queries ---------------------------------------------------------------------------------------
+
+def _num(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _nums(xs) -> list[float | None]:
+    return [_num(x) for x in xs]
+
+
+class RunIndex:
+    """Query answers for one run; arrays are precomputed so a query costs microseconds."""
+
+    def __init__(self, run: RunResults):
+        self.run = run
+        revs, L = run.revisions, run.n_latents
+        self.C = len(revs)
+        f = run.features.set_index("feature").reindex(range(L))
+        self.dec_norm_LC = f[[f"dec_norm/{r}" for r in revs]].to_numpy(float)
+        self.reldec_LC = f[[f"reldec/{r}" for r in revs]].to_numpy(float)
+        self.cos_cols = [c.removeprefix("cos/") for c in f.columns if c.startswith("cos/")]
+        self.cos_LP = f[[f"cos/{c}" for c in self.cos_cols]].to_numpy(float)
+        self.group_L = f["group"].fillna("").to_numpy(str)
+        self.trajectory_L = f["trajectory"].fillna("").to_numpy(str)
+        self.tasks: dict[str, dict[str, np.ndarray]] = {}
+        for task, sub in run.effects.groupby("task", sort=True):
+            wide = sub.pivot_table(index="feature", columns="checkpoint_index", values=["ie", "relie"],
+                                   aggfunc="first").reindex(range(L))
+            groups = sub.drop_duplicates("feature").set_index("feature")["group"].reindex(range(L))
+            selected = np.zeros(L, bool)
+            selected[[i for i in run.tasks.get(str(task), {}).get("selected", []) if 0 <= i < L]] = True
+            self.tasks[str(task)] = {"ie": wide["ie"].reindex(columns=range(self.C)).to_numpy(float),
+                                     "relie": wide["relie"].reindex(columns=range(self.C)).to_numpy(float),
+                                     "group": groups.fillna("").to_numpy(str), "selected": selected}
+        self.contexts = {int(k): g for k, g in run.contexts.groupby("feature")}
+        self._order: dict[tuple[str, int, str], np.ndarray] = {}
+        self._cards: dict[int, dict] = {}
+
+    # -- names -------------------------------------------------------------------------------------
+    def checkpoint(self, value: str | int) -> int:
+        """A checkpoint by revision name, or by index (negative counts from the end)."""
+        revs = self.run.revisions
+        if isinstance(value, str) and value in revs:
+            return revs.index(value)
+        try:
+            i = int(value)
+        except (TypeError, ValueError):
+            i = None
+        if i is not None and -self.C <= i < self.C:
+            return i % self.C
+        raise NotFound(f"unknown checkpoint {value!r}: run {self.run.id} has {revs} "
+                       f"(or an index 0..{self.C - 1})")
+
+    def task(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self.tasks:
+            raise NotFound(f"unknown task {name!r}: run {self.run.id} has {sorted(self.tasks)}")
+        return self.tasks[name]
+
+    def feature_id(self, feature: int) -> int:
+        if not 0 <= feature < self.run.n_latents:
+            raise NotFound(f"feature {feature} out of range: run {self.run.id} has features "
+                           f"0..{self.run.n_latents - 1}")
+        return feature
+
+    # -- answers -----------------------------------------------------------------------------------
+    def info(self) -> dict:
+        r = self.run
+        per_checkpoint = [{"index": c, "revision": rev, "step": r.steps[c], "tokens_seen": r.tokens_seen[c],
+                           "fve": _num(r.metrics.get(f"fve/{c}", "nan")),
+                           "delta_ce": _num(r.metrics.get(f"delta_ce/{c}", "nan")),
+                           "ce_recovered": _num(r.metrics.get(f"ce_recovered/{c}", "nan"))}
+                          for c, rev in enumerate(r.revisions)]
+        tasks = [{"name": t, "examples": int(r.tasks.get(t, {}).get("examples", 0)),
+                  "selected": len(r.tasks.get(t, {}).get("selected", [])),
+                  "ablation_rho_relie": _num(r.tasks.get(t, {}).get("ablation", {}).get("mean_rho_relie",
+                                                                                        "nan"))}
+                 for t in self.tasks]
+        return {"id": r.id, "name": r.name, "family": r.family, "layer": r.layer, "n_latents": r.n_latents,
+                "checkpoints": per_checkpoint, "tasks": tasks, "registered_model": r.registered,
+                "metrics": {k: _num(r.metrics[k]) for k in ("fve", "l0", "dead") if k in r.metrics}}
+
+    def card(self, feature: int, contexts: bool = True) -> dict:
+        i = self.feature_id(feature)
+        if i not in self._cards:
+            revs = self.run.revisions
+            ctx: dict[str, list[dict]] = {v: [] for v in ["joint", *revs]}
+            rows = self.contexts.get(i)
+            if rows is not None:
+                for row in rows.itertuples():
+                    ctx.setdefault(str(row.view), []).append(
+                        {"rank": int(row.rank), "value": _num(row.value), "seq": int(row.seq),
+                         "pos": int(row.pos), "target": int(row.target), "tokens": list(row.tokens),
+                         "scores": _nums(row.scores)})
+            self._cards[i] = {
+                "run": self.run.id, "feature": i, "checkpoints": revs,
+                "decoder_norm": _nums(self.dec_norm_LC[i]), "relative_norm": _nums(self.reldec_LC[i]),
+                "trajectory": str(self.trajectory_L[i]), "group": str(self.group_L[i]),
+                "cosine": [{"pair": p, "value": _num(v)} for p, v in zip(self.cos_cols, self.cos_LP[i],
+                                                                         strict=True)],
+                "effects": {t: {"ie": _nums(a["ie"][i]), "relie": _nums(a["relie"][i]),
+                                "group": str(a["group"][i])} for t, a in self.tasks.items()},
+                "contexts": ctx}
+        card = self._cards[i]
+        return card if contexts else {**card, "contexts": {}}
+
+    def ranking(self, task: str, checkpoint: str | int, by: str = "relie", trajectory: str | None = None,
+                group: str | None = None, min_relie: float | None = None, min_abs_ie: float | None = None,
+                selected: bool = False, offset: int = 0, limit: int = 50) -> dict:
+        """Features for a task ranked by RelIE (or |IE|) at a checkpoint, descending, ties by id.
+
+        `selected` keeps the features attribution selected for the task (the top-k by |IE| at some
+        checkpoint, whose RelIE the paper reads); over all features, RelIE 1.0 also marks features
+        with a tiny effect at one checkpoint only."""
+        t, c = self.task(task), self.checkpoint(checkpoint)
+        if by not in ("relie", "abs_ie"):
+            raise ValueError(f"by must be 'relie' or 'abs_ie', not {by!r}")
+        key = (task, c, by)
+        if key not in self._order:
+            score = t["relie"][:, c] if by == "relie" else np.abs(t["ie"][:, c])
+            score = np.where(np.isfinite(score), score, -np.inf)
+            self._order[key] = np.lexsort((np.arange(len(score)), -score))
+        order = self._order[key]
+        keep = np.ones(len(order), bool)
+        if trajectory:
+            keep &= self.trajectory_L[order] == trajectory
+        if group:
+            keep &= t["group"][order] == group
+        if selected:
+            keep &= t["selected"][order]
+        if min_relie is not None:
+            keep &= t["relie"][order, c] >= min_relie
+        if min_abs_ie is not None:
+            keep &= np.abs(t["ie"][order, c]) >= min_abs_ie
+        hits = order[keep]
+        page = hits[offset: offset + limit]
+        items = [{"feature": int(i), "ie": _num(t["ie"][i, c]), "relie": _num(t["relie"][i, c]),
+                  "relie_by_checkpoint": _nums(t["relie"][i]), "ie_by_checkpoint": _nums(t["ie"][i]),
+                  "decoder_norm": _nums(self.dec_norm_LC[i]), "trajectory": str(self.trajectory_L[i]),
+                  "group": str(t["group"][i]), "selected": bool(t["selected"][i])} for i in page]
+        return {"run": self.run.id, "task": task, "checkpoint": self.run.revisions[c], "checkpoint_index": c,
+                "by": by, "total": int(len(hits)), "offset": offset, "limit": limit, "items": items}
+
+    def accuracy(self, task: str | None = None) -> dict:
+        """Accuracy per screened revision for each task, the crosscoded checkpoints marked."""
+        acc = self.run.accuracy
+        names = sorted(acc["task"].unique())
+        if task is not None and task not in names:
+            raise NotFound(f"unknown task {task!r}: run {self.run.id} has accuracy for {names}")
+        curves = {}
+        for name, sub in acc.groupby("task", sort=True):
+            if task is not None and name != task:
+                continue
+            curves[str(name)] = [{"revision": str(r.revision),
+                                  "step": None if pd.isna(r.step) else int(r.step),
+                                  "tokens_seen": None if pd.isna(r.tokens_seen) else int(r.tokens_seen),
+                                  "prefix_accuracy": _num(r.prefix_accuracy),
+                                  "sentence_accuracy": _num(r.sentence_accuracy),
+                                  "crosscoded": str(r.revision) in self.run.revisions}
+                                 for r in sub.itertuples()]
+        return {"run": self.run.id, "checkpoints": self.run.revisions, "tasks": curves}

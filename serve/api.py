@@ -1,0 +1,176 @@
+"""The FastAPI application over loaded runs: plain FastAPI, so tests can drive it without Ray.
+
+Design choices:
+- `ServiceState` holds the loaded runs; loading runs in a background thread, and until it finishes
+  `/health` and every data route answer 503 (so a load balancer or `serve` readiness poll waits).
+- Errors are JSON `{"detail": ...}`: unknown run, task, checkpoint or feature -> 404; values a route
+  cannot use -> 400; malformed parameters or bodies -> FastAPI's 422; a missing or wrong bearer token
+  -> 401. Anything else is a bug: logged with its traceback and answered 500.
+- Checkpoints are given by revision name or index; runs by MLflow run id or run name.
+- The bearer token (off by default) guards the data routes; `/`, `/health` and the schema stay open
+  (the page asks for the token when the API answers 401).
+"""
+
+import hmac
+import logging
+import threading
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from crossray.results import NotFound, RunIndex, load_run
+from serve import schemas as S
+
+logger = logging.getLogger(__name__)
+PAGE = Path(__file__).with_name("static") / "index.html"
+MAX_PAGE = 500
+Run = Annotated[str, PathParam(max_length=200, description="run id or name")]
+Feature = Annotated[int, PathParam(ge=0, le=2**31, description="feature (latent) id")]
+
+
+class Unavailable(Exception):
+    """The runs are not loaded (yet, or loading failed)."""
+
+
+class Unauthorized(Exception):
+    pass
+
+
+class ServiceState:
+    """The loaded runs, by id and by name."""
+
+    def __init__(self, sources: list[str], cache_dir: str | Path):
+        self.sources, self.cache_dir = list(sources), Path(cache_dir)
+        self.indexes: dict[str, RunIndex] = {}
+        self.names: dict[str, str] = {}
+        self.ready = False
+        self.error: str | None = None
+
+    def load(self) -> None:
+        try:
+            for source in self.sources:
+                index = RunIndex(load_run(source, self.cache_dir))
+                self.indexes[index.run.id] = index
+                self.names.setdefault(index.run.name, index.run.id)
+                logger.info("loaded run %s (%s) from %s", index.run.id, index.run.name, source)
+            self.ready = True
+        except Exception as e:
+            logger.exception("loading runs failed")
+            self.error = f"loading {self.sources} failed: {e}"
+
+    def load_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=self.load, name="crossray-load", daemon=True)
+        thread.start()
+        return thread
+
+    def index(self, run: str) -> RunIndex:
+        if not self.ready:
+            raise Unavailable(self.error or "runs are still loading")
+        run_id = run if run in self.indexes else self.names.get(run)
+        if run_id is None:
+            raise NotFound(f"unknown run {run!r}: loaded runs are {sorted(self.indexes)} "
+                           f"(names {sorted(self.names)})")
+        return self.indexes[run_id]
+
+
+def _error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
+    """The application: JSON routes under /runs, `/health`, and the page at `/`."""
+    api = FastAPI(title="crossray", version="1", summary="Crosscoders across checkpoints: features, "
+                  "indirect effects (IE), RelIE and accuracy curves of finished pipeline runs.")
+    bearer = HTTPBearer(auto_error=False, description="only when the service was started with a token")
+
+    def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if token is None:
+            return
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise Unauthorized("missing or wrong bearer token" if credentials
+                               else "a bearer token is required")
+
+    documented = {status: {"model": S.Error} for status in (400, 401, 404, 503)}
+    runs = APIRouter(prefix="/runs", dependencies=[Depends(authorise)], responses=documented)
+
+    @api.exception_handler(NotFound)
+    def not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return _error(404, str(exc.args[0]))
+
+    @api.exception_handler(Unavailable)
+    def unavailable(_: Request, exc: Unavailable) -> JSONResponse:
+        return _error(503, str(exc))
+
+    @api.exception_handler(Unauthorized)
+    def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return _error(401, str(exc), {"WWW-Authenticate": "Bearer"})
+
+    @api.exception_handler(ValueError)
+    def bad_value(_: Request, exc: ValueError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @api.exception_handler(Exception)
+    def internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}); see the service log")
+
+    @api.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
+    @api.get("/health", response_model=S.Health, responses={503: {"model": S.Error}})
+    def health():
+        """200 once every run is loaded; 503 while loading or when loading failed."""
+        if not state.ready:
+            raise Unavailable(state.error or "runs are still loading")
+        return {"status": "ok", "runs": sorted(state.indexes)}
+
+    @runs.get("", response_model=list[S.RunInfo])
+    def list_runs():
+        """The loaded crosscoders: family, layer, checkpoints (revision, tokens seen), metrics."""
+        if not state.ready:
+            raise Unavailable(state.error or "runs are still loading")
+        return [index.info() for index in state.indexes.values()]
+
+    @runs.get("/{run}", response_model=S.RunInfo)
+    def get_run(run: Run):
+        return state.index(run).info()
+
+    @runs.get("/{run}/features/{feature}", response_model=S.FeatureCard)
+    def feature_card(run: Run, feature: Feature, contexts: bool = True):
+        """Decoder norms, relative norms, class and group, cosine similarities, IE and RelIE per task
+        and checkpoint, and top-activating contexts (joint and per checkpoint)."""
+        return state.index(run).card(feature, contexts)
+
+    @runs.post("/{run}/features", response_model=S.BatchResponse)
+    def feature_batch(run: Run, body: Annotated[S.BatchRequest, Body()]):
+        """Many feature cards in one request (contexts only when asked for)."""
+        index = state.index(run)
+        for i in body.ids:
+            index.feature_id(i)
+        return {"run": index.run.id, "features": [index.card(i, body.contexts) for i in body.ids]}
+
+    @runs.get("/{run}/tasks/{task}/ranking", response_model=S.Ranking)
+    def ranking(run: Run, task: Annotated[str, PathParam(max_length=200)],
+                checkpoint: Annotated[str, Query(max_length=200, description="revision or index")],
+                by: Literal["relie", "abs_ie"] = "relie",
+                trajectory: Annotated[str | None, Query(max_length=100)] = None,
+                group: Annotated[str | None, Query(max_length=200)] = None,
+                min_relie: float | None = None, min_abs_ie: float | None = None, selected: bool = False,
+                offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+                limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50):
+        """Features for a task ranked by RelIE (or |IE|) at a checkpoint, filtered and paginated."""
+        return state.index(run).ranking(task, checkpoint, by, trajectory, group, min_relie, min_abs_ie,
+                                        selected, offset, limit)
+
+    @runs.get("/{run}/accuracy", response_model=S.Accuracy)
+    def accuracy(run: Run, task: Annotated[str | None, Query(max_length=200)] = None):
+        """Task accuracy per screened checkpoint; the crosscoded ones are marked."""
+        return state.index(run).accuracy(task)
+
+    api.include_router(runs)
+    return api

@@ -1,0 +1,124 @@
+"""The Ray Serve application: finished crossray runs behind HTTP.
+
+    crossray serve --run models:/crossray-toy-tiny@champion          (local Ray, http://127.0.0.1:8000)
+    crossray serve --run runs/tiny --run <mlflow run id> --port 8000 --token-env CROSSRAY_TOKEN
+    serve deploy serve/config.yaml                                    (a cluster; replicas, autoscaling)
+
+Design choices:
+- One deployment class; `__init__` starts loading the runs (a pipeline folder, an MLflow run id or a
+  registered `models:/name@alias`) in a thread, and `__serve_build_asgi_app__` hands Serve the FastAPI
+  app of `serve.api`, which answers 503 until the runs are loaded.
+- Read-only and stateless, so replicas are interchangeable: Serve routes around a dead one and
+  replaces it; autoscaling settings live in the Serve config.
+- Binds to 127.0.0.1 unless `--host` says otherwise; the bearer token is read from an environment
+  variable (never from the config file), and is off by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ray import serve
+
+from serve.api import ServiceState, build_api
+
+logger = logging.getLogger(__name__)
+DEFAULT_CACHE = Path(os.environ.get("CROSSRAY_CACHE", Path.home() / ".cache" / "crossray")) / "serve"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.ingress()
+class CrosscoderService:
+    def __init__(self, runs: list[str], token: str | None = None, cache_dir: str | None = None,
+                 tracking_uri: str | None = None):
+        logging.basicConfig(level=logging.INFO)
+        if tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        self.state = ServiceState(runs, cache_dir or DEFAULT_CACHE)
+        self.state.load_in_background()
+        self.token = token
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.state, self.token)
+
+
+def build_app(args: dict, **options) -> serve.Application:
+    """The application from Serve config `args`: runs (required), token_env, cache_dir, tracking_uri.
+    `options` are deployment options (num_replicas, ...) for `crossray serve`."""
+    allowed = {"runs", "token_env", "cache_dir", "tracking_uri"}
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ValueError(f"unknown serve argument(s) {unknown}; allowed: {sorted(allowed)}")
+    runs = args.get("runs")
+    if not runs or not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+        raise ValueError("serve argument 'runs' must be a non-empty list of MLflow run ids, models:/ URIs "
+                         "or folders")
+    token = None
+    if args.get("token_env"):
+        token = os.environ.get(args["token_env"])
+        if not token:
+            raise ValueError(f"token_env {args['token_env']!r} is set but the variable is empty or missing")
+    runs = [str(Path(r).resolve()) if Path(r).is_dir() else r for r in runs]  # replicas have another cwd
+    deployment = CrosscoderService.options(**options) if options else CrosscoderService
+    tracking_uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    return deployment.bind(runs, token, args.get("cache_dir"), tracking_uri)
+
+
+def check_sources(runs: list[str], cache_dir: Path) -> None:
+    """Resolve every run before deploying, so a wrong id is one error line, not a failing replica."""
+    from crossray.results import load_run
+
+    for source in runs:
+        load_run(source, cache_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="crossray serve", description="serve finished runs over HTTP")
+    p.add_argument("--run", action="append", required=True,
+                   help="pipeline folder, MLflow run id, or models:/name@alias (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--token-env", help="environment variable holding a bearer token to require")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"),
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the pipeline's "
+                   "sqlite:///runs/mlflow.db)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where MLflow artifacts are cached")
+    p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cache = str(Path(args.cache_dir).resolve())
+    uri = args.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # replicas have another cwd
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        app = build_app({"runs": args.run, "token_env": args.token_env, "cache_dir": cache,
+                         "tracking_uri": uri}, num_replicas=args.replicas)
+        check_sources(args.run, Path(cache))
+    except ValueError as e:
+        print(f"crossray: error: {e}", file=sys.stderr)
+        return 2
+    from jobs._ray import init_ray
+
+    init_ray(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="crossray", route_prefix="/")
+    print(f"crossray serving {len(args.run)} run(s) at http://{args.host}:{args.port}/ "
+          f"(API docs at /docs); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""The HTTP layer without Ray: error mapping, readiness, the bearer token, the schema and the page."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.api import ServiceState, build_api
+
+
+@pytest.fixture
+def state(fake_run, tmp_path):
+    s = ServiceState([str(fake_run)], tmp_path / "cache")
+    s.load()
+    return s
+
+
+@pytest.fixture
+def client(state):
+    return TestClient(build_api(state), raise_server_exceptions=False)
+
+
+def test_not_ready_until_loaded(fake_run, tmp_path):
+    state = ServiceState([str(fake_run)], tmp_path / "cache")
+    client = TestClient(build_api(state))
+    assert client.get("/health").status_code == 503
+    assert client.get("/runs/fake").json() == {"detail": "runs are still loading"}
+    state.load_in_background().join(30)
+    assert client.get("/health").json() == {"status": "ok", "runs": ["fake"]}
+
+
+def test_failed_load_stays_unavailable(tmp_path):
+    state = ServiceState([str(tmp_path / "nothing-here")], tmp_path / "cache")
+    state.load()
+    r = TestClient(build_api(state)).get("/health")
+    assert r.status_code == 503 and "loading" in r.json()["detail"] and "nothing-here" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("method,path,body,status,detail", [
+    ("get", "/runs/nope", None, 404, "unknown run 'nope'"),
+    ("get", "/runs/fake/features/4", None, 404, "feature 4 out of range"),
+    ("get", "/runs/fake/features/-1", None, 422, "greater than or equal to 0"),
+    ("get", "/runs/fake/features/abc", None, 422, "valid integer"),
+    ("get", "/runs/fake/features/99999999999999999999", None, 422, "less than or equal"),
+    ("get", "/runs/fake/tasks/nope/ranking?checkpoint=0", None, 404, "unknown task 'nope'"),
+    ("get", "/runs/fake/tasks/t1/ranking?checkpoint=step9", None, 404, "unknown checkpoint 'step9'"),
+    ("get", "/runs/fake/tasks/t1/ranking", None, 422, "checkpoint"),
+    ("get", "/runs/fake/tasks/t1/ranking?checkpoint=0&limit=100000", None, 422, "less than or equal to 500"),
+    ("get", "/runs/fake/tasks/t1/ranking?checkpoint=0&offset=-5", None, 422, "greater than or equal"),
+    ("get", "/runs/fake/tasks/t1/ranking?checkpoint=0&by=size", None, 422, "'relie' or 'abs_ie'"),
+    ("get", "/runs/fake/accuracy?task=zzz", None, 404, "unknown task 'zzz'"),
+    ("post", "/runs/fake/features", b"{not json", 422, "JSON"),
+    ("post", "/runs/fake/features", b'{"ids": []}', 422, "at least 1"),
+    ("post", "/runs/fake/features", b'{"ids": [0, 7]}', 404, "feature 7 out of range"),
+    ("post", "/runs/fake/features", b'{"ids": "0"}', 422, "valid list"),
+    ("get", "/nothing", None, 404, "Not Found"),
+])
+def test_bad_input_is_a_clear_4xx(client, method, path, body, status, detail):
+    r = client.request(method, path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert detail in str(r.json()["detail"])
+
+
+def test_routes_answer_from_the_tables(client):
+    assert client.get("/runs").json()[0]["id"] == "fake"
+    card = client.get("/runs/fake/features/1").json()
+    assert card["effects"]["t1"]["ie"] == pytest.approx([-0.6, 0.3, 0.1])
+    batch = client.post("/runs/fake/features", json={"ids": [2, 0]}).json()
+    assert [c["feature"] for c in batch["features"]] == [2, 0] and batch["features"][1]["contexts"] == {}
+    assert client.post("/runs/fake/features", json={"ids": [0], "contexts": True}).json()[
+        "features"][0]["contexts"]["joint"][0]["target"] == 1
+    r = client.get("/runs/fake/tasks/t1/ranking", params={"checkpoint": "step3", "min_relie": 0.5}).json()
+    assert [i["feature"] for i in r["items"]] == [0, 2]
+    nan = client.get("/runs/fake/tasks/t1/ranking", params={"checkpoint": "step3", "min_relie": "nan"})
+    assert nan.status_code == 200 and nan.json()["total"] == 0
+
+
+def test_bearer_token(state):
+    client = TestClient(build_api(state, token="s3cret"))
+    r = client.get("/runs")
+    assert r.status_code == 401 and r.json() == {"detail": "a bearer token is required"}
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert client.get("/runs", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/runs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+
+
+def test_schema_and_page(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/health", "/runs", "/runs/{run}", "/runs/{run}/features/{feature}", "/runs/{run}/features",
+            "/runs/{run}/tasks/{task}/ranking", "/runs/{run}/accuracy"} <= set(schema["paths"])
+    assert "404" in schema["paths"]["/runs/{run}/features/{feature}"]["get"]["responses"]
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.headers["content-type"].startswith("text/html") and "/ranking" in page.text
