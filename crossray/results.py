@@ -139,10 +139,19 @@ def load_mlflow(ref: str, cache_dir: str | Path) -> RunResults:
         raise ResultsError(f"MLflow run {parent} has no finished stage run for {missing}: "
                            "not a finished crossray pipeline run")
     folder = Path(cache_dir) / parent
-    for stage, path in STAGE_FILES.items():
-        if not (folder / path).exists():
+    if not folder.exists():  # download into a private folder, then move it into place whole
+        import shutil
+        import uuid
+
+        tmp = Path(cache_dir) / f".{parent}-{uuid.uuid4().hex[:8]}"
+        for stage, path in STAGE_FILES.items():
+            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
             mlflow.artifacts.download_artifacts(run_id=stages[stage], artifact_path=path,
-                                                dst_path=str(folder))
+                                                dst_path=str((tmp / path).parent))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another replica got there first
+            shutil.rmtree(tmp, ignore_errors=True)
     return load_folder(folder, run_id=parent, name=parent_run.info.run_name or parent,
                        registered=parent_run.data.tags.get("crossray.registered_model"))
 

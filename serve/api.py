@@ -1,8 +1,8 @@
 """The FastAPI application over loaded runs: plain FastAPI, so tests can drive it without Ray.
 
 Design choices:
-- `ServiceState` holds the loaded runs; loading runs in a background thread, and until it finishes
-  `/health` and every data route answer 503 (so a load balancer or `serve` readiness poll waits).
+- `ServiceState` holds the loaded runs; until they are loaded (or when loading failed) `/health` and
+  every data route answer 503 with the reason.
 - Errors are JSON `{"detail": ...}`: unknown run, task, checkpoint or feature -> 404; values a route
   cannot use -> 400; malformed parameters or bodies -> FastAPI's 422; a missing or wrong bearer token
   -> 401. Anything else is a bug: logged with its traceback and answered 500.
@@ -13,7 +13,6 @@ Design choices:
 
 import hmac
 import logging
-import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -61,11 +60,6 @@ class ServiceState:
         except Exception as e:
             logger.exception("loading runs failed")
             self.error = f"loading {self.sources} failed: {e}"
-
-    def load_in_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self.load, name="crossray-load", daemon=True)
-        thread.start()
-        return thread
 
     def index(self, run: str) -> RunIndex:
         if not self.ready:

@@ -5,9 +5,10 @@
     serve deploy serve/config.yaml                                    (a cluster; replicas, autoscaling)
 
 Design choices:
-- One deployment class; `__init__` starts loading the runs (a pipeline folder, an MLflow run id or a
-  registered `models:/name@alias`) in a thread, and `__serve_build_asgi_app__` hands Serve the FastAPI
-  app of `serve.api`, which answers 503 until the runs are loaded.
+- One deployment class; `__init__` loads the runs (a pipeline folder, an MLflow run id or a registered
+  `models:/name@alias`) and `__serve_build_asgi_app__` hands Serve the FastAPI app of `serve.api`.
+  A replica takes traffic only once loaded; a source that cannot be loaded fails the deployment with
+  its reason.
 - Read-only and stateless, so replicas are interchangeable: Serve routes around a dead one and
   replaces it; autoscaling settings live in the Serve config.
 - Binds to 127.0.0.1 unless `--host` says otherwise; the bearer token is read from an environment
@@ -41,7 +42,11 @@ class CrosscoderService:
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         self.state = ServiceState(runs, cache_dir or DEFAULT_CACHE)
-        self.state.load_in_background()
+        # NOTE: loaded before the constructor returns, so Serve routes nothing to a replica (a fresh one,
+        # or the replacement of a dead one) until its runs are loaded; the proxy answers 503 meanwhile.
+        self.state.load()
+        if not self.state.ready:
+            raise RuntimeError(self.state.error)
         self.token = token
 
     def __serve_build_asgi_app__(self):

@@ -88,3 +88,17 @@ def small_pipeline_config(tmp_path: Path) -> Path:
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def replica_pids(deployment: str = "ServeReplica:crossray:CrosscoderService") -> list[int]:
+    """PIDs of a Serve deployment's replicas in this process's own Ray cluster (its descendants)."""
+    import psutil
+
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any(deployment in part for part in p.cmdline()):
+                pids.append(p.pid)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return pids

@@ -98,3 +98,42 @@ def test_top_contexts_over_a_crosscoder():
     top = A.top_contexts(cc, [(x[:3], ids[:3]), (x[3:], ids[3:])], k=1)
     assert top.ids_VkL[:, 0, 0].tolist() == [102, 102, 104]  # joint, checkpoint 0, checkpoint 1
     assert top.values_VkL[:, 0, 0].tolist() == [5.0, 5.0, 3.0]
+
+
+def test_context_windows_and_rows():
+    """Top contexts carry the window's tokens and the feature's score at each of them."""
+    from crossray.models.crosscoder import Crosscoder
+    from tests.helpers import make_cc_cfg
+
+    cc = Crosscoder(make_cc_cfg(n_checkpoints=2, d_model=4, n_latents=3))
+    with torch.no_grad():
+        cc.W_enc_CDL.zero_()
+        cc.b_enc_L.zero_()
+        cc.W_enc_CDL[0, 0, 0] = 1.0
+    S = 5
+    x = torch.zeros(2, S, 2, 4)
+    x[1, 2, 0, 0], x[1, 3, 0, 0], x[1, 1, 0, 0] = 4.0, 1.0, 0.5  # seq 1: a peak at pos 2 with shoulders
+    x[0, 4, 0, 0] = 2.0  # seq 0: a peak at the last position
+    ids = (torch.arange(2)[:, None] * 2**20 + torch.arange(S)).reshape(-1)
+    batches = [(x.reshape(-1, 2, 4)[:5], ids[:5]), (x.reshape(-1, 2, 4)[5:], ids[5:])]
+    top = A.top_contexts(cc, batches, k=2)
+    windows = A.window_scores(cc, top, batches, before=2, after=1)
+    assert windows[0, 0, 0].tolist() == [0.0, 0.5, 4.0, 1.0]  # joint view, rank 0: seq 1 pos 0..3
+    tokens = torch.arange(2 * S).view(2, S) + 100
+    rows = A.context_rows(top, windows, tokens, lambda t: f"<{t}>", ["joint", "a", "b"], before=2)
+    first = [r for r in rows if r["feature"] == 0 and r["view"] == "joint"]
+    assert [(r["seq"], r["pos"], r["value"]) for r in first] == [(1, 2, 4.0), (0, 4, 2.0)]
+    assert first[0]["tokens"] == ["<105>", "<106>", "<107>", "<108>"] and first[0]["target"] == 2
+    assert first[1]["tokens"] == ["<102>", "<103>", "<104>"] and first[1]["scores"] == [0.0, 0.0, 2.0]
+    assert first[1]["target"] == 2  # the window stops at the sequence's end
+    assert not [r for r in rows if r["view"] == "b"]  # checkpoint 1 drives nothing: no positive context
+
+
+def test_feature_rows_have_every_cosine_pair():
+    from crossray.models.crosscoder import Crosscoder
+    from tests.helpers import make_cc_cfg
+
+    cc = Crosscoder(make_cc_cfg(n_checkpoints=3, d_model=4, n_latents=5, checkpoints=("a", "b", "c")))
+    rows = A.feature_rows(cc)
+    assert len(rows) == 5 and {"cos/a-b", "cos/a-c", "cos/b-c", "dec_norm/c", "reldec/a"} <= set(rows[0])
+    assert sum(rows[0][f"reldec/{r}"] for r in "abc") == pytest.approx(1.0)

@@ -37,7 +37,8 @@ def write_fake_run(folder: Path) -> Path:
     features = [{"feature": f, **{f"dec_norm/{r}": 0.1 * (f + 1) * (c + 1) for c, r in enumerate(REVS)},
                  **{f"reldec/{r}": (c + 1) / 6 for c, r in enumerate(REVS)},
                  "cos/step1-step2": 0.5, "cos/step1-step3": 0.25, "cos/step2-step3": 0.75,
-                 "group": "others", "trajectory": "emerging" if f % 2 == 0 else "maintained"} for f in range(4)]
+                 "group": "others", "trajectory": "emerging" if f % 2 == 0 else "maintained"}
+                for f in range(4)]
     pd.DataFrame(features).to_parquet(folder / "analyse" / "tables" / "features.parquet")
     contexts = [{"feature": 0, "view": v, "rank": 0, "value": 2.0, "seq": 3, "pos": 5, "target": 1,
                  "tokens": ["The", " dogs", " run"], "scores": [0.0, 2.0, 0.5]} for v in ["joint", "step3"]]

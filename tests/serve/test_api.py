@@ -23,7 +23,7 @@ def test_not_ready_until_loaded(fake_run, tmp_path):
     client = TestClient(build_api(state))
     assert client.get("/health").status_code == 503
     assert client.get("/runs/fake").json() == {"detail": "runs are still loading"}
-    state.load_in_background().join(30)
+    state.load()
     assert client.get("/health").json() == {"status": "ok", "runs": ["fake"]}
 
 

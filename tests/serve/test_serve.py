@@ -1,0 +1,303 @@
+"""The Serve application on the session's local Ray, over real HTTP, with the tiny pipeline's results
+loaded from the MLflow server (by registered model) and from the pipeline folder.
+
+Every endpoint is checked against the stored tables; bad input gets 4xx; schemathesis fuzzes the
+OpenAPI schema; headless Chromium opens the page, clicks a feature and keeps a screenshot; a replica
+killed under load is replaced with fewer than 1% failed requests.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pandas as pd
+import pytest
+
+from tests.helpers import free_port, replica_pids
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = Path(os.environ.get("CROSSRAY_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+def wait_ready(url: str, timeout: float = 90) -> None:
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            last = httpx.get(f"{url}/health", timeout=2)
+            if last.status_code == 200:
+                return
+        except httpx.HTTPError as e:
+            last = e
+        time.sleep(0.25)
+    raise AssertionError(f"{url}/health never answered 200; last: {getattr(last, 'text', last)}")
+
+
+@pytest.fixture(scope="module")
+def served(tracked_run, mlflow_server, tmp_path_factory):
+    """(base URL, pipeline results, pipeline folder) with the app deployed as `crossray`."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    results, config = tracked_run
+    folder = Path(results["train"]["crosscoder"]).parents[1]
+    mlflow.set_tracking_uri(mlflow_server)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"runs": ["models:/toy-test@champion", str(folder)], "tracking_uri": mlflow_server,
+                     "cache_dir": str(tmp_path_factory.mktemp("serve-cache"))}, num_replicas=2)
+    serve.run(app, name="crossray", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    yield url, results, folder
+    serve.shutdown()
+
+
+def test_every_endpoint_matches_the_stored_tables(served):
+    url, results, folder = served
+    c = httpx.Client(base_url=url, timeout=10)
+    parent = results["parent_run_id"]
+    assert c.get("/health").json() == {"status": "ok", "runs": sorted([parent, "tiny"])}
+    runs = {r["id"]: r for r in c.get("/runs").json()}
+    revisions = results["select"]["revisions"]
+    for run in runs.values():
+        assert [ck["revision"] for ck in run["checkpoints"]] == revisions
+        assert [ck["fve"] for ck in run["checkpoints"]] == [results["evaluate"][f"fve/{i}"] for i in range(3)]
+        assert run["family"] == "toy" and run["layer"] == 2 and run["n_latents"] == 512
+    assert runs[parent]["registered_model"] == "models:/toy-test@champion" and runs[parent]["name"] == "tiny"
+    assert [ck["tokens_seen"] for ck in runs[parent]["checkpoints"]] == [
+        int(r.removeprefix("step")) * 2048 for r in revisions]  # toy: 2048 tokens per step
+
+    effects = pd.read_parquet(folder / "attribute" / "effects" / "effects.parquet")
+    features = pd.read_parquet(folder / "analyse" / "tables" / "features.parquet").set_index("feature")
+    task = "simple_agreement"
+    for run_id in (parent, "tiny"):  # the MLflow copy and the folder answer the same numbers
+        for ck, rev in enumerate(revisions):
+            got = {}
+            for offset in (0, 500):
+                page = c.get(f"/runs/{run_id}/tasks/{task}/ranking",
+                             params={"checkpoint": rev if ck else 0, "limit": 500, "offset": offset}).json()
+                got.update({i["feature"]: i["relie"] for i in page["items"]})
+                assert page["total"] == 512
+            want = effects[(effects.task == task) & (effects.checkpoint == rev)].set_index("feature").relie
+            assert got == want.to_dict()  # the same RelIE numbers the table holds
+            assert list(got.values()) == sorted(got.values(), reverse=True)
+    top = c.get(f"/runs/{parent}/tasks/{task}/ranking",
+                params={"checkpoint": revisions[-1], "by": "abs_ie", "limit": 1}).json()["items"][0]
+    card = c.get(f"/runs/{parent}/features/{top['feature']}").json()
+    row = features.loc[top["feature"]]
+    assert card["decoder_norm"] == [row[f"dec_norm/{r}"] for r in revisions]
+    assert card["relative_norm"] == [row[f"reldec/{r}"] for r in revisions]
+    assert card["trajectory"] == row["trajectory"] and card["group"] == row["group"]
+    assert len(card["cosine"]) == 3  # every pair of 3 checkpoints
+    sub = effects[(effects.task == task) & (effects.feature == top["feature"])]
+    sub = sub.sort_values("checkpoint_index")
+    assert card["effects"][task] == {"ie": sub.ie.tolist(), "relie": sub.relie.tolist(),
+                                     "group": sub.group.iloc[0]}
+    assert set(card["effects"]) == set(effects.task)
+    assert set(card["contexts"]) == {"joint", *revisions}
+    ctx = card["contexts"]["joint"][0]
+    assert ctx["scores"][ctx["target"]] == pytest.approx(ctx["value"], rel=1e-3) and len(ctx["tokens"]) > 3
+    batch = c.post(f"/runs/{parent}/features", json={"ids": [top["feature"], 0, 511]}).json()
+    assert [f["feature"] for f in batch["features"]] == [top["feature"], 0, 511]
+    assert batch["features"][0]["effects"] == card["effects"]
+    acc = c.get(f"/runs/{parent}/accuracy").json()
+    table = pd.read_parquet(folder / "screen" / "tables" / "accuracy.parquet")
+    points = acc["tasks"][task]
+    assert [p["prefix_accuracy"] for p in points] == table[table.task == task].prefix_accuracy.tolist()
+    assert [p["revision"] for p in points if p["crosscoded"]] == revisions
+
+
+def test_bad_input_over_http_is_4xx(served):
+    url, results, _ = served
+    c = httpx.Client(base_url=url, timeout=10)
+    parent = results["parent_run_id"]
+    for method, path, body, status in [
+        ("GET", "/runs/unknown-run", None, 404), ("GET", f"/runs/{parent}/features/512", None, 404),
+        ("GET", f"/runs/{parent}/features/-3", None, 422), ("GET", f"/runs/{parent}/features/x", None, 422),
+        ("GET", f"/runs/{parent}/tasks/nope/ranking?checkpoint=0", None, 404),
+        ("GET", f"/runs/{parent}/tasks/simple_agreement/ranking?checkpoint=step999", None, 404),
+        ("GET", f"/runs/{parent}/tasks/simple_agreement/ranking?checkpoint=0&limit=1000000", None, 422),
+        ("POST", f"/runs/{parent}/features", b"{]", 422), ("POST", f"/runs/{parent}/features", b"[1]", 422),
+    ]:
+        r = c.request(method, path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, (path, r.text)
+        assert r.json()["detail"]
+
+
+def test_schema_fuzz_finds_no_server_error(served, tmp_path):
+    """schemathesis against the live OpenAPI schema, twice: every parameter fuzzed, then with the real
+    run and task fixed so the fuzzing reaches the data. Bounded to 40 cases per operation."""
+    import re
+
+    url, results, _ = served
+    exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
+    assert exe, "schemathesis is part of the test extra"
+    fixed = tmp_path / "fixed.toml"
+    fixed.write_text(f'[parameters]\n"path.run" = "{results["parent_run_id"]}"\n'
+                     '"path.task" = "simple_agreement"\n')
+    total = 0
+    for config in ([], ["--config-file", str(fixed)]):
+        cmd = [exe, *config, "run", f"{url}/openapi.json", "--checks", "not_a_server_error,"
+               "status_code_conformance,content_type_conformance,response_schema_conformance",
+               "--max-examples", "40", "--seed", "1", "--phases", "examples,fuzzing", "--workers", "1",
+               "--generation-database", "none", "--request-timeout", "10", "--no-color"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+        generated = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
+        assert generated and generated[1] == generated[2], proc.stdout[-3000:]
+        total += int(generated[1])
+    assert total >= 400  # a few hundred cases over the 7 operations
+    print(f"schemathesis: {total} cases, no server error, no schema violation")
+
+
+class Chromium:
+    """Headless Debian chromium driven over the DevTools protocol (loopback only)."""
+
+    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000"]
+
+    def __init__(self, exe: str, profile: Path):
+        port = free_port()
+        self.proc = subprocess.Popen([exe, *self.FLAGS, f"--remote-debugging-port={port}",
+                                      f"--user-data-dir={profile}", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.time() + 30
+        while True:
+            try:
+                targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                page = next(t for t in targets if t["type"] == "page")
+                break
+            except (httpx.HTTPError, StopIteration):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        from websockets.sync.client import connect
+
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=2**26)
+        self.n = 0
+
+    def call(self, method: str, **params):
+        self.n += 1
+        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=30))
+            if msg.get("id") == self.n:
+                assert "error" not in msg, msg
+                return msg["result"]
+
+    def eval(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"page never satisfied {expression}")
+
+    def close(self):
+        self.ws.close()
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=10)
+
+
+def test_page_in_headless_chromium(served, tmp_path):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    url, results, _ = served
+    browser = Chromium(exe, tmp_path / "profile")
+    try:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=f"{url}/")
+        rows = browser.wait_for("document.querySelectorAll('tr.feature-row').length")
+        task, checkpoint = (browser.eval(f"document.getElementById('{k}').value")
+                            for k in ("task", "checkpoint"))
+        assert checkpoint == results["select"]["revisions"][-1]
+        want = httpx.get(f"{url}/runs/{results['parent_run_id']}/tasks/{task}/ranking",
+                         params={"checkpoint": checkpoint, "selected": True, "limit": 25}).json()
+        assert rows == len(want["items"]) > 0  # the first page of the ranking, in the API's order
+        shown = browser.eval("[...document.querySelectorAll('tr.feature-row')].map(r => +r.dataset.feature)")
+        assert shown == [i["feature"] for i in want["items"]]
+        assert browser.eval("document.querySelectorAll('#accuracy-chart circle').length") == 5
+        feature = int(browser.eval("document.querySelector('tr.feature-row').dataset.feature"))
+        box = browser.eval("(() => { const r = document.querySelector('tr.feature-row')"
+                           ".getBoundingClientRect();"
+                           " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):  # a real click, not element.click()
+            browser.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left",
+                         clickCount=1)
+        title = browser.wait_for("(() => { const t = document.getElementById('card-title').textContent;"
+                                 " return t.startsWith('Feature ') && t; })()")
+        assert title == f"Feature {feature}"
+        assert browser.wait_for("document.querySelectorAll('#card-body .context').length") > 0
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = browser.call("Page.captureScreenshot", format="png")
+        import base64
+
+        path = ARTIFACTS / "serve_page.png"
+        path.write_bytes(base64.b64decode(shot["data"]))
+        assert path.stat().st_size > 10_000
+    finally:
+        browser.close()
+
+
+def test_killed_replica_is_replaced_under_load(served):
+    """SIGKILL one of two replicas during steady load: Serve replaces it, < 1% of requests fail."""
+    url, results, _ = served
+    pids = replica_pids()
+    assert len(pids) == 2, pids
+    paths = [f"/runs/{results['parent_run_id']}/features/{i}?contexts=false" for i in range(0, 512, 37)]
+    stop, counts, lock = threading.Event(), {"ok": 0, "failed": 0}, threading.Lock()
+    failures = []
+
+    def load():
+        with httpx.Client(base_url=url, timeout=10) as c:
+            i = 0
+            while not stop.is_set():
+                try:
+                    r = c.get(paths[i % len(paths)])
+                    ok = r.status_code == 200
+                    if not ok:
+                        failures.append(f"{r.status_code} {r.text[:100]}")
+                except httpx.HTTPError as e:
+                    ok = False
+                    failures.append(repr(e))
+                with lock:
+                    counts["ok" if ok else "failed"] += 1
+                i += 1
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(3)
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.time() + 60
+        while time.time() < deadline and (len(replica_pids()) < 2 or pids[0] in replica_pids()):
+            time.sleep(0.5)
+        time.sleep(3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    new = replica_pids()
+    assert len(new) == 2 and pids[0] not in new, "Serve did not replace the killed replica"
+    total = counts["ok"] + counts["failed"]
+    print(f"replica kill under load: {counts['failed']} of {total} requests failed: {failures}")
+    assert total > 200 and counts["failed"] / total < 0.01
+    wait_ready(url, timeout=30)
