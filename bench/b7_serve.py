@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -30,6 +31,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import emit, machine  # noqa: E402
+from tests.helpers import free_port, replica_pids  # noqa: E402
 
 
 def paths_for(url: str, run: str) -> list[str]:
@@ -107,7 +112,6 @@ def main() -> None:
     from ray import serve
 
     from serve.app import build_app
-    from tests.helpers import free_port, replica_pids
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -122,7 +126,7 @@ def main() -> None:
         assert httpx.get(url + path, timeout=5).status_code == 200, path
 
     result = {"benchmark": "B7 serve latency", "replicas": args.replicas, "target_rps": args.rate,
-              "cpus": os.cpu_count()}
+              "cpus": os.cpu_count(), "machine": machine()}
     delay = calibrate(url, paths, args.rate, args.connections)
     result["paced"] = run_wrk(url, paths, args.duration, args.connections, delay)
     result["saturation"] = run_wrk(url, paths, 20, 8, 0)
@@ -143,10 +147,7 @@ def main() -> None:
         and result["paced"]["rps"] >= 0.95 * args.rate
     serve.shutdown()
     ray.shutdown()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

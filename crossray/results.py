@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,6 +161,8 @@ def load_run(source: str, cache_dir: str | Path) -> RunResults:
     """A folder path if one exists, else an MLflow run id or `models:/` reference."""
     if Path(source).is_dir():
         return load_folder(source)
+    if not (source.startswith("models:/") or re.fullmatch(r"[0-9a-f]{32}", source)):
+        raise ResultsError(f"{source!r} is neither a pipeline folder, an MLflow run id nor a models:/ URI")
     return load_mlflow(source, cache_dir)
 
 
@@ -200,7 +203,6 @@ class RunIndex:
                                      "group": groups.fillna("").to_numpy(str), "selected": selected}
         self.contexts = {int(k): g for k, g in run.contexts.groupby("feature")}
         self._order: dict[tuple[str, int, str], np.ndarray] = {}
-        self._cards: dict[int, dict] = {}
 
     # -- names -------------------------------------------------------------------------------------
     def checkpoint(self, value: str | int) -> int:
@@ -247,18 +249,17 @@ class RunIndex:
 
     def card(self, feature: int, contexts: bool = True) -> dict:
         i = self.feature_id(feature)
-        if i not in self._cards:
-            revs = self.run.revisions
-            ctx: dict[str, list[dict]] = {v: [] for v in ["joint", *revs]}
+        revs = self.run.revisions
+        ctx: dict[str, list[dict]] = {}
+        if contexts:
+            ctx = {v: [] for v in ["joint", *revs]}
             rows = self.contexts.get(i)
-            if rows is not None:
-                for row in rows.itertuples():
-                    ctx.setdefault(str(row.view), []).append(
-                        {"rank": int(row.rank), "value": _num(row.value), "seq": int(row.seq),
-                         "pos": int(row.pos), "target": int(row.target), "tokens": list(row.tokens),
-                         "scores": _nums(row.scores)})
-            self._cards[i] = {
-                "run": self.run.id, "feature": i, "checkpoints": revs,
+            for row in rows.itertuples() if rows is not None else ():
+                ctx.setdefault(str(row.view), []).append(
+                    {"rank": int(row.rank), "value": _num(row.value), "seq": int(row.seq),
+                     "pos": int(row.pos), "target": int(row.target), "tokens": list(row.tokens),
+                     "scores": _nums(row.scores)})
+        return {"run": self.run.id, "feature": i, "checkpoints": revs,
                 "decoder_norm": _nums(self.dec_norm_LC[i]), "relative_norm": _nums(self.reldec_LC[i]),
                 "trajectory": str(self.trajectory_L[i]), "group": str(self.group_L[i]),
                 "cosine": [{"pair": p, "value": _num(v)} for p, v in zip(self.cos_cols, self.cos_LP[i],
@@ -266,8 +267,6 @@ class RunIndex:
                 "effects": {t: {"ie": _nums(a["ie"][i]), "relie": _nums(a["relie"][i]),
                                 "group": str(a["group"][i])} for t, a in self.tasks.items()},
                 "contexts": ctx}
-        card = self._cards[i]
-        return card if contexts else {**card, "contexts": {}}
 
     def ranking(self, task: str, checkpoint: str | int, by: str = "relie", trajectory: str | None = None,
                 group: str | None = None, min_relie: float | None = None, min_abs_ie: float | None = None,

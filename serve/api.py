@@ -11,14 +11,16 @@ Design choices:
   (the page asks for the token when the API answers 401).
 """
 
+import functools
 import hmac
+import json
 import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from crossray.results import NotFound, RunIndex, load_run
@@ -75,13 +77,17 @@ def _error(status: int, detail: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
 def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
     """The application: JSON routes under /runs, `/health`, and the page at `/`."""
     api = FastAPI(title="crossray", version="1", summary="Crosscoders across checkpoints: features, "
                   "indirect effects (IE), RelIE and accuracy curves of finished pipeline runs.")
     bearer = HTTPBearer(auto_error=False, description="only when the service was started with a token")
 
-    def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    async def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if token is None:
             return
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
@@ -89,6 +95,22 @@ def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
                                else "a bearer token is required")
 
     documented = {status: {"model": S.Error} for status in (400, 401, 404, 503)}
+
+    # Answers are pure functions of the loaded tables: encode each once and keep the bytes (bounded),
+    # returned as they are (the response models still document them). Errors are not cached.
+    @functools.lru_cache(maxsize=16384)
+    def encoded(run_id: str, kind: str, *args) -> bytes:
+        index = state.indexes[run_id]
+        match kind:
+            case "card":
+                return _json(index.card(*args))
+            case "ranking":
+                return _json(index.ranking(*args))
+            case other:
+                raise AssertionError(f"unknown answer kind {other}")
+
+    def answer(run: str, kind: str, *args) -> Response:
+        return Response(encoded(state.index(run).run.id, kind, *args), media_type="application/json")
     runs = APIRouter(prefix="/runs", dependencies=[Depends(authorise)], responses=documented)
 
     @api.exception_handler(NotFound)
@@ -113,35 +135,35 @@ def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
         return _error(500, f"internal error ({type(exc).__name__}); see the service log")
 
     @api.get("/", include_in_schema=False)
-    def page() -> HTMLResponse:
+    async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text())
 
     @api.get("/health", response_model=S.Health, responses={503: {"model": S.Error}})
-    def health():
+    async def health():
         """200 once every run is loaded; 503 while loading or when loading failed."""
         if not state.ready:
             raise Unavailable(state.error or "runs are still loading")
         return {"status": "ok", "runs": sorted(state.indexes)}
 
     @runs.get("", response_model=list[S.RunInfo])
-    def list_runs():
+    async def list_runs():
         """The loaded crosscoders: family, layer, checkpoints (revision, tokens seen), metrics."""
         if not state.ready:
             raise Unavailable(state.error or "runs are still loading")
         return [index.info() for index in state.indexes.values()]
 
     @runs.get("/{run}", response_model=S.RunInfo)
-    def get_run(run: Run):
+    async def get_run(run: Run):
         return state.index(run).info()
 
     @runs.get("/{run}/features/{feature}", response_model=S.FeatureCard)
-    def feature_card(run: Run, feature: Feature, contexts: bool = True):
+    async def feature_card(run: Run, feature: Feature, contexts: bool = True):
         """Decoder norms, relative norms, class and group, cosine similarities, IE and RelIE per task
         and checkpoint, and top-activating contexts (joint and per checkpoint)."""
-        return state.index(run).card(feature, contexts)
+        return answer(run, "card", feature, contexts)
 
     @runs.post("/{run}/features", response_model=S.BatchResponse)
-    def feature_batch(run: Run, body: Annotated[S.BatchRequest, Body()]):
+    async def feature_batch(run: Run, body: Annotated[S.BatchRequest, Body()]):
         """Many feature cards in one request (contexts only when asked for)."""
         index = state.index(run)
         for i in body.ids:
@@ -149,7 +171,7 @@ def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
         return {"run": index.run.id, "features": [index.card(i, body.contexts) for i in body.ids]}
 
     @runs.get("/{run}/tasks/{task}/ranking", response_model=S.Ranking)
-    def ranking(run: Run, task: Annotated[str, PathParam(max_length=200)],
+    async def ranking(run: Run, task: Annotated[str, PathParam(max_length=200)],
                 checkpoint: Annotated[str, Query(max_length=200, description="revision or index")],
                 by: Literal["relie", "abs_ie"] = "relie",
                 trajectory: Annotated[str | None, Query(max_length=100)] = None,
@@ -158,11 +180,11 @@ def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
                 offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
                 limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50):
         """Features for a task ranked by RelIE (or |IE|) at a checkpoint, filtered and paginated."""
-        return state.index(run).ranking(task, checkpoint, by, trajectory, group, min_relie, min_abs_ie,
-                                        selected, offset, limit)
+        return answer(run, "ranking", task, checkpoint, by, trajectory, group, min_relie, min_abs_ie,
+                      selected, offset, limit)
 
     @runs.get("/{run}/accuracy", response_model=S.Accuracy)
-    def accuracy(run: Run, task: Annotated[str | None, Query(max_length=200)] = None):
+    async def accuracy(run: Run, task: Annotated[str | None, Query(max_length=200)] = None):
         """Task accuracy per screened checkpoint; the crosscoded ones are marked."""
         return state.index(run).accuracy(task)
 

@@ -1,9 +1,13 @@
 """The HTTP layer without Ray: error mapping, readiness, the bearer token, the schema and the page."""
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 
 from serve.api import ServiceState, build_api
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -91,3 +95,42 @@ def test_schema_and_page(client):
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.headers["content-type"].startswith("text/html") and "/ranking" in page.text
+
+
+def test_serve_config_and_builder(fake_run, monkeypatch):
+    """serve/config.yaml is a valid Serve config whose import path builds the app; bad args are named."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve" / "config.yaml").read_text()))
+    assert config.http_options.host == "127.0.0.1"
+    app_cfg = config.applications[0]
+    assert app_cfg.deployments[0].autoscaling_config["max_replicas"] >= 2
+    module, _, attr = app_cfg.import_path.partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    app = builder({**app_cfg.args, "runs": [str(fake_run)]})
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ValueError, match=r"unknown serve argument\(s\) \['run'\]"):
+        build_app({"run": ["x"]})
+    with pytest.raises(ValueError, match="'runs' must be a non-empty list"):
+        build_app({"runs": "x"})
+    monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="token_env 'NO_SUCH_TOKEN'"):
+        build_app({"runs": [str(fake_run)], "token_env": "NO_SUCH_TOKEN"})
+
+
+def test_cli_refuses_a_bad_run_before_starting_ray(tmp_path, capsys):
+    from crossray.cli import main
+
+    code = main(["serve", "--run", str(tmp_path / "missing"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                 "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is neither a pipeline folder, an MLflow run id" in err[0]
+    code = main(["serve", "--run", "0" * 32, "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                 "--cache-dir", str(tmp_path / "cache")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("crossray: error")]
+    assert code == 2 and err[0].startswith(f"crossray: error: MLflow has no run or model '{'0' * 32}'")
