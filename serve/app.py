@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from ray import serve
@@ -113,15 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     from jobs._ray import init_ray
 
     init_ray(args.address)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name="crossray", route_prefix="/")
-    print(f"crossray serving {len(args.run)} run(s) at http://{args.host}:{args.port}/ "
-          f"(API docs at /docs); Ctrl-C stops", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    serve.shutdown()
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
+        signal.signal(sig, interrupt)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="crossray", route_prefix="/")
+        print(f"crossray serving {len(args.run)} run(s) at http://{args.host}:{args.port}/ "
+              f"(API docs at /docs); Ctrl-C stops", flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        logger.info("stopping")
+    finally:
+        serve.shutdown()
     return 0
 
 

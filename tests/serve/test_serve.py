@@ -301,3 +301,27 @@ def test_killed_replica_is_replaced_under_load(served):
     print(f"replica kill under load: {counts['failed']} of {total} requests failed: {failures}")
     assert total > 200 and counts["failed"] / total < 0.01
     wait_ready(url, timeout=30)
+
+
+def test_crossray_serve_command(tmp_path):
+    """`crossray serve` starts its own local Ray and Serve, answers, and stops cleanly on SIGTERM."""
+    from tests.serve.conftest import write_fake_run
+
+    run = write_fake_run(tmp_path / "fake")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    exe = Path(sys.executable).parent / "crossray"
+    proc = subprocess.Popen([str(exe), "serve", "--run", str(run), "--port", str(port), "--cache-dir",
+                             str(tmp_path / "cache")], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        import select
+
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # bounded: never hang the suite
+        line = proc.stdout.readline() if ready else "(nothing within 120 s)"
+        assert line.startswith(f"crossray serving 1 run(s) at http://127.0.0.1:{port}/"), line
+        assert httpx.get(f"http://127.0.0.1:{port}/runs/fake", timeout=10).json()["n_latents"] == 4
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0
