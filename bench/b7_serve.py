@@ -111,12 +111,12 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import make_app
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"runs": [args.run]}, num_replicas=args.replicas), name="crossray", route_prefix="/")
+    serve.run(make_app({"runs": [args.run]}, num_replicas=args.replicas), name="crossray", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     while httpx.get(f"{url}/health", timeout=5).status_code != 200:
         time.sleep(0.5)

@@ -52,9 +52,14 @@ class CrosscoderService:
         return build_api(self.state, self.token)
 
 
-def build_app(args: dict, **options) -> serve.Application:
-    """The application from Serve config `args`: runs (required), token_env, cache_dir, tracking_uri.
-    `options` are deployment options (num_replicas, ...) for `crossray serve`."""
+def build_app(args: dict) -> serve.Application:
+    """The application from Serve config `args` (the `import_path` of serve/config.yaml)."""
+    return make_app(args)
+
+
+def make_app(args: dict, **options) -> serve.Application:
+    """The application from `args`: runs (required), token_env, cache_dir, tracking_uri; `options` are
+    deployment options (num_replicas, ...)."""
     allowed = {"runs", "token_env", "cache_dir", "tracking_uri"}
     unknown = sorted(set(args) - allowed)
     if unknown:
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        app = build_app({"runs": args.run, "token_env": args.token_env, "cache_dir": cache,
+        app = make_app({"runs": args.run, "token_env": args.token_env, "cache_dir": cache,
                          "tracking_uri": uri}, num_replicas=args.replicas)
         check_sources(args.run, Path(cache))
     except ValueError as e:

@@ -102,6 +102,7 @@ def test_serve_config_and_builder(fake_run, monkeypatch):
     import importlib
 
     import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
 
     from serve.app import build_app
@@ -112,7 +113,7 @@ def test_serve_config_and_builder(fake_run, monkeypatch):
     assert app_cfg.deployments[0].autoscaling_config["max_replicas"] >= 2
     module, _, attr = app_cfg.import_path.partition(":")
     builder = getattr(importlib.import_module(module), attr)
-    app = builder({**app_cfg.args, "runs": [str(fake_run)]})
+    app = call_user_app_builder_with_args_if_necessary(builder, {**app_cfg.args, "runs": [str(fake_run)]})
     assert type(app).__name__ == "Application"
     with pytest.raises(ValueError, match=r"unknown serve argument\(s\) \['run'\]"):
         build_app({"run": ["x"]})

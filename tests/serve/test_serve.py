@@ -46,14 +46,14 @@ def served(tracked_run, mlflow_server, tmp_path_factory):
     """(base URL, pipeline results, pipeline folder) with the app deployed as `crossray`."""
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import make_app
 
     results, config = tracked_run
     folder = Path(results["train"]["crosscoder"]).parents[1]
     mlflow.set_tracking_uri(mlflow_server)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"runs": ["models:/toy-test@champion", str(folder)], "tracking_uri": mlflow_server,
+    app = make_app({"runs": ["models:/toy-test@champion", str(folder)], "tracking_uri": mlflow_server,
                      "cache_dir": str(tmp_path_factory.mktemp("serve-cache"))}, num_replicas=2)
     serve.run(app, name="crossray", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
