@@ -222,3 +222,20 @@ def feature_rows(crosscoder: Crosscoder) -> list[dict]:
              **{f"reldec/{r}": float(shares.share_LC[i, c]) for c, r in enumerate(revs)},
              **{f"cos/{revs[a]}-{revs[b]}": float(cos[i, a, b]) for a, b in pairs},
              "group": groups[i], "trajectory": trajectory[i]} for i in range(norms.shape[0])]
+
+
+def shard_contexts(crosscoder: Crosscoder, paths: Sequence, n_sequences: int, tokens_NS: Tensor, decode,
+                   k: int, before: int, after: int) -> list[dict]:
+    """Top-k contexts table over the rows of activation shards whose sequence is below `n_sequences`
+    (two passes: the top tokens, then their windows)."""
+    from crossray.extract import read_shard
+
+    def batches():
+        for path in paths:
+            seq, pos, x = read_shard(path)
+            keep = torch.from_numpy(seq < n_sequences)
+            yield x[keep], torch.from_numpy(seq * 2**20 + pos).long()[keep]
+
+    top = top_contexts(crosscoder, batches(), k)
+    windows = window_scores(crosscoder, top, batches(), before, after)
+    return context_rows(top, windows, tokens_NS, decode, ["joint", *crosscoder.cfg.checkpoints], before)

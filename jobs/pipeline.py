@@ -377,11 +377,9 @@ class Pipeline:
         sequences, with each window's tokens and scores."""
         import functools
 
-        import torch
-
-        from crossray import analysis as A
+        from crossray.analysis import shard_contexts
         from crossray.corpus import load_sequences
-        from crossray.extract import Manifest, read_shard
+        from crossray.extract import Manifest
         from crossray.models.layer import load_tokenizer
 
         acts = self.results["extract"]["acts"]
@@ -389,22 +387,12 @@ class Pipeline:
         n_seq = min(self.p.context_sequences, manifest.n_sequences)
         paths = [p for p, s in zip(manifest.shard_paths(acts), manifest.shards, strict=True)
                  if s["seq_start"] < n_seq]
-
-        def batches():
-            for path in paths:
-                seq, pos, x = read_shard(path)
-                keep = torch.from_numpy(seq < n_seq)
-                yield x[keep], torch.from_numpy(seq * 2**20 + pos).long()[keep]
-
-        top = A.top_contexts(cc, batches(), self.p.context_k)
-        before, after = self.p.context_before, self.p.context_after
-        windows = A.window_scores(cc, top, batches(), before, after)
         ecfg = self.extract_config()
         tokenizer = load_tokenizer(self.family, ecfg.revisions[0])
-        corpus = dataclasses.replace(ecfg.corpus, n_sequences=n_seq)
-        tokens, _ = load_sequences(corpus, tokenizer)
+        tokens, _ = load_sequences(dataclasses.replace(ecfg.corpus, n_sequences=n_seq), tokenizer)
         decode = functools.lru_cache(maxsize=None)(lambda t: tokenizer.decode([t]))
-        return A.context_rows(top, windows, tokens, decode, ["joint", *cc.cfg.checkpoints], before)
+        return shard_contexts(cc, paths, n_seq, tokens, decode, self.p.context_k, self.p.context_before,
+                              self.p.context_after)
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict:

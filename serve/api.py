@@ -31,6 +31,8 @@ PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_PAGE = 500
 Run = Annotated[str, PathParam(max_length=200, description="run id or name")]
 Feature = Annotated[int, PathParam(ge=0, le=2**31, description="feature (latent) id")]
+# the classes of analysis.trajectory_classes
+Trajectory = Literal["emerging", "maintained", "discontinued", "transient", "absent"]
 
 
 class Unavailable(Exception):
@@ -174,7 +176,7 @@ def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
     async def ranking(run: Run, task: Annotated[str, PathParam(max_length=200)],
                 checkpoint: Annotated[str, Query(max_length=200, description="revision or index")],
                 by: Literal["relie", "abs_ie"] = "relie",
-                trajectory: Annotated[str | None, Query(max_length=100)] = None,
+                trajectory: Trajectory | None = None,
                 group: Annotated[str | None, Query(max_length=200)] = None,
                 min_relie: float | None = None, min_abs_ie: float | None = None, selected: bool = False,
                 offset: Annotated[int, Query(ge=0, le=2**31)] = 0,

@@ -50,6 +50,7 @@ def test_failed_load_stays_unavailable(tmp_path):
     ("get", "/runs/fake/tasks/t1/ranking?checkpoint=0&limit=100000", None, 422, "less than or equal to 500"),
     ("get", "/runs/fake/tasks/t1/ranking?checkpoint=0&offset=-5", None, 422, "greater than or equal"),
     ("get", "/runs/fake/tasks/t1/ranking?checkpoint=0&by=size", None, 422, "'relie' or 'abs_ie'"),
+    ("get", "/runs/fake/tasks/t1/ranking?checkpoint=0&trajectory=growing", None, 422, "'emerging'"),
     ("get", "/runs/fake/accuracy?task=zzz", None, 404, "unknown task 'zzz'"),
     ("post", "/runs/fake/features", b"{not json", 422, "JSON"),
     ("post", "/runs/fake/features", b'{"ids": []}', 422, "at least 1"),
