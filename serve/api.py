@@ -170,7 +170,9 @@ def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
         index = state.index(run)
         for i in body.ids:
             index.feature_id(i)
-        return {"run": index.run.id, "features": [index.card(i, body.contexts) for i in body.ids]}
+        cards = b",".join(encoded(index.run.id, "card", i, body.contexts) for i in body.ids)
+        body_bytes = b'{"run":%s,"features":[%s]}' % (_json(index.run.id), cards)
+        return Response(body_bytes, media_type="application/json")
 
     @runs.get("/{run}/tasks/{task}/ranking", response_model=S.Ranking)
     async def ranking(run: Run, task: Annotated[str, PathParam(max_length=200)],
