@@ -14,7 +14,6 @@ Values that are not finite become None, so every answer is valid JSON.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-logger = logging.getLogger(__name__)
 STAGE_FILES = {"screen": "screen/tables/accuracy.parquet", "evaluate": "evaluate/metrics.json",
                "attribute": "attribute/effects", "analyse": "analyse/tables",
                "train": "train/crosscoder/config.json"}
@@ -41,7 +39,6 @@ class NotFound(LookupError):
 class RunResults:
     id: str
     name: str
-    source: str
     family: str
     layer: int
     revisions: list[str]
@@ -89,7 +86,7 @@ def load_folder(folder: str | Path, run_id: str | None = None, name: str | None 
         columns=["feature", "view", "rank", "value", "seq", "pos", "target", "tokens", "scores"])
     metrics_path = folder / STAGE_FILES["evaluate"]
     return RunResults(
-        id=run_id or folder.name, name=name or folder.name, source=str(folder),
+        id=run_id or folder.name, name=name or folder.name,
         family=str(cc.get("family", "")), layer=int(cc.get("layer", -1)), revisions=revisions,
         steps=meta("step"), tokens_seen=meta("tokens_seen"), n_latents=int(cc["n_latents"]),
         metrics=json.loads(metrics_path.read_text()) if metrics_path.exists() else {},

@@ -347,14 +347,13 @@ class Pipeline:
 
         cc = load_crosscoder(self.results["train"]["crosscoder"])
         revs = list(cc.cfg.checkpoints)
-        norms = cc.decoder_norms().detach()
-        shares = A.one_vs_all(norms)
-        groups = A.group_labels(shares.share_LC, revs)
         rows = A.feature_rows(cc)
+        groups = [row["group"] for row in rows]
+        reldec = torch.tensor([[row[f"reldec/{r}"] for r in revs] for row in rows])
         write_tables(folder / "tables", {"features": rows, "top_contexts": self.context_rows(cc)})
         s = self.results["screen"]
         plots.accuracy_curves(s["revisions"], s["accuracy"], revs, folder / "accuracy_curves.png")
-        plots.reldec_histogram(shares.share_LC, revs, folder / "reldec_histogram.png")
+        plots.reldec_histogram(reldec, revs, folder / "reldec_histogram.png")
         effects = pd.read_parquet(Path(self.results["attribute"]["effects"]) / "effects.parquet")
         counts = {}
         for task, info in self.results["attribute"]["tasks"].items():
