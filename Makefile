@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # On a GPU machine, set TORCH_SPEC to the build you want (e.g. TORCH_SPEC=torch==2.13.0).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test
+.PHONY: install demo test check
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,3 +25,6 @@ demo: install
 
 test: install
 	scripts/offline $(BIN)/python -m pytest -q
+
+check: install
+	$(BIN)/ruff check .

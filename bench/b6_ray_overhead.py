@@ -29,6 +29,7 @@ def main() -> None:
     args = p.parse_args()
     import ray
 
+    from crossray.config import LaunchConfig
     from crossray.corpus import CorpusConfig
     from crossray.extract import CheckpointSetExtractor, ExtractConfig, extract_shard, shard_plan
     from crossray.toy.build import ToyConfig, build_toy_family
@@ -50,7 +51,7 @@ def main() -> None:
 
     def with_ray():
         out = Path(tempfile.mkdtemp())
-        run_extract(cfg, out / "acts", actors=2, cpus_per_actor=0.5)
+        run_extract(cfg, out / "acts", LaunchConfig(actors=2, cpus_per_actor=0.5))
         shutil.rmtree(out)
 
     times: dict[str, list[float]] = {"in_process": [], "ray": []}

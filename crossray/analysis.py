@@ -211,7 +211,7 @@ def context_rows(top: TopContexts, windows_VkLW: Tensor, tokens_NS: Tensor, deco
 def feature_rows(crosscoder: Crosscoder) -> list[dict]:
     """The features table: decoder norm, RelDec share and cosine per checkpoint (every pair), the
     RelDec group and the trajectory class."""
-    revs = list(crosscoder.cfg.checkpoints)
+    revs = list(crosscoder.cfg.revisions)
     norms = crosscoder.decoder_norms().detach()
     shares = one_vs_all(norms)
     groups = group_labels(shares.share_LC, revs)
@@ -238,4 +238,4 @@ def shard_contexts(crosscoder: Crosscoder, paths: Sequence, n_sequences: int, to
 
     top = top_contexts(crosscoder, batches(), k)
     windows = window_scores(crosscoder, top, batches(), before, after)
-    return context_rows(top, windows, tokens_NS, decode, ["joint", *crosscoder.cfg.checkpoints], before)
+    return context_rows(top, windows, tokens_NS, decode, ["joint", *crosscoder.cfg.revisions], before)

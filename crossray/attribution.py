@@ -21,41 +21,20 @@ positive IE means the feature supports the correct answer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from crossray import analysis as A
+from crossray.config import AttributionConfig
 from crossray.models.crosscoder import Crosscoder
-from crossray.models.layer import LayerModel, left_pad
+from crossray.models.layer import LayerModel, encode, left_pad
 from crossray.tasks import Example, Task, TaskError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AttributionConfig:
-    steps: int = 10
-    """Integrated-gradient steps (1 = attribution patching)."""
-    threshold: float | None = 0.1
-    """Per-token |IE| threshold in logit units (None: keep everything)."""
-    batch_size: int = 4
-    """Examples per batch (each runs `steps` interpolants at once)."""
-    top_k: int = 10
-    """Features selected per checkpoint by |IE| (their union is studied)."""
-    baseline: Literal["auto", "zero", "patch"] = "auto"
-    """IG baseline: the zero state (the paper), the patch prefix's state, or patch where every
-    example of a batch has a patch prefix of the same token length (auto)."""
-    low: float = 0.3
-    high: float = 0.7
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.top_k < 1:
-            raise ValueError("steps, batch_size and top_k must be >= 1")
 
 
 class EffectSums(NamedTuple):
@@ -78,8 +57,8 @@ class EffectSums(NamedTuple):
 def check_crosscoder_fits(cc: Crosscoder, models: Sequence[LayerModel], revisions: Sequence[str]) -> None:
     """Refuse a crosscoder trained on other checkpoints or another layer, naming both."""
     cfg = cc.cfg
-    if cfg.checkpoints and tuple(cfg.checkpoints) != tuple(revisions):
-        raise ValueError(f"crosscoder was trained on checkpoints {list(cfg.checkpoints)}, "
+    if cfg.revisions and tuple(cfg.revisions) != tuple(revisions):
+        raise ValueError(f"crosscoder was trained on checkpoints {list(cfg.revisions)}, "
                          f"not on {list(revisions)}")
     layers = {m.layer for m in models}
     if cfg.layer is not None and layers != {cfg.layer}:
@@ -89,12 +68,8 @@ def check_crosscoder_fits(cc: Crosscoder, models: Sequence[LayerModel], revision
         raise ValueError(f"crosscoder expects {cfg.n_checkpoints} checkpoints of width {cfg.d_model}")
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _batch_inputs(tokenizer, examples: Sequence[Example], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    ids, mask = left_pad(tokenizer, [_encode(tokenizer, e.clean_prefix) for e in examples])
+    ids, mask = left_pad(tokenizer, [encode(tokenizer, e.clean_prefix) for e in examples])
     clean = torch.tensor([e.clean_answer_id for e in examples])
     patch = torch.tensor([e.patch_answer_id for e in examples])
     return ids.to(device), mask.to(device), clean.to(device), patch.to(device)
@@ -104,8 +79,8 @@ def patch_inputs(tokenizer, examples: Sequence[Example], mode: str, device) -> T
     """Left-padded patch-prefix ids aligned with the clean ones, or None for the zero baseline."""
     if mode == "zero":
         return None
-    clean = [_encode(tokenizer, e.clean_prefix) for e in examples]
-    patch = [_encode(tokenizer, e.patch_prefix) if e.patch_prefix is not None else None for e in examples]
+    clean = [encode(tokenizer, e.clean_prefix) for e in examples]
+    patch = [encode(tokenizer, e.patch_prefix) if e.patch_prefix is not None else None for e in examples]
     usable = all(p is not None and len(p) == len(c) for p, c in zip(patch, clean, strict=True))
     if not usable:
         if mode == "patch":
@@ -308,19 +283,28 @@ def ablation_correlations(deltas_FC: Tensor, ie_FC: Tensor, dec_norms_FC: Tensor
     return out
 
 
-def attribute(cc: Crosscoder, models: Sequence[LayerModel], revisions: Sequence[str], tokenizer,
-              task: Task, cfg: AttributionConfig) -> dict:
-    """IE for every feature and checkpoint on a task, RelIE rows, selection, ablation check."""
-    check_crosscoder_fits(cc, models, revisions)
-    sums = task_effects(cc, models, tokenizer, task.examples, cfg)
+def summarise(task: Task, sums: EffectSums, cc: Crosscoder, revisions: Sequence[str], cfg: AttributionConfig,
+              ablate: Callable[[Sequence[Example], list[int]], Tensor]) -> tuple[dict, list[dict]]:
+    """A task's summary (examples kept and skipped, metric and error-term effect per checkpoint, the
+    selected features, the ablation check) and its effects rows, from its effect sums.
+
+    `ablate(examples, features)` returns the ablation deltas (F, C), wherever the models live."""
     ie_CL, err_C, met_C = sums.means()
     selected = top_features(ie_CL, cfg.top_k)
-    deltas = ablation_deltas(cc, models, tokenizer, task.examples, selected) if selected else None
-    result = {"task": task.name, "n_examples": sums.n_examples, "skipped": dict(task.skipped),
-              "ie_CL": ie_CL, "err_C": err_C, "metric_C": met_C, "selected": selected,
-              "rows": effects_rows(task.name, ie_CL, revisions, cfg, err_C)}
-    if deltas is not None and len(selected) >= 3:
+    info = {"examples": sums.n_examples, "skipped": dict(task.skipped), "selected": selected,
+            "metric": met_C.tolist(), "error_effect": err_C.tolist()}
+    if len(selected) >= 3:
+        deltas = ablate(task.examples, selected)
         norms = cc.decoder_norms().detach()[selected]
-        result["ablation"] = ablation_correlations(deltas, ie_CL[:, selected].T, norms)
-        result["ablation_deltas_FC"] = deltas
-    return result
+        info["ablation"] = ablation_correlations(deltas, ie_CL[:, selected].T, norms)
+    return info, effects_rows(task.name, ie_CL, revisions, cfg)
+
+
+def attribute(cc: Crosscoder, models: Sequence[LayerModel], revisions: Sequence[str], tokenizer,
+              task: Task, cfg: AttributionConfig) -> dict:
+    """IE for every feature and checkpoint on a task, RelIE rows, selection, ablation check, in-process."""
+    check_crosscoder_fits(cc, models, revisions)
+    sums = task_effects(cc, models, tokenizer, task.examples, cfg)
+    info, rows = summarise(task, sums, cc, revisions, cfg,
+                           lambda ex, feats: ablation_deltas(cc, models, tokenizer, ex, feats))
+    return {**info, "task": task.name, "ie_CL": sums.means()[0], "rows": rows}

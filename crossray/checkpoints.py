@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -156,8 +158,12 @@ class Family:
         return self.location(revision)
 
 
-def resolve_family(spec: str, **overrides) -> Family:
-    """A family from `toy` (the embedded default, built or reused), a local folder, or a hub repo."""
+def resolve_family(spec: str, revisions: Sequence[str] | None = None, naming: str | None = None,
+                   tokenizer: str | None = None) -> Family:
+    """A family from `toy` (the embedded default, built or reused), a local folder, or a hub repo;
+    the revisions, naming scheme and tokenizer override the family's own when given."""
+    given = {"revisions": tuple(revisions or ()), "naming": naming, "tokenizer": tokenizer}
+    overrides = {k: v for k, v in given.items() if v}
     if spec == "toy":
         from crossray.toy.build import build_toy_family
 
@@ -173,13 +179,35 @@ def resolve_family(spec: str, **overrides) -> Family:
 # -- weight hashes -------------------------------------------------------------------------------
 
 def weights_hash(path: str | Path) -> str:
-    """SHA-256 over a checkpoint folder's tensors (names, dtypes, shapes, bytes), file-layout free."""
+    """SHA-256 over a checkpoint folder's tensors (names, dtypes, shapes, bytes), file-layout free.
+
+    Remembered per folder in `$CROSSRAY_CACHE/weight-hashes.json`, keyed by the files' paths, sizes
+    and modification times, so re-planning a run does not re-read gigabytes of weights.
+    """
+    files = sorted(Path(path).resolve().glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {path}")
+    from crossray.toy.build import default_cache_dir
+
+    cache = default_cache_dir() / "weight-hashes.json"
+    stat = json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if stat not in known:
+        known[stat] = _hash_tensors(files)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(cache)
+    return known[stat]
+
+
+def _hash_tensors(files: list[Path]) -> str:
     import torch
     from safetensors import safe_open
 
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors weights in {path}")
     h = hashlib.sha256()
     tensors = {}
     for f in files:

@@ -1,14 +1,13 @@
-"""The `crossray` command line.
+"""The library's commands of the `crossray` command line (no Ray here).
 
-    crossray run CONFIG.yaml                        the whole pipeline (jobs.pipeline), tracked in MLflow
-    crossray serve --run RUN [--port 8000]          the results over HTTP (Ray Serve): JSON API and a page
-    crossray demo                                   build the toy family, print its accuracy curves
     crossray toy build [--out DIR]                  build (or reuse) the toy model family
     crossray checkpoints check --family F --revisions a,b [--layer L]
     crossray tasks accuracy --family F --task FILE_OR_DIR [--out DIR]
 
-Bad input (a missing revision, a malformed task file, identical checkpoints, a layer out of range)
-prints one `crossray: error: ...` line and exits with code 2.
+The installed `crossray` command (`jobs.cli`) adds `run` (the pipeline on Ray) and `serve` (Ray
+Serve); `python -m crossray.cli` runs these commands alone. Bad input (a missing revision, a malformed
+task file, identical checkpoints, a layer out of range) prints one `crossray: error: ...` line and
+exits with code 2.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 
 from crossray.checkpoints import CheckpointError, Family, resolve_family
 from crossray.tasks import TaskError
@@ -25,14 +25,8 @@ logger = logging.getLogger("crossray")
 
 
 def family_from_args(args: argparse.Namespace) -> Family:
-    revisions = tuple(r for r in (args.revisions or "").split(",") if r)
-    src = args.family
-    overrides = {"revisions": revisions} if revisions else {}
-    if args.naming:
-        overrides["naming"] = args.naming
-    if args.tokenizer:
-        overrides["tokenizer"] = args.tokenizer
-    return resolve_family(src, **overrides)
+    revisions = [r for r in (args.revisions or "").split(",") if r]
+    return resolve_family(args.family, revisions=revisions, naming=args.naming, tokenizer=args.tokenizer)
 
 
 def _add_family_args(p: argparse.ArgumentParser) -> None:
@@ -86,37 +80,15 @@ def cmd_tasks_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default, until the full pipeline lands."""
-    from crossray.accuracy import accuracy_curves, format_curves, write_accuracy
-    from crossray.toy.build import ToyConfig, build_toy_family
-
-    folder = build_toy_family(None, ToyConfig())
-    family = Family.from_dir(folder)
-    rows, tasks = accuracy_curves(family, [folder / "tasks"])
-    write_accuracy(rows, tasks, args.out)
-    print(f"toy family: {folder}")
-    print(format_curves(rows, "prefix_accuracy"))
-    print(f"tables: {args.out}/accuracy.{{parquet,csv,json}}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crossray", description=__doc__.split("\n")[0])
+def build_parser(more: Callable[[argparse._SubParsersAction], None] | None = None
+                 ) -> argparse.ArgumentParser:
+    """The parser of the library's commands; `more(subparsers)` adds others (jobs.cli: run, serve)."""
+    parser = argparse.ArgumentParser(prog="crossray", description="Crosscoders across pretraining "
+                                     "checkpoints: when does a language model learn what it learns?")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run the pipeline on a config (screen ... analyse, MLflow)")
-    run.add_argument("config")
-    run.add_argument("--address", default=None, help="Ray address (default: a fresh local Ray)")
-    run.set_defaults(func=lambda a: __import__("jobs.pipeline", fromlist=["main"]).main(
-        ["--config", a.config] + (["--address", a.address] if a.address else [])))
-
-    sub.add_parser("serve", help="serve finished runs over HTTP with Ray Serve (crossray serve --help)")
-
-    demo = sub.add_parser("demo", help="build the toy family and print its accuracy curves")
-    demo.add_argument("--out", default="runs/toy-accuracy")
-    demo.set_defaults(func=cmd_demo)
+    if more is not None:
+        more(sub)
 
     toy = sub.add_parser("toy", help="the embedded toy model family").add_subparsers(
         dest="toy_command", required=True)
@@ -143,11 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:  # its own parser (serve.app), which imports Ray
-        return __import__("serve.app", fromlist=["main"]).main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "transformers"):

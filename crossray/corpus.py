@@ -16,36 +16,18 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from crossray.config import CorpusConfig
+from crossray.models.layer import encode
 
 logger = logging.getLogger(__name__)
 
 
 class CorpusError(ValueError):
     """A corpus that cannot be read or yields no usable sequence."""
-
-
-@dataclass(frozen=True)
-class CorpusConfig:
-    source: str
-    """Local file or folder, `toy:SEED[:N_DOCS]`, or a hub data set name."""
-    seq_len: int = 1024
-    n_sequences: int | None = None
-    """Stop after this many sequences (None: all)."""
-    text_field: str = "text"
-    split: str = "train"
-    hub_config: str | None = None
-    drop_first_position: bool = True
-    """Drop position 0 of every sequence from the rows (the paper's `remove_bos`, §3.2)."""
-
-    def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        if self.n_sequences is not None and self.n_sequences < 1:
-            raise ValueError("n_sequences must be positive")
 
 
 def _local_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -111,7 +93,7 @@ def load_sequences(cfg: CorpusConfig, tokenizer, max_documents: int | None = Non
     """(token ids (N, seq_len), corpus hash); documents shorter than seq_len are dropped."""
     rows: list[list[int]] = []
     for n_docs, doc in enumerate(documents(cfg), 1):
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        ids = encode(tokenizer, doc)
         if len(ids) >= cfg.seq_len:
             rows.append(ids[: cfg.seq_len])
             if cfg.n_sequences is not None and len(rows) >= cfg.n_sequences:

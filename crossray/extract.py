@@ -20,57 +20,23 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from crossray.checkpoints import CheckpointError, Family, resolve_family
-from crossray.corpus import CorpusConfig
+from crossray.checkpoints import CheckpointError, Family
+from crossray.config import ExtractConfig
+from crossray.models.crosscoder import norm_factors
 from crossray.models.layer import LayerModel, load_layer_model
 from crossray.store import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-StorageDtype = Literal["bfloat16", "float32"]
 MANIFEST = "manifest.json"
 
 
 class ManifestError(ValueError):
     """A shard folder whose manifest or shards cannot be trusted."""
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    family: str
-    """Local family folder, hub repo, or `toy` (the embedded default, built or reused from the cache)."""
-    revisions: tuple[str, ...]
-    layer: int
-    corpus: CorpusConfig
-    batch_sequences: int = 16
-    """Sequences per forward pass."""
-    shard_sequences: int = 256
-    """Sequences per Parquet shard (the unit of retry and resume; larger amortises task overhead)."""
-    norm_sequences: int = 64
-    """Sequences used to estimate the normalisation factors (the paper: 4,000)."""
-    storage_dtype: StorageDtype = "bfloat16"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    naming: str | None = None
-    tokenizer: str | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.revisions) < 2:
-            raise ValueError(f"a checkpoint set needs at least 2 revisions, got {list(self.revisions)}")
-        if self.batch_sequences < 1 or self.shard_sequences < 1 or self.norm_sequences < 1:
-            raise ValueError("batch_sequences, shard_sequences and norm_sequences must be positive")
-
-    def family_obj(self) -> Family:
-        overrides: dict = {"revisions": tuple(self.revisions)}
-        if self.naming:
-            overrides["naming"] = self.naming
-        if self.tokenizer:
-            overrides["tokenizer"] = self.tokenizer
-        return resolve_family(self.family, **overrides)
 
 
 # -- the extractor ---------------------------------------------------------------------------------
@@ -127,13 +93,6 @@ def norm_stats(rows: dict, seq_limit: int) -> tuple[np.ndarray, int]:
     return np.linalg.norm(acts, axis=-1).sum(0), int(keep.sum())
 
 
-def norm_factors(norm_sum_C: np.ndarray, count: int, d_model: int) -> list[float]:
-    """s_c = sqrt(D) / mean ||x_c|| (method.md §3.4)."""
-    if count == 0:
-        raise ValueError("no rows to estimate normalisation factors from")
-    return [float(v) for v in d_model**0.5 / (np.asarray(norm_sum_C) / count)]
-
-
 # -- Parquet shards ----------------------------------------------------------------------------------
 
 def _bf16_bits(acts: np.ndarray) -> np.ndarray:
@@ -141,7 +100,7 @@ def _bf16_bits(acts: np.ndarray) -> np.ndarray:
         .view(torch.int16).numpy().view(np.uint16)
 
 
-def write_shard(path: Path, rows: dict, storage_dtype: StorageDtype) -> dict:
+def write_shard(path: Path, rows: dict, storage_dtype: str) -> dict:
     """Write rows as one Parquet file atomically; return its name, row count and SHA-256."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -261,7 +220,8 @@ class Manifest:
 def extraction_key(cfg: ExtractConfig, weight_hashes: Sequence[str], corpus_hash: str) -> str:
     blob = json.dumps({"hashes": list(weight_hashes), "layer": cfg.layer, "corpus": corpus_hash,
                        "drop0": cfg.corpus.drop_first_position, "dtype": cfg.storage_dtype,
-                       "shard": cfg.shard_sequences, "norm": cfg.norm_sequences}, sort_keys=True)
+                       "compute": cfg.compute_dtype, "shard": cfg.shard_sequences,
+                       "norm": cfg.norm_sequences}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

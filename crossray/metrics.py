@@ -18,6 +18,7 @@ from torch import Tensor
 
 from crossray.models.crosscoder import Crosscoder
 from crossray.models.layer import LayerModel
+from crossray.store import metric_name
 
 
 class FVE(NamedTuple):
@@ -91,9 +92,9 @@ def evaluate(crosscoder: Crosscoder, acts_NCD: Tensor, batch_size: int = 4096) -
     paper_C = torch.stack(paper).mean(0)
     row = {"fve": float(1 - err_C.sum() / var_C.sum()), "l2": float(err_C.sum() / n),
            "l0": float(sum(l0s) / n), "dead": int((~fired).sum())}
-    for c in range(C):
-        row[f"fve/{c}"] = float(fve_C[c])
-        row[f"fve_mean_of_ratios/{c}"] = float(paper_C[c])
+    for c, rev in enumerate(crosscoder.cfg.revision_names()):
+        row[metric_name("fve", rev)] = float(fve_C[c])
+        row[metric_name("fve_mean_of_ratios", rev)] = float(paper_C[c])
     return row
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from crossray.store import metric_name
+
 STAGE_FILES = {"screen": "screen/tables/accuracy.parquet", "evaluate": "evaluate/metrics.json",
                "attribute": "attribute/effects", "analyse": "analyse/tables",
                "train": "train/crosscoder/config.json"}
@@ -71,7 +73,7 @@ def load_folder(folder: str | Path, run_id: str | None = None, name: str | None 
     if not cfg_path.exists():
         raise ResultsError(f"{cfg_path} is missing: not a finished crossray pipeline run")
     cc = json.loads(cfg_path.read_text())["crosscoder"]
-    revisions = list(cc["checkpoints"])
+    revisions = list(cc["revisions"])
     accuracy = _read(folder / STAGE_FILES["screen"])
     by_rev = accuracy.drop_duplicates("revision").set_index("revision")
 
@@ -231,9 +233,9 @@ class RunIndex:
     def info(self) -> dict:
         r = self.run
         per_checkpoint = [{"index": c, "revision": rev, "step": r.steps[c], "tokens_seen": r.tokens_seen[c],
-                           "fve": _num(r.metrics.get(f"fve/{c}", "nan")),
-                           "delta_ce": _num(r.metrics.get(f"delta_ce/{c}", "nan")),
-                           "ce_recovered": _num(r.metrics.get(f"ce_recovered/{c}", "nan"))}
+                           "fve": _num(r.metrics.get(metric_name("fve", rev), "nan")),
+                           "delta_ce": _num(r.metrics.get(metric_name("delta_ce", rev), "nan")),
+                           "ce_recovered": _num(r.metrics.get(metric_name("ce_recovered", rev), "nan"))}
                           for c, rev in enumerate(r.revisions)]
         tasks = [{"name": t, "examples": int(r.tasks.get(t, {}).get("examples", 0)),
                   "selected": len(r.tasks.get(t, {}).get("selected", [])),

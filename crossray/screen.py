@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from crossray.checkpoints import CheckpointError, Family
-from crossray.models.layer import left_pad, load_layer_model
+from crossray.models.layer import encode, left_pad, load_layer_model
 
 
 @torch.inference_mode()
@@ -27,8 +27,7 @@ def revision_activations(family: Family, revision: str, layer: int, tokenizer, t
     lm = load_layer_model(family, revision, layer)
     out = []
     for i in range(0, len(texts), batch_size):
-        ids, mask = left_pad(tokenizer, [tokenizer(t, add_special_tokens=False)["input_ids"]
-                                         for t in texts[i:i + batch_size]])
+        ids, mask = left_pad(tokenizer, [encode(tokenizer, t) for t in texts[i:i + batch_size]])
         acts = lm.resid_pre(ids, mask).float()[mask.bool()]  # (n_real, D)
         out.append(torch.nn.functional.normalize(acts, dim=-1).half())
     return torch.cat(out)

@@ -29,6 +29,11 @@ STATE = "train_state.safetensors"
 STATE_META = "train_state.json"
 
 
+def metric_name(metric: str, revision: str) -> str:
+    """The one naming scheme of per-checkpoint metrics, everywhere: `fve/step128`."""
+    return f"{metric}/{revision}"
+
+
 class ArtifactError(ValueError):
     """An artifact folder that does not hold what its config says."""
 

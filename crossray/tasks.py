@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from crossray.models.layer import left_pad, model_inputs
+from crossray.models.layer import encode, left_pad, model_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,6 @@ class Task:
 
 # -- the single-token rule -----------------------------------------------------------------------
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
@@ -82,7 +78,7 @@ def _decode(tokenizer, ids: list[int]) -> str:
 def reduce_to_single_tokens(tokenizer, prefix: str, clean: str, patch: str, pair_id: str = ""
                             ) -> Example | str:
     """Example with single-token answers, or the reason the pair is skipped (method.md §9.2)."""
-    ca, pa = _encode(tokenizer, clean), _encode(tokenizer, patch)
+    ca, pa = encode(tokenizer, clean), encode(tokenizer, patch)
     if ca == pa:
         return "identical_answers"
     if len(ca) != len(pa):
@@ -100,8 +96,8 @@ def reduce_to_single_tokens(tokenizer, prefix: str, clean: str, patch: str, pair
 
 def blimp_example(tokenizer, prefix: str, good: str, bad: str, pair_id: str = "") -> Example | str:
     """Token-level prefix split of a one-prefix BLiMP row, then the single-token rule."""
-    ta = _encode(tokenizer, prefix.strip() + " " + good.strip())
-    tb = _encode(tokenizer, prefix.strip() + " " + bad.strip())
+    ta = encode(tokenizer, prefix.strip() + " " + good.strip())
+    tb = encode(tokenizer, prefix.strip() + " " + bad.strip())
     n = 0
     while n < min(len(ta), len(tb)) and ta[n] == tb[n]:
         n += 1
@@ -249,7 +245,7 @@ def prefix_logit_diffs(model, tokenizer, examples: list[Example], batch_size: in
     out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        ids, mask = left_pad(tokenizer, [_encode(tokenizer, e.clean_prefix) for e in chunk])
+        ids, mask = left_pad(tokenizer, [encode(tokenizer, e.clean_prefix) for e in chunk])
         logits = model(**model_inputs(model, ids.to(device), mask.to(device))).logits[:, -1].float()
         clean = torch.tensor([e.clean_answer_id for e in chunk], device=device)
         patch = torch.tensor([e.patch_answer_id for e in chunk], device=device)
@@ -265,7 +261,7 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], batch_size: int = 
     bos = tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id
     out = []
     for i in range(0, len(sentences), batch_size):
-        ids = [[bos] + _encode(tokenizer, s) for s in sentences[i:i + batch_size]]
+        ids = [[bos] + encode(tokenizer, s) for s in sentences[i:i + batch_size]]
         input_ids, mask = left_pad(tokenizer, ids)
         input_ids, mask = input_ids.to(device), mask.to(device)
         logp = model(**model_inputs(model, input_ids, mask)).logits[:, :-1].float().log_softmax(-1)

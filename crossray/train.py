@@ -18,6 +18,7 @@ and over a Ray Data shard in jobs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
@@ -30,7 +31,7 @@ from torch import Tensor
 from crossray import metrics as M
 from crossray import store
 from crossray.config import TrainConfig
-from crossray.models.crosscoder import Crosscoder, ForwardOutput
+from crossray.models.crosscoder import Crosscoder, ForwardOutput, norm_factors
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +189,9 @@ class Trainer:
                "aux": losses.aux.item(), "l0": M.l0(out.latents_BL).item(), "fve": fve.joint.item(),
                "fve_mean_of_ratios": paper.joint.item(), "dead": self.dead.count(),
                "lr": self.scheduler.get_last_lr()[0], "l1_coeff": l1_coeff_at(self.step, self.cfg)}
-        for c in range(x_BCD.shape[1]):
-            row[f"fve/{c}"] = fve.per_checkpoint_C[c].item()
-            row[f"fve_mean_of_ratios/{c}"] = paper.per_checkpoint_C[c].item()
+        for c, rev in enumerate(self.cc.cfg.revision_names()):
+            row[store.metric_name("fve", rev)] = fve.per_checkpoint_C[c].item()
+            row[store.metric_name("fve_mean_of_ratios", rev)] = paper.per_checkpoint_C[c].item()
         return row
 
     def fit(self, batches: Iterable[Tensor], log: Callable[[int, dict], None] | None = None,
@@ -259,15 +260,12 @@ class Trainer:
 
 @torch.no_grad()
 def estimate_norm_factors(batches: Iterable[Tensor], n_batches: int) -> Tensor:
-    """s_c = sqrt(D) / mean_t ||x_c,t|| over the first `n_batches` batches (method.md §3.4), shape (C,)."""
-    total, count = None, 0
-    for i, x_BCD in enumerate(batches):
-        if i >= n_batches:
-            break
+    """The normalisation factors (C,) from the first `n_batches` batches (B, C, D) of raw rows."""
+    total, count, d_model = None, 0, 0
+    for x_BCD in itertools.islice(batches, n_batches):
         norms_C = x_BCD.float().norm(dim=-1).sum(0)
         total = norms_C if total is None else total + norms_C
-        count += x_BCD.shape[0]
+        count, d_model = count + x_BCD.shape[0], x_BCD.shape[-1]
     if total is None:
         raise ValueError("no batches to estimate normalisation factors from")
-    D = x_BCD.shape[-1]
-    return D**0.5 / (total / count)
+    return torch.tensor(norm_factors(total.tolist(), count, d_model))

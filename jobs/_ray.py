@@ -1,10 +1,27 @@
-"""Starting or joining Ray from a job's main()."""
+"""What every job's main() shares: its parser (the run config, its flags, a Ray address), logging,
+and starting or joining Ray."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 
 import ray
+
+from crossray.config import add_config_flags
+
+
+def job_parser(description: str) -> argparse.ArgumentParser:
+    """`--config`, a `--section.field` flag for every config field, and `--address`."""
+    p = argparse.ArgumentParser(description=description)
+    add_config_flags(p)
+    p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
+    return p
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def init_ray(address: str | None) -> None:

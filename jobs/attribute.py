@@ -1,8 +1,8 @@
 """Distributed attribution: IE of every crosscoder feature per checkpoint per task, RelIE, ablation.
 
-    python -m jobs.attribute --crosscoder runs/x/crosscoder --family toy \
-        --task path/to/simple_agreement.jsonl --task path/to/tasks_dir --out runs/x/effects
-    ray job submit --working-dir . -- python -m jobs.attribute ... --gpus-per-actor 1
+    python -m jobs.attribute --config configs/tiny.yaml --crosscoder runs/tiny/train/crosscoder \
+        --out runs/x/effects [--pipeline.tasks a.jsonl,dir] [--attribution.steps 8]
+    ray job submit --working-dir . -- python -m jobs.attribute ... --launch.gpus_per_actor 1
 
 A pool of actors each holds every checkpoint of the set and the crosscoder once (the latent is shared,
 so every unit needs all checkpoints' activations). Work fans out as (task, checkpoint, example shard)
@@ -14,7 +14,6 @@ and error-term effect per checkpoint, selected features, ablation correlations),
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -26,10 +25,13 @@ from ray.util import ActorPool
 
 from crossray import attribution as AT
 from crossray.checkpoints import Family, resolve_family
+from crossray.config import AttributionConfig, LaunchConfig, load_config
 from crossray.models.layer import load_layer_model, load_tokenizer
+from crossray.pipeline.inputs import task_files
+from crossray.schema import overrides_from
 from crossray.store import load_crosscoder, write_tables
-from crossray.tasks import Task, TaskError, load_tasks
-from jobs._ray import init_ray
+from crossray.tasks import TaskError, load_tasks
+from jobs._ray import init_ray, job_parser, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class AttributionActor:
         self.tokenizer = load_tokenizer(family, revisions[0])
         AT.check_crosscoder_fits(self.cc, self.models, revisions)
 
-    def effects(self, examples, cfg: AT.AttributionConfig, m: int) -> AT.EffectSums:
+    def effects(self, examples, cfg: AttributionConfig, m: int) -> AT.EffectSums:
         return AT.task_effects(self.cc, self.models, self.tokenizer, examples, cfg, checkpoints=[m])
 
     def ablation(self, examples, features: list[int]) -> torch.Tensor:
@@ -53,11 +55,11 @@ class AttributionActor:
 
 
 def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[str], out: str | Path,
-                  cfg: AT.AttributionConfig, actors: int = 2, cpus_per_actor: float = 0.5,
-                  gpus_per_actor: float = 0, shard_examples: int = 64) -> dict:
+                  cfg: AttributionConfig, launch: LaunchConfig | None = None, shard_examples: int = 64
+                  ) -> dict:
     crosscoder_dir = Path(crosscoder_dir).resolve()  # actors may run in another working directory
     cc = load_crosscoder(crosscoder_dir)
-    revisions = list(cc.cfg.checkpoints)
+    revisions = list(cc.cfg.revisions)
     if not revisions or cc.cfg.layer is None:
         raise ValueError(f"{crosscoder_dir}: the crosscoder config records no checkpoints or layer")
     for rev in revisions:
@@ -67,9 +69,10 @@ def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[s
         if not t.examples:
             raise TaskError(f"task {t.name}: no example with single-token answers is left "
                             f"(skipped {dict(t.skipped)})")
-    remote = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)(AttributionActor)
-    pool_actors = [remote.remote(str(crosscoder_dir), family, revisions, cc.cfg.layer, gpus_per_actor)
-                   for _ in range(actors)]
+    launch = launch or LaunchConfig()
+    remote = ray.remote(num_cpus=launch.cpus_per_actor, num_gpus=launch.gpus_per_actor)(AttributionActor)
+    pool_actors = [remote.remote(str(crosscoder_dir), family, revisions, cc.cfg.layer, launch.gpus_per_actor)
+                   for _ in range(launch.actors)]
     pool = ActorPool(pool_actors)
     units = [(ti, m, s) for ti, t in enumerate(tasks) for m in range(len(revisions))
              for s in range(0, len(t.examples), shard_examples)]
@@ -83,59 +86,39 @@ def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[s
     rows, summary = [], {"crosscoder": str(crosscoder_dir), "revisions": revisions,
                          "layer": cc.cfg.layer, "config": cfg.__dict__, "tasks": {}}
     for ti, task in enumerate(tasks):
-        rows += _summarise(task, sums[ti], cc, revisions, cfg, pool_actors[ti % actors], summary)
+        actor = pool_actors[ti % len(pool_actors)]
+        total = sums[ti]._replace(n_examples=sums[ti].n_examples // len(revisions))  # counted per checkpoint
+        info, task_rows = AT.summarise(task, total, cc, revisions, cfg,
+                                       lambda ex, feats, a=actor: ray.get(a.ablation.remote(ex, feats)))
+        summary["tasks"][task.name] = info
+        rows += task_rows
     write_tables(out, {"effects": rows}, {"summary.json": summary})
     return summary
 
 
-def _summarise(task: Task, sums: AT.EffectSums, cc, revisions, cfg, actor, summary) -> list[dict]:
-    n_examples = sums.n_examples // len(revisions)  # every checkpoint counted the examples once
-    ie_CL = sums.ie_sum_CL / n_examples
-    selected = AT.top_features(ie_CL, cfg.top_k)
-    info = {"examples": n_examples, "skipped": dict(task.skipped), "selected": selected,
-            "metric": (sums.metric_sum_C / n_examples).tolist(),
-            "error_effect": (sums.err_sum_C / n_examples).tolist()}
-    if len(selected) >= 3:
-        deltas = ray.get(actor.ablation.remote(task.examples, selected))
-        norms = cc.decoder_norms().detach()[selected]
-        info["ablation"] = AT.ablation_correlations(deltas, ie_CL[:, selected].T, norms)
-    summary["tasks"][task.name] = info
-    return AT.effects_rows(task.name, ie_CL, revisions, cfg)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="IE and RelIE of crosscoder features with Ray")
+    p = job_parser("IE and RelIE of crosscoder features with Ray")
     p.add_argument("--crosscoder", required=True, help="folder with weights.safetensors + config.json")
-    p.add_argument("--family", required=True, help="toy, a local family folder, or a hub repo")
-    p.add_argument("--task", action="append", required=True, help="task file or folder (repeatable)")
     p.add_argument("--out", required=True)
-    p.add_argument("--revisions", help="comma-separated; must match the crosscoder's checkpoints")
-    p.add_argument("--layer", type=int, help="must match the crosscoder's layer")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--threshold", type=float, default=0.1)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--actors", type=int, default=2)
-    p.add_argument("--cpus-per-actor", type=float, default=0.5)
-    p.add_argument("--gpus-per-actor", type=float, default=0)
-    p.add_argument("--address", default=None)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
-        family = resolve_family(args.family)
+        cfg = load_config(args.config, overrides_from(args))
+        pc = cfg.pipeline
+        family = resolve_family(pc.family, naming=pc.naming, tokenizer=pc.tokenizer)
         cc_cfg = load_crosscoder(args.crosscoder).cfg
-        if args.revisions and args.revisions.split(",") != list(cc_cfg.checkpoints):
-            raise ValueError(f"crosscoder was trained on checkpoints {list(cc_cfg.checkpoints)}, "
-                             f"not on {args.revisions.split(',')}")
-        if args.layer is not None and args.layer != cc_cfg.layer:
-            raise ValueError(f"crosscoder was trained at layer {cc_cfg.layer}, not at layer {args.layer}")
-        cfg = AT.AttributionConfig(steps=args.steps, threshold=args.threshold, top_k=args.top_k)
+        if pc.revisions and list(pc.revisions) != list(cc_cfg.revisions):
+            raise ValueError(f"crosscoder was trained on checkpoints {list(cc_cfg.revisions)}, "
+                             f"not on {list(pc.revisions)}")
+        if pc.layer != cc_cfg.layer:
+            raise ValueError(f"crosscoder was trained at layer {cc_cfg.layer}, not at layer {pc.layer}")
+        tasks = task_files(pc.tasks, family)
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
     init_ray(args.address)
     try:
-        summary = run_attribute(args.crosscoder, family, args.task, args.out, cfg, args.actors,
-                                args.cpus_per_actor, args.gpus_per_actor)
+        summary = run_attribute(args.crosscoder, family, tasks, args.out, cfg.attribution, cfg.launch)
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2

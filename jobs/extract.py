@@ -1,7 +1,10 @@
 """Distributed activation extraction with Ray Data.
 
-    python -m jobs.extract --config configs/extract-tiny.yaml [--out DIR] [--actors 2]
-    ray job submit --working-dir . -- python -m jobs.extract --config X.yaml --gpus-per-actor 1
+    python -m jobs.extract --config configs/tiny.yaml --pipeline.revisions step0,step128,step1000 --out DIR
+    ray job submit --working-dir . -- python -m jobs.extract --config X.yaml --out DIR \
+        --launch.gpus_per_actor 1
+
+Any field of the run config can be overridden with a flag (`--launch.actors 4`).
 
 Sequences go to a pool of actors; each actor loads every checkpoint of the set once (in `__init__`)
 and runs them to the hooked block. Parquet mode: one task per shard (a fixed range of sequences),
@@ -9,12 +12,12 @@ written atomically by name with a JSON sidecar, so retries after an actor dies a
 interruption never duplicate or lose rows; a complete extraction (manifest present, same inputs) is a
 no-op. Streaming mode (`stream_dataset`) returns a Ray Dataset of rows for Ray Train, with no disk.
 
-Tiny CPU example: `python -m jobs.extract --config configs/extract-tiny.yaml --out runs/acts`.
+Tiny CPU example: `python -m jobs.extract --config configs/tiny.yaml --pipeline.revisions
+step0,step128,step1000 --out runs/acts`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -26,9 +29,11 @@ import ray
 import torch
 
 from crossray import extract as X
+from crossray.config import Config, LaunchConfig, load_config
 from crossray.corpus import load_sequences
 from crossray.models.layer import load_tokenizer
-from jobs._ray import init_ray
+from crossray.schema import overrides_from, shallow
+from jobs._ray import init_ray, job_parser, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +111,11 @@ def estimate_norms(prep: Prepared, num_cpus: float = 0.5, num_gpus: float = 0) -
     return X.norm_factors(norm_sum, count, prep.d_model)
 
 
-def _actor_args(actors: int, cpus: float, gpus: float, spread: bool) -> dict:
-    args = {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": cpus,
+def _actor_args(launch: LaunchConfig, spread: bool) -> dict:
+    args = {"compute": ray.data.ActorPoolStrategy(size=launch.actors), "num_cpus": launch.cpus_per_actor,
             "max_restarts": -1, "max_task_retries": -1}
-    if gpus:
-        args["num_gpus"] = gpus
+    if launch.gpus_per_actor:
+        args["num_gpus"] = launch.gpus_per_actor
     if spread:
         args["scheduling_strategy"] = "SPREAD"
     return args
@@ -131,11 +136,11 @@ def _finished_shards(out: Path, plan: list[tuple[int, int, int]]) -> dict[int, d
     return done
 
 
-def run_extract(cfg: X.ExtractConfig, out: str | Path, actors: int = 2, cpus_per_actor: float = 0.5,
-                gpus_per_actor: float = 0, spread: bool = False, prep: Prepared | None = None
-                ) -> X.Manifest:
+def run_extract(cfg: X.ExtractConfig, out: str | Path, launch: LaunchConfig | None = None,
+                spread: bool = False, prep: Prepared | None = None) -> X.Manifest:
     """Parquet shards + manifest in `out`; a no-op when a manifest for the same inputs is there."""
     out = Path(out).resolve()  # actors may run in another working directory
+    launch = launch or LaunchConfig()
     prep = prep or prepare(cfg)  # every input check happens here, before any Ray work
     if (out / X.MANIFEST).exists():
         manifest = X.Manifest.read(out)
@@ -149,15 +154,15 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, actors: int = 2, cpus_per
     plan = X.shard_plan(len(prep.tokens), cfg.shard_sequences)
     done = _finished_shards(out, plan)
     todo = [p for p in plan if p[0] not in done]
-    logger.info("extracting %d shards (%d already done) with %d actors", len(todo), len(done), actors)
+    logger.info("extracting %d shards (%d already done) with %d actors", len(todo), len(done), launch.actors)
     if todo:
         tokens_ref = ray.put(prep.tokens)
         ds = ray.data.from_items([{"shard": i, "start": s, "stop": e} for i, s, e in todo],
                                  override_num_blocks=len(todo))
         ds = ds.map_batches(ShardWriter, batch_size=1,
                             fn_constructor_kwargs={"cfg": cfg, "tokens_ref": [tokens_ref], "out": str(out),
-                                                   "num_gpus": gpus_per_actor},
-                            **_actor_args(actors, cpus_per_actor, gpus_per_actor, spread))
+                                                   "num_gpus": launch.gpus_per_actor},
+                            **_actor_args(launch, spread))
         for row in ds.take_all():
             info = json.loads(row["info"])
             done[info["index"]] = info
@@ -172,63 +177,44 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, actors: int = 2, cpus_per
     return manifest
 
 
-def stream_dataset(cfg: X.ExtractConfig, actors: int = 2, cpus_per_actor: float = 0.5,
-                   gpus_per_actor: float = 0) -> tuple[ray.data.Dataset, Prepared, list[float]]:
+def stream_dataset(cfg: X.ExtractConfig, launch: LaunchConfig | None = None
+                   ) -> tuple[ray.data.Dataset, Prepared, list[float]]:
     """Rows `seq, pos, acts` as a lazily executed Ray Dataset (nothing written to disk)."""
+    launch = launch or LaunchConfig()
     prep = prepare(cfg)
     tokens_ref = ray.put(prep.tokens)
     blocks = [{"start": s, "stop": e} for _, s, e in X.shard_plan(len(prep.tokens), cfg.batch_sequences)]
     ds = ray.data.from_items(blocks, override_num_blocks=min(len(blocks), 64))
     ds = ds.map_batches(RowExtractor, batch_size=1,
                         fn_constructor_kwargs={"cfg": cfg, "tokens_ref": [tokens_ref],
-                                               "num_gpus": gpus_per_actor},
-                        **_actor_args(actors, cpus_per_actor, gpus_per_actor, False))
-    return ds, prep, estimate_norms(prep, cpus_per_actor, gpus_per_actor)
+                                               "num_gpus": launch.gpus_per_actor},
+                        **_actor_args(launch, False))
+    return ds, prep, estimate_norms(prep, launch.cpus_per_actor, launch.gpus_per_actor)
 
 
-def load_config(path: str | Path, revisions: list[str] | None = None) -> X.ExtractConfig:
-    """The `extract` section; family, layer and revisions may come from the `pipeline` section,
-    and `revisions` (the --revisions flag) overrides both."""
-    import yaml
-
-    from crossray.config import from_dict
-    from crossray.corpus import CorpusConfig
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    section = dict(data.get("extract", data))
-    if not isinstance(section, dict) or "corpus" not in section:
-        raise ValueError(f"{path}: expected an 'extract' mapping with a 'corpus' section")
-    pipe = data.get("pipeline", {}) or {}
-    for key in ("family", "layer", "revisions"):
-        if key not in section and key in pipe:
-            section[key] = pipe[key]
-    if revisions:
-        section["revisions"] = revisions
-    if not section.get("revisions"):
-        raise ValueError(f"{path}: no checkpoint set; give --revisions a,b,c or extract.revisions")
-    corpus = from_dict(CorpusConfig, section["corpus"], f"{path}:extract.corpus")
-    return from_dict(X.ExtractConfig, {**section, "corpus": corpus}, f"{path}:extract")
+def extract_config(cfg: Config) -> X.ExtractConfig:
+    """The config's extraction settings for its pinned checkpoint set (`pipeline.revisions`)."""
+    p = cfg.pipeline
+    if not p.revisions:
+        raise ValueError("no checkpoint set: give --pipeline.revisions a,b,c or pipeline.revisions")
+    return X.ExtractConfig(**shallow(cfg.extract), family=p.family, revisions=p.revisions, layer=p.layer,
+                           naming=p.naming, tokenizer=p.tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Extract activations of a checkpoint set with Ray Data")
-    p.add_argument("--config", required=True)
+    p = job_parser("Extract activations of a checkpoint set with Ray Data")
     p.add_argument("--out", required=True, help="folder for Parquet shards and manifest.json")
-    p.add_argument("--revisions", help="comma-separated checkpoint set (overrides the config)")
-    p.add_argument("--actors", type=int, default=2)
-    p.add_argument("--cpus-per-actor", type=float, default=0.5)
-    p.add_argument("--gpus-per-actor", type=float, default=0)
-    p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
-        cfg = load_config(args.config, args.revisions.split(",") if args.revisions else None)
-        prep = prepare(cfg)  # fail on bad input before Ray starts
+        cfg = load_config(args.config, overrides_from(args))
+        ecfg = extract_config(cfg)
+        prep = prepare(ecfg)  # fail on bad input before Ray starts
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
     init_ray(args.address)
-    manifest = run_extract(cfg, args.out, args.actors, args.cpus_per_actor, args.gpus_per_actor, prep=prep)
+    manifest = run_extract(ecfg, args.out, cfg.launch, prep=prep)
     print(json.dumps({"out": args.out, "shards": len(manifest.shards), "rows": manifest.token_count,
                       "norm_factors": manifest.norm_factors}))
     return 0

@@ -1,7 +1,10 @@
 """Crosscoder training with Ray Train: N data-parallel workers (DDP), checkpoints, fault tolerance.
 
-    python -m jobs.train --config configs/train-tiny.yaml --data runs/acts --storage runs/train --name x
-    ray job submit --working-dir . -- python -m jobs.train --config X.yaml --data s3://... --gpus
+    python -m jobs.train --config configs/tiny.yaml --data runs/acts --storage runs/train --name x
+    ray job submit --working-dir . -- python -m jobs.train --config X.yaml --data /mnt/acts \
+        --storage s3://bucket/train --launch.gpus_per_worker 1
+
+Any field of the run config can be overridden with a flag (`--train.n_steps 200`, `--launch.workers 4`).
 
 Each worker reads its share of the data through a local shuffle buffer: either Parquet shards of a
 finished extraction (shard i goes to worker i mod N) or its split of the streaming extraction
@@ -13,15 +16,13 @@ same `--name` and `--storage` resumes a stopped run. Only rank 0 reports metrics
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import itertools
 import json
 import logging
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -30,31 +31,23 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from crossray.config import TrainConfig
+from crossray.config import (
+    LaunchConfig,
+    TrainConfig,
+    TrainSettings,
+    load_config,
+    resolve_train,
+)
 from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
+from crossray.schema import overrides_from
 from crossray.train import Trainer
-from jobs._ray import init_ray
+from jobs._ray import init_ray, job_parser, setup_logging
 
 logger = logging.getLogger(__name__)
 CROSSCODER_DIR = "crosscoder"
 HISTORY = "metrics.json"
 """Every metrics row rank 0 logged, kept in each checkpoint (Ray keeps only a few checkpoints)."""
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Launch-only settings (not part of the crosscoder's identity)."""
-
-    storage_path: str
-    name: str = ""
-    """Run name; reusing the name of a stopped run resumes it (empty: a fresh unique name)."""
-    num_workers: int = 2
-    cpus_per_worker: float = 0.5
-    use_gpu: bool = False
-    max_failures: int = 2
-    shuffle_buffer_rows: int = 8192
-    seed: int = 0
 
 
 def _parquet_batches(folder: str, world: int, rank: int, batch: int, buffer: int, seed: int
@@ -98,10 +91,9 @@ def train_loop_per_worker(config: dict) -> None:
     trainer, history = _make_trainer(cfg, config["norm_factors"], device)
     if world > 1:
         trainer.forward_module = ray.train.torch.prepare_model(trainer.cc, move_to_device=False)
-    batch = cfg.batch_size // world
-    seed = config["seed"]
-    batches = (_parquet_batches(config["data"], world, rank, batch, config["buffer"], seed)
-               if config["data"] else _stream_batches(batch, config["buffer"], seed + rank))
+    batch, buffer, seed = cfg.batch_size // world, cfg.shuffle_buffer_rows, cfg.data_seed
+    batches = (_parquet_batches(config["data"], world, rank, batch, buffer, seed)
+               if config["data"] else _stream_batches(batch, buffer, seed + rank))
     batches = itertools.islice(batches, trainer.batches_consumed, None)  # data position on resume
     latest: dict = {"resumed_from_step": trainer.step}
 
@@ -124,30 +116,36 @@ def train_loop_per_worker(config: dict) -> None:
     trainer.fit(batches, log=log, save=save, progress=rank == 0)
 
 
-def run_train(cfg: TrainConfig, launch: LaunchConfig, norm_factors: list[float],
-              data: str | None = None, dataset: ray.data.Dataset | None = None) -> ray.train.Result:
-    """Fit on Parquet shards (`data`, a manifest folder) or a streaming `dataset` of rows."""
+def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_factors: list[float],
+              data: str | None = None, dataset: ray.data.Dataset | None = None, name: str = ""
+              ) -> ray.train.Result:
+    """Fit on Parquet shards (`data`, a manifest folder) or a streaming `dataset` of rows.
+
+    `name` is the Ray Train run name under `storage`: the name of a stopped run resumes it (empty: a
+    fresh unique name)."""
     if (data is None) == (dataset is None):
         raise ValueError("give exactly one of data (a manifest folder) or dataset (streaming)")
     if data is not None:
         data = str(Path(data).resolve())  # Train workers run in their own working directory
         manifest = Manifest.read(data)
         manifest.verify(data)  # a corrupted shard is an error before any worker starts
-        if len(manifest.shards) < launch.num_workers:
-            raise ValueError(f"{data} has {len(manifest.shards)} shards for {launch.num_workers} workers")
-    if cfg.batch_size % launch.num_workers:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {launch.num_workers} workers")
+        if len(manifest.shards) < launch.workers:
+            raise ValueError(f"{data} has {len(manifest.shards)} shards for {launch.workers} workers")
+    if cfg.batch_size % launch.workers:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {launch.workers} workers")
     if len(norm_factors) != cfg.crosscoder.n_checkpoints:
         raise ValueError(f"{len(norm_factors)} normalisation factors for "
                          f"{cfg.crosscoder.n_checkpoints} checkpoints")
-    name = launch.name or f"crosscoder-{uuid.uuid4().hex[:8]}"
+    resources = {"CPU": launch.cpus_per_worker}
+    if launch.gpus_per_worker:
+        resources["GPU"] = launch.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train_cfg": cfg, "norm_factors": list(norm_factors), "data": data,
-                           "buffer": launch.shuffle_buffer_rows, "seed": launch.seed},
-        scaling_config=ScalingConfig(num_workers=launch.num_workers, use_gpu=launch.use_gpu,
-                                     resources_per_worker={"CPU": launch.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(Path(launch.storage_path).resolve()),
+        train_loop_config={"train_cfg": cfg, "norm_factors": list(norm_factors), "data": data},
+        scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name or f"crosscoder-{uuid.uuid4().hex[:8]}",
+                             storage_path=str(Path(storage).resolve()),
                              failure_config=FailureConfig(max_failures=launch.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset} if dataset is not None else None,
@@ -167,62 +165,31 @@ def crosscoder_dir(result: ray.train.Result) -> Path:
     return Path(result.checkpoint.path) / CROSSCODER_DIR
 
 
-def resolve_with_manifest(cfg: TrainConfig, manifest: Manifest) -> TrainConfig:
-    """Fill the crosscoder's lineage from the extraction; refuse a config that does not fit it."""
-    cc = cfg.crosscoder
-    if (cc.n_checkpoints, cc.d_model) != (len(manifest.revisions), manifest.d_model):
-        raise ValueError(f"crosscoder config (C={cc.n_checkpoints}, D={cc.d_model}) does not fit the "
-                         f"extraction (C={len(manifest.revisions)}, D={manifest.d_model})")
-    if cc.checkpoints and list(cc.checkpoints) != manifest.revisions:
-        raise ValueError(f"crosscoder config lists checkpoints {list(cc.checkpoints)} but the "
-                         f"extraction holds {manifest.revisions}")
-    lineage = dataclasses.replace(cc, checkpoints=tuple(manifest.revisions), family=manifest.family,
-                                  checkpoint_hashes=tuple(manifest.weight_hashes), layer=manifest.layer)
-    return dataclasses.replace(cfg, crosscoder=lineage)
-
-
-def load_config(path: str | Path, manifest: Manifest | None = None) -> TrainConfig:
-    """The `train` section; the crosscoder's n_checkpoints and d_model default to the extraction's
-    (without a manifest, placeholders stand in so the rest of the config is still validated)."""
-    import yaml
-
-    from crossray.config import from_dict
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    section = dict(data.get("train", data))
-    cc = dict(section.get("crosscoder", {}))
-    cc.setdefault("n_checkpoints", len(manifest.revisions) if manifest else 2)
-    cc.setdefault("d_model", manifest.d_model if manifest else 1)
-    section["crosscoder"] = cc
-    return from_dict(TrainConfig, section, f"{path}:train")
+def resolve_with_manifest(settings: TrainSettings, manifest: Manifest) -> TrainConfig:
+    """Training settings resolved from an extraction: C, D and the lineage of the activations."""
+    return resolve_train(settings, len(manifest.revisions), manifest.d_model,
+                         revisions=tuple(manifest.revisions), weight_hashes=tuple(manifest.weight_hashes),
+                         family=manifest.family, layer=manifest.layer)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    p = argparse.ArgumentParser(description="Train a crosscoder with Ray Train")
-    p.add_argument("--config", required=True)
+    p = job_parser("Train a crosscoder with Ray Train")
     p.add_argument("--data", required=True, help="extraction folder (manifest.json + shards)")
     p.add_argument("--storage", required=True, help="Ray Train storage path (local or s3://)")
     p.add_argument("--name", default="", help="run name; the name of a stopped run resumes it")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--cpus-per-worker", type=float, default=0.5)
-    p.add_argument("--gpus", action="store_true", help="one GPU per worker")
-    p.add_argument("--address", default=None)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
-        load_config(args.config)  # a bad config is reported before the data is looked at
+        cfg = load_config(args.config, overrides_from(args))  # a bad config is reported first
         manifest = Manifest.read(args.data)
         manifest.verify(args.data)
-        cfg = resolve_with_manifest(load_config(args.config, manifest), manifest)
+        train_cfg = resolve_with_manifest(cfg.train, manifest)
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
     init_ray(args.address)
-    launch = LaunchConfig(storage_path=args.storage, name=args.name, num_workers=args.workers,
-                          cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpus)
-    result = run_train(cfg, launch, manifest.norm_factors, data=args.data)
+    result = run_train(train_cfg, cfg.launch, args.storage, manifest.norm_factors, data=args.data,
+                       name=args.name)
     print(json.dumps({"crosscoder": str(crosscoder_dir(result)), "metrics": result.metrics}, default=str))
     return 0
 

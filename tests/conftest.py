@@ -112,7 +112,7 @@ def toy_acts(ray_cluster, toy_extract_cfg, tmp_path_factory):
     from jobs.extract import run_extract
 
     out = tmp_path_factory.mktemp("acts") / "toy"
-    run_extract(toy_extract_cfg, out, actors=2)
+    run_extract(toy_extract_cfg, out)
     return out
 
 
@@ -154,10 +154,12 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tracked_run(ray_cluster, mlflow_server, tmp_path_factory):
     """The tiny pipeline (shrunk) tracked in the real MLflow server, run once per session:
-    (results, config path). Shared by the pipeline and the Serve tests."""
+    (RunOutcome, config path). Shared by the pipeline and the Serve tests."""
     import mlflow
 
-    from jobs.pipeline import Pipeline, check_tracking, load_config
+    from crossray.config import load_config
+    from crossray.tracking import check_tracking
+    from jobs.pipeline import run
     from tests.helpers import small_pipeline_config
 
     tmp_path = tmp_path_factory.mktemp("pipeline")
@@ -166,6 +168,6 @@ def tracked_run(ray_cluster, mlflow_server, tmp_path_factory):
     try:
         check_tracking()
         config = small_pipeline_config(tmp_path)
-        yield Pipeline(load_config(config), str(config)).run(), config
+        yield run(load_config(config), config.name), config
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]

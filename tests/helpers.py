@@ -78,9 +78,10 @@ def small_pipeline_config(tmp_path: Path) -> Path:
 
     root = Path(__file__).resolve().parents[1]
     cfg = yaml.safe_load((root / "configs" / "tiny.yaml").read_text())
-    cfg["pipeline"].update(out=str(tmp_path / "runs"), screen_revisions=["step0", "step64", "step128",
-                                                                          "step256", "step1000"],
-                           register_name="toy-test", eval_sequences=8)
+    cfg["pipeline"].update(out=str(tmp_path / "runs"),
+                           screen_revisions=["step0", "step64", "step128", "step256", "step1000"])
+    cfg["launch"] = {"register_name": "toy-test"}
+    cfg["evaluate"]["eval_sequences"] = 8
     cfg["extract"]["corpus"]["n_sequences"] = 128
     cfg["extract"]["shard_sequences"] = 64
     cfg["train"].update(n_steps=600, batch_size=256, checkpoint_every=50, metrics_every=50)

@@ -133,7 +133,7 @@ def test_feature_rows_have_every_cosine_pair():
     from crossray.models.crosscoder import Crosscoder
     from tests.helpers import make_cc_cfg
 
-    cc = Crosscoder(make_cc_cfg(n_checkpoints=3, d_model=4, n_latents=5, checkpoints=("a", "b", "c")))
+    cc = Crosscoder(make_cc_cfg(n_checkpoints=3, d_model=4, n_latents=5, revisions=("a", "b", "c")))
     rows = A.feature_rows(cc)
     assert len(rows) == 5 and {"cos/a-b", "cos/a-c", "cos/b-c", "dec_norm/c", "reldec/a"} <= set(rows[0])
     assert sum(rows[0][f"reldec/{r}"] for r in "abc") == pytest.approx(1.0)

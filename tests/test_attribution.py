@@ -43,7 +43,7 @@ def examples(toy_dir, toy_tokenizer):
 
 def _random_crosscoder():
     cc = Crosscoder(CrosscoderConfig(n_checkpoints=3, d_model=64, n_latents=128, seed=1,
-                                     dec_init_norm=0.3, checkpoints=REVS, layer=2))
+                                     dec_init_norm=0.3, revisions=REVS, layer=2))
     with torch.no_grad():
         cc.norm_factors_C.copy_(torch.tensor([20.0, 6.0, 6.0]))
         cc.b_dec_CD.normal_(0, 0.3)
@@ -147,7 +147,7 @@ def test_toy_emergence_relie_and_ablation(toy_dir, toy_models, toy_tokenizer):
     tokens, _ = load_sequences(ecfg.corpus, toy_tokenizer)
     acts = CheckpointSetExtractor(ecfg)(tokens)[:, 1:].reshape(-1, 3, 64)
     batches = list(acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))].split(512))
-    ccfg = CrosscoderConfig(n_checkpoints=3, d_model=64, n_latents=256, seed=0, checkpoints=REVS, layer=2)
+    ccfg = CrosscoderConfig(n_checkpoints=3, d_model=64, n_latents=256, seed=0, revisions=REVS, layer=2)
     cc = Crosscoder(ccfg)
     cc.norm_factors_C.copy_(estimate_norm_factors(batches, 20))
     Trainer(cc, TrainConfig(crosscoder=ccfg, n_steps=3 * len(batches), batch_size=512, lr=1e-3,
@@ -162,7 +162,7 @@ def test_toy_emergence_relie_and_ablation(toy_dir, toy_models, toy_tokenizer):
           f"{len(res['selected'])} features selected")
     assert top10[0] < 0.2 * top10[2]
     assert abl["mean_rho_relie"] >= 0.8
-    assert len(res["rows"]) == 256 * 3 and res["n_examples"] == 200
+    assert len(res["rows"]) == 256 * 3 and res["examples"] == 200
 
 
 def test_patch_prefix_baseline_completeness(toy_models, toy_tokenizer, toy_dir):

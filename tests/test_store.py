@@ -12,7 +12,7 @@ from tests.helpers import make_cc_cfg, make_train_cfg
 
 @pytest.mark.parametrize("activation", ["relu", "batchtopk", "jumprelu"])
 def test_save_load_identical_outputs(tmp_path, activation):
-    cfg = make_cc_cfg(activation=activation, checkpoints=("step1", "step2"), layer=3, family="toy")
+    cfg = make_cc_cfg(activation=activation, revisions=("step1", "step2"), layer=3, family="toy")
     cc = Crosscoder(cfg)
     with torch.no_grad():
         cc.norm_factors_C.copy_(torch.tensor([0.5, 2.0]))
@@ -23,7 +23,7 @@ def test_save_load_identical_outputs(tmp_path, activation):
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights.safetensors"]
     assert not list(tmp_path.glob("*.tmp"))
     config = json.loads((folder / "config.json").read_text())
-    assert config["crosscoder"]["checkpoints"] == ["step1", "step2"] and config["train"]["n_steps"] == 20
+    assert config["crosscoder"]["revisions"] == ["step1", "step2"] and config["train"]["n_steps"] == 20
     loaded = load_crosscoder(folder)
     x = torch.randn(8, 2, 16)
     assert torch.equal(cc(x).recon_BCD, loaded(x).recon_BCD)

@@ -32,6 +32,13 @@ logger = logging.getLogger(__name__)
 Mode = Literal["train", "eval"]
 
 
+def norm_factors(norm_sum_C, count: int, d_model: int) -> list[float]:
+    """s_c = sqrt(D) / mean ||x_c|| from the sum of norms over `count` rows (method.md §3.4)."""
+    if count == 0:
+        raise ValueError("no rows to estimate normalisation factors from")
+    return [d_model**0.5 / (float(v) / count) for v in norm_sum_C]
+
+
 class ForwardOutput(NamedTuple):
     recon_BCD: Tensor
     latents_BL: Tensor

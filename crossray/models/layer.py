@@ -63,6 +63,11 @@ def _block_owner(model: nn.Module, block_path: str | None) -> tuple[nn.Module, s
     return owner, parts[-1]
 
 
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without special tokens (no BOS: the paper's convention)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def left_pad(tokenizer, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (input_ids, attention_mask) of token id lists."""
     width = max(len(x) for x in ids)

@@ -6,6 +6,7 @@ import sys
 import ray
 from ray.cluster_utils import Cluster
 
+from crossray.config import LaunchConfig
 from crossray.corpus import CorpusConfig
 from crossray.extract import ExtractConfig, Manifest
 from jobs.extract import run_extract
@@ -19,7 +20,7 @@ def main(family: str, out: str) -> None:
     cfg = ExtractConfig(family=family, revisions=("step0", "step1000"), layer=1,
                         corpus=CorpusConfig(source=f"{family}/corpus/train.jsonl", seq_len=32,
                                             n_sequences=64), shard_sequences=4, norm_sequences=8)
-    manifest = run_extract(cfg, out, actors=2, cpus_per_actor=0.5, spread=True)
+    manifest = run_extract(cfg, out, LaunchConfig(actors=2, cpus_per_actor=0.5), spread=True)
     nodes = sorted({s["node"] for s in Manifest.read(out).shards})
     print(json.dumps({"nodes": nodes, "shards": len(manifest.shards), "worker_nodes": [
         n["NodeID"] for n in ray.nodes() if n["Resources"].get("CPU", 0) > 0]}))

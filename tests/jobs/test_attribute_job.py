@@ -1,14 +1,15 @@
 """jobs.attribute: the Ray fan-out over tasks x checkpoints x example shards equals one process."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from crossray.attribution import AttributionConfig, task_effects
+from crossray.attribution import task_effects
 from crossray.checkpoints import CheckpointError, Family
-from crossray.config import CrosscoderConfig, TrainConfig
+from crossray.config import AttributionConfig, CrosscoderSettings, TrainSettings
 from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
 from crossray.models.layer import load_layer_model
@@ -18,14 +19,14 @@ from jobs import attribute as attribute_job
 from jobs.train import resolve_with_manifest
 
 pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def crosscoder_dir(toy_acts, tmp_path_factory):
     m = Manifest.read(toy_acts)
-    cfg = resolve_with_manifest(TrainConfig(crosscoder=CrosscoderConfig(n_checkpoints=3, d_model=64,
-                                                                        n_latents=64, seed=0),
-                                            n_steps=40, batch_size=256, lr=2e-3), m)
+    cfg = resolve_with_manifest(TrainSettings(crosscoder=CrosscoderSettings(n_latents=64, seed=0),
+                                              n_steps=40, batch_size=256, lr=2e-3), m)
     cc = Crosscoder(cfg.crosscoder)
     cc.norm_factors_C.copy_(torch.tensor(m.norm_factors))
     trainer = Trainer(cc, cfg, "cpu")
@@ -38,7 +39,7 @@ def test_distributed_attribution_equals_one_process(ray_cluster, crosscoder_dir,
     tasks = [str(toy_dir / "tasks" / f"{t}.jsonl") for t in ("simple_agreement", "agreement_across_pp")]
     cfg = AttributionConfig(steps=4)
     summary = attribute_job.run_attribute(crosscoder_dir, toy_family, tasks, tmp_path / "effects", cfg,
-                                          actors=2, shard_examples=64)
+                                          shard_examples=64)
     df = pd.read_parquet(tmp_path / "effects" / "effects.parquet")
     assert len(df) == 2 * 64 * 3 and len(pd.read_csv(tmp_path / "effects" / "effects.csv")) == len(df)
     assert set(df.columns) >= {"task", "feature", "checkpoint", "ie", "relie", "relie_class", "group"}
@@ -51,7 +52,7 @@ def test_distributed_attribution_equals_one_process(ray_cluster, crosscoder_dir,
     from crossray.store import load_crosscoder
 
     cc = load_crosscoder(crosscoder_dir)
-    models = [load_layer_model(toy_family, r, 2) for r in cc.cfg.checkpoints]
+    models = [load_layer_model(toy_family, r, 2) for r in cc.cfg.revisions]
     task = load_task(tasks[0], toy_tokenizer)
     ie_CL = task_effects(cc, models, toy_tokenizer, task.examples, cfg).means()[0]
     got = df[df.task == "simple_agreement"].pivot(index="checkpoint_index", columns="feature", values="ie")
@@ -60,12 +61,12 @@ def test_distributed_attribution_equals_one_process(ray_cluster, crosscoder_dir,
 
 def test_mismatched_crosscoder_is_refused(ray_cluster, crosscoder_dir, toy_dir, tmp_path, capsys):
     task = str(toy_dir / "tasks" / "simple_agreement.jsonl")
-    argv = ["--crosscoder", str(crosscoder_dir), "--family", str(toy_dir), "--task", task,
-            "--out", str(tmp_path / "e")]
-    assert attribute_job.main([*argv, "--revisions", "step0,step64,step1000"]) == 2
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--crosscoder", str(crosscoder_dir),
+            "--pipeline.family", str(toy_dir), "--pipeline.tasks", task, "--out", str(tmp_path / "e")]
+    assert attribute_job.main([*argv, "--pipeline.revisions", "step0,step64,step1000"]) == 2
     assert "trained on checkpoints ['step0', 'step128', 'step1000'], not on ['step0', 'step64', " \
            "'step1000']" in capsys.readouterr().err
-    assert attribute_job.main([*argv, "--layer", "1"]) == 2
+    assert attribute_job.main([*argv, "--pipeline.layer", "1"]) == 2
     assert "trained at layer 2, not at layer 1" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
     empty = Family(name="empty", source=str(tmp_path))  # a family without the crosscoder's revisions

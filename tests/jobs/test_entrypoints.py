@@ -26,15 +26,16 @@ def _config(tmp_path, **train_overrides):
 def test_extract_then_train(ray_cluster, tmp_path, capsys):
     config = _config(tmp_path)
     assert extract_job.main(["--config", str(config), "--out", str(tmp_path / "acts"),
-                             "--revisions", "step0,step128,step1000"]) == 0
+                             "--pipeline.revisions", "step0,step128,step1000"]) == 0
     extracted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert extracted["shards"] == 3 and extracted["rows"] > 0
     assert train_job.main(["--config", str(config), "--data", str(tmp_path / "acts"),
-                           "--storage", str(tmp_path / "train"), "--workers", "2"]) == 0
+                           "--storage", str(tmp_path / "train"), "--launch.workers", "2",
+                           "--train.n_steps", "40"]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cc = load_crosscoder(trained["crosscoder"])
-    assert cc.cfg.checkpoints == ("step0", "step128", "step1000") and cc.cfg.layer == 2
-    assert trained["metrics"]["step"] == 60 and trained["metrics"]["fve"] > 0
+    assert cc.cfg.revisions == ("step0", "step128", "step1000") and cc.cfg.layer == 2
+    assert trained["metrics"]["step"] == 40 and trained["metrics"]["fve"] > 0
 
 
 def test_config_errors_exit_2(ray_cluster, tmp_path, capsys):
@@ -43,9 +44,11 @@ def test_config_errors_exit_2(ray_cluster, tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     assert extract_job.main(["--config", str(path), "--out", str(tmp_path / "x"),
-                             "--revisions", "step0,step1000"]) == 2
+                             "--pipeline.revisions", "step0,step1000"]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml:extract.corpus" in err and "sequence_length" in err
+    assert extract_job.main(["--config", str(_config(tmp_path)), "--out", str(tmp_path / "x")]) == 2
+    assert "no checkpoint set: give --pipeline.revisions" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     bad = yaml.safe_load(_config(tmp_path).read_text())
     bad["train"]["lr"] = "fast"
@@ -53,6 +56,9 @@ def test_config_errors_exit_2(ray_cluster, tmp_path, capsys):
     assert train_job.main(["--config", str(path), "--data", str(tmp_path / "none"),
                            "--storage", str(tmp_path / "t")]) == 2
     assert "bad.yaml:train.lr: expected float, got str 'fast'" in capsys.readouterr().err
+    assert train_job.main(["--config", str(_config(tmp_path)), "--train.lr", "fast", "--data", "x",
+                           "--storage", "t"]) == 2  # a flag is checked like the file
+    assert "train.lr: expected float, got str 'fast'" in capsys.readouterr().err
     good = _config(tmp_path)
     assert train_job.main(["--config", str(good), "--data", str(tmp_path / "none"),
                            "--storage", str(tmp_path / "t")]) == 2

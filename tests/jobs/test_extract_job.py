@@ -68,7 +68,7 @@ def test_parquet_extraction(toy_acts, toy_extract_cfg):
 def test_rerun_is_a_noop(toy_acts, toy_extract_cfg):
     stamps = {p: p.stat().st_mtime_ns for p in toy_acts.iterdir()}
     t0 = time.time()
-    run_extract(toy_extract_cfg, toy_acts, actors=2)
+    run_extract(toy_extract_cfg, toy_acts)
     assert time.time() - t0 < 5
     assert {p: p.stat().st_mtime_ns for p in toy_acts.iterdir()} == stamps
 
@@ -81,7 +81,7 @@ def test_interrupted_extraction_resumes(toy_acts, toy_extract_cfg, tmp_path):
         (out / name).unlink()
     (out / "shard-000009.parquet").write_bytes(b"half written")  # sidecar no longer matches
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-00000[0-2].parquet")}
-    run_extract(toy_extract_cfg, out, actors=2)
+    run_extract(toy_extract_cfg, out)
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept  # finished shards untouched
     _assert_exactly_once(out)
     Manifest.read(out).verify(out)
@@ -117,7 +117,7 @@ def test_killed_actor_still_gives_every_row_once(ray_cluster, toy_extract_cfg, t
 
     thread = threading.Thread(target=killer)
     thread.start()
-    run_extract(cfg, out, actors=2)
+    run_extract(cfg, out)
     thread.join()
     assert killed, "no actor was killed: the extraction finished too fast"
     seq, _, _ = _assert_exactly_once(out)

@@ -14,7 +14,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from jobs.pipeline import Pipeline, check_tracking, load_config, summary_text
+from crossray.config import load_config
+from crossray.pipeline.runner import Pipeline
+from crossray.pipeline.summary import summary_text
+from crossray.tracking import check_tracking
+from jobs.pipeline import run
 from tests.helpers import free_port, registered_checkpoints, small_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,13 +32,14 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("crossray-toy")
-    parent = client.get_run(results["parent_run_id"])
+    parent = client.get_run(results.mlflow_run_id)
     tags = parent.data.tags
-    revisions = results["select"]["revisions"]
+    revisions = results.results["select"].revisions
     assert tags["crossray.family"] == "toy" and tags["crossray.layer"] == "2"
     assert tags["crossray.revisions"] == ",".join(revisions) and len(revisions) == 3
     assert len(tags["crossray.weight_hashes"].split(",")) == 3 and len(tags["crossray.corpus_hash"]) == 64
-    assert tags["crossray.manifest"] == results["extract"]["manifest_key"]
+    assert tags["crossray.manifest"] == results.results["extract"].manifest_key
+    assert tags["crossray.config"] == "small.yaml"  # a name, never a path of this machine
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["crossray.stage"]: r for r in children}
@@ -42,10 +47,13 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
     train = by_stage["train"]
     params = train.data.params
     assert params["train.n_steps"] == "600" and params["train.crosscoder.n_latents"] == "512"
-    history = client.get_metric_history(train.info.run_id, "fve/0")
+    history = client.get_metric_history(train.info.run_id, f"fve/{revisions[0]}")
     assert [m.step for m in history] == [50 * i for i in range(1, 13)]
-    evaluate = by_stage["evaluate"].data.metrics
-    assert all(0 < evaluate[f"fve_{r}"] <= 1 for r in revisions)
+    evaluate = by_stage["evaluate"].data.metrics  # one naming scheme: fve/<revision> everywhere
+    assert all(0 < evaluate[f"fve/{r}"] <= 1 and f"delta_ce/{r}" in evaluate for r in revisions)
+    # MLflow stays lean: the extraction's manifest, never its activation shards
+    extract_files = [f.path for f in client.list_artifacts(by_stage["extract"].info.run_id, "extract/acts")]
+    assert extract_files == ["extract/acts/manifest.json"]
     assert len(client.get_metric_history(by_stage["screen"].info.run_id, "accuracy/simple_agreement")) == 5
     # artifacts: open the tables and the PNGs
     from PIL import Image
@@ -62,10 +70,11 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
     assert (Path(weights) / "weights.safetensors").exists() and (Path(weights) / "config.json").exists()
     version = client.get_model_version_by_alias("toy-test", "champion")
     assert version.run_id == train.info.run_id and version.source.endswith("train/crosscoder")
-    # a second run skips every stage and logs no new stage runs
+    # a second run reuses every stage and logs no new stage runs
     t0 = time.time()
-    again = Pipeline(load_config(config), str(config)).run()
-    assert time.time() - t0 < 30 and again["parent_run_id"] == results["parent_run_id"]
+    again = run(load_config(config), config.name)
+    assert time.time() - t0 < 30 and again.mlflow_run_id == results.mlflow_run_id
+    assert set(again.status.values()) == {"reused"}
     assert len(client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 7
 
@@ -95,8 +104,9 @@ def test_killed_pipeline_resumes_training(tracked_run, tmp_path):
     train = json.loads((train_dir / "done.json").read_text())["result"]["final"]
     assert train["step"] == 600 and 50 <= train["resumed_from_step"] < 600
     evaluate = json.loads((tmp_path / "runs" / "tiny" / "evaluate" / "done.json").read_text())["result"]
-    for c in range(3):
-        assert evaluate[f"fve/{c}"] == pytest.approx(reference["evaluate"][f"fve/{c}"], abs=0.01)
+    for name, value in reference.results["evaluate"].metrics.items():
+        if name.startswith("fve/"):
+            assert evaluate["metrics"][name] == pytest.approx(value, abs=0.01)
     assert "FVE" in again.stdout
 
 
@@ -104,7 +114,7 @@ def test_configs_parse_and_resolve():
     for name in ("tiny", "pythia-1b", "olmo-1b", "bloom-1b1"):
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
         if name != "tiny":
-            p = Pipeline(cfg, name)  # resolves the hub family without touching the network
+            p = Pipeline(cfg, backend=None)  # resolves the hub family without touching the network
             assert len(cfg.pipeline.revisions) == 3 and not p.family.is_local
             labels = [p.family.revision(r).label for r in cfg.pipeline.revisions]
             assert labels[-1] in {"300B", "3048B", "341B"}

@@ -11,23 +11,28 @@ import pytest
 import ray
 import torch
 
-from crossray.config import CrosscoderConfig, TrainConfig
+from crossray.config import CrosscoderSettings, LaunchConfig, TrainSettings
 from crossray.extract import CheckpointSetExtractor, Manifest, shuffled_batches
 from crossray.metrics import evaluate
 from crossray.models.crosscoder import Crosscoder
 from crossray.store import load_crosscoder
 from crossray.train import Trainer
 from jobs.extract import stream_dataset
-from jobs.train import LaunchConfig, crosscoder_dir, resolve_with_manifest, run_train
+from jobs.train import crosscoder_dir, resolve_with_manifest, run_train
 from tests.helpers import registered_checkpoints
 
 pytestmark = pytest.mark.ray
+REVS = ("step0", "step128", "step1000")
+
+
+LAUNCH = LaunchConfig(workers=2)
 
 
 def _cfg(manifest, n_steps=400):
-    cc = CrosscoderConfig(n_checkpoints=3, d_model=64, n_latents=256, seed=0)
-    return resolve_with_manifest(TrainConfig(crosscoder=cc, n_steps=n_steps, batch_size=256, lr=1e-3,
-                                             metrics_every=50, checkpoint_every=25), manifest)
+    cc = CrosscoderSettings(n_latents=256, seed=0)
+    return resolve_with_manifest(TrainSettings(crosscoder=cc, n_steps=n_steps, batch_size=256, lr=1e-3,
+                                               metrics_every=50, checkpoint_every=25,
+                                               shuffle_buffer_rows=2048), manifest)
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +49,14 @@ def heldout(toy_extract_cfg, toy_dir):
 @pytest.fixture(scope="module")
 def parquet_run(ray_cluster, toy_acts, tmp_path_factory):
     m = Manifest.read(toy_acts)
-    launch = LaunchConfig(storage_path=str(tmp_path_factory.mktemp("train")), num_workers=2,
-                          shuffle_buffer_rows=2048)
-    return run_train(_cfg(m), launch, m.norm_factors, data=str(toy_acts))
+    return run_train(_cfg(m), LAUNCH, tmp_path_factory.mktemp("train"), m.norm_factors, data=str(toy_acts))
 
 
 def test_ddp_run_matches_single_process(parquet_run, toy_acts, heldout):
     m = Manifest.read(toy_acts)
     ray_cc = load_crosscoder(crosscoder_dir(parquet_run))
-    assert ray_cc.cfg.checkpoints == ("step0", "step128", "step1000") and ray_cc.cfg.layer == 2
-    assert tuple(ray_cc.cfg.checkpoint_hashes) == tuple(m.weight_hashes)
+    assert ray_cc.cfg.revisions == ("step0", "step128", "step1000") and ray_cc.cfg.layer == 2
+    assert tuple(ray_cc.cfg.weight_hashes) == tuple(m.weight_hashes)
     cfg = _cfg(m)
     cc = Crosscoder(cfg.crosscoder)
     cc.norm_factors_C.copy_(torch.tensor(m.norm_factors))
@@ -62,22 +65,21 @@ def test_ddp_run_matches_single_process(parquet_run, toy_acts, heldout):
     Trainer(cc, cfg, "cpu").fit(batches, progress=False)
     ray_eval, local_eval = evaluate(ray_cc, heldout), evaluate(cc, heldout)
     print(f"\nheld-out FVE per checkpoint: Ray Train 2 workers "
-          f"{[round(ray_eval[f'fve/{c}'], 3) for c in range(3)]}, one process "
-          f"{[round(local_eval[f'fve/{c}'], 3) for c in range(3)]}")
-    for c in range(3):
-        assert ray_eval[f"fve/{c}"] == pytest.approx(local_eval[f"fve/{c}"], abs=0.03)
+          f"{[round(ray_eval[f'fve/{r}'], 3) for r in REVS]}, one process "
+          f"{[round(local_eval[f'fve/{r}'], 3) for r in REVS]}")
+    for r in REVS:
+        assert ray_eval[f"fve/{r}"] == pytest.approx(local_eval[f"fve/{r}"], abs=0.03)
     assert local_eval["fve"] > 0.5
     assert parquet_run.metrics["step"] == 400 and parquet_run.metrics["resumed_from_step"] == 0
 
 
 def test_streaming_matches_parquet(ray_cluster, parquet_run, toy_extract_cfg, toy_acts, heldout, tmp_path):
     ds, _, norms = stream_dataset(toy_extract_cfg)
-    launch = LaunchConfig(storage_path=str(tmp_path), num_workers=2, shuffle_buffer_rows=2048)
-    result = run_train(_cfg(Manifest.read(toy_acts)), launch, norms, dataset=ds)
+    result = run_train(_cfg(Manifest.read(toy_acts)), LAUNCH, tmp_path, norms, dataset=ds)
     stream_eval = evaluate(load_crosscoder(crosscoder_dir(result)), heldout)
     parquet_eval = evaluate(load_crosscoder(crosscoder_dir(parquet_run)), heldout)
-    for c in range(3):
-        assert stream_eval[f"fve/{c}"] == pytest.approx(parquet_eval[f"fve/{c}"], abs=0.03)
+    for r in REVS:
+        assert stream_eval[f"fve/{r}"] == pytest.approx(parquet_eval[f"fve/{r}"], abs=0.03)
 
 
 def _train_worker_pids() -> set[int]:
@@ -111,22 +113,20 @@ def _kill_a_worker_after_a_checkpoint(storage: Path, killed: list, timeout: floa
         time.sleep(0.02)
 
 
-def _run_with_a_kill(cfg, launch, norms, data):
+def _run_with_a_kill(cfg, launch, storage, norms, data, name=""):
     killed: list = []
-    thread = threading.Thread(target=_kill_a_worker_after_a_checkpoint,
-                              args=(Path(launch.storage_path), killed))
+    thread = threading.Thread(target=_kill_a_worker_after_a_checkpoint, args=(Path(storage), killed))
     thread.start()
     try:
-        return run_train(cfg, launch, norms, data=data), killed
+        return run_train(cfg, launch, storage, norms, data=data, name=name), killed
     finally:
         thread.join()
 
 
 def test_killed_worker_restores_from_checkpoint(ray_cluster, parquet_run, toy_acts, heldout, tmp_path):
     m = Manifest.read(toy_acts)
-    launch = LaunchConfig(storage_path=str(tmp_path), num_workers=2, shuffle_buffer_rows=2048,
-                          max_failures=2)
-    result, killed = _run_with_a_kill(_cfg(m), launch, m.norm_factors, str(toy_acts))
+    launch = LaunchConfig(workers=2, max_failures=2)
+    result, killed = _run_with_a_kill(_cfg(m), launch, tmp_path, m.norm_factors, str(toy_acts))
     assert killed, "no worker was killed: training finished too fast"
     assert result.metrics["step"] == 400 and result.metrics["resumed_from_step"] > 0
     restored = evaluate(load_crosscoder(crosscoder_dir(result)), heldout)["l2"]
@@ -137,23 +137,23 @@ def test_killed_worker_restores_from_checkpoint(ray_cluster, parquet_run, toy_ac
 
 def test_stopped_run_resumes_by_name(ray_cluster, toy_acts, tmp_path):
     m = Manifest.read(toy_acts)
-    launch = LaunchConfig(storage_path=str(tmp_path), name="stopped", num_workers=2,
-                          shuffle_buffer_rows=2048, max_failures=0)
+    launch = LaunchConfig(workers=2, max_failures=0)
     with pytest.raises(Exception):  # noqa: B017 (Ray's failure type differs across versions)
-        _run_with_a_kill(_cfg(m), launch, m.norm_factors, str(toy_acts))
-    again = run_train(_cfg(m), dataclasses.replace(launch, max_failures=1), m.norm_factors,
-                      data=str(toy_acts))
+        _run_with_a_kill(_cfg(m), launch, tmp_path, m.norm_factors, str(toy_acts), name="stopped")
+    again = run_train(_cfg(m), dataclasses.replace(launch, max_failures=1), tmp_path, m.norm_factors,
+                      data=str(toy_acts), name="stopped")
     assert again.metrics["step"] == 400 and again.metrics["resumed_from_step"] > 0
 
 
 def test_bad_training_inputs(ray_cluster, toy_acts, tmp_path):
     m = Manifest.read(toy_acts)
-    launch = LaunchConfig(storage_path=str(tmp_path), num_workers=2)
-    with pytest.raises(ValueError, match="does not fit the extraction"):
-        resolve_with_manifest(TrainConfig(crosscoder=CrosscoderConfig(n_checkpoints=2, d_model=64,
-                                                                      n_latents=8), n_steps=1), m)
+    cfg = _cfg(m)  # C and D come from the extraction, never from a placeholder
+    assert (cfg.crosscoder.n_checkpoints, cfg.crosscoder.d_model) == (3, 64)
     with pytest.raises(ValueError, match="exactly one of"):
-        run_train(_cfg(m), launch, m.norm_factors)
+        run_train(cfg, LAUNCH, tmp_path, m.norm_factors)
     with pytest.raises(ValueError, match="not divisible"):
-        run_train(dataclasses.replace(_cfg(m), batch_size=255), launch, m.norm_factors, data=str(toy_acts))
+        run_train(dataclasses.replace(cfg, batch_size=255), LAUNCH, tmp_path, m.norm_factors,
+                  data=str(toy_acts))
+    with pytest.raises(ValueError, match="2 normalisation factors for 3 checkpoints"):
+        run_train(cfg, LAUNCH, tmp_path, m.norm_factors[:2], data=str(toy_acts))
     assert ray.is_initialized()

@@ -16,7 +16,7 @@ IE = {0: [0.01, 0.02, 0.07], 1: [-0.6, 0.3, 0.1], 2: [0.02, 0.02, 0.06], 3: [0.0
 def write_fake_run(folder: Path) -> Path:
     (folder / "train" / "crosscoder").mkdir(parents=True)
     (folder / "train" / "crosscoder" / "config.json").write_text(json.dumps(
-        {"crosscoder": {"checkpoints": REVS, "n_latents": 4, "family": "fake", "layer": 1}}))
+        {"crosscoder": {"revisions": REVS, "n_latents": 4, "family": "fake", "layer": 1}}))
     (folder / "screen" / "tables").mkdir(parents=True)
     acc = [{"revision": f"step{s}", "step": s, "tokens_seen": s * 1000, "task": t,
             "prefix_accuracy": 0.5 + 0.1 * s, "sentence_accuracy": 0.4 + 0.1 * s}
@@ -24,7 +24,7 @@ def write_fake_run(folder: Path) -> Path:
     pd.DataFrame(acc).to_parquet(folder / "screen" / "tables" / "accuracy.parquet")
     (folder / "evaluate").mkdir()
     (folder / "evaluate" / "metrics.json").write_text(json.dumps(
-        {"fve": 0.9, "l0": 5.0, "dead": 1, **{f"fve/{c}": 0.8 + c / 100 for c in range(3)}}))
+        {"fve": 0.9, "l0": 5.0, "dead": 1, **{f"fve/{r}": 0.8 + c / 100 for c, r in enumerate(REVS)}}))
     (folder / "attribute" / "effects").mkdir(parents=True)
     effects = [{"task": t, "feature": f, "checkpoint": r, "checkpoint_index": c, "ie": IE[f][c] * (t == "t1"),
                 "relie": RELIE[f][c] if t == "t1" else 1 / 3, "relie_class": 0.5,

@@ -126,7 +126,7 @@ def test_serve_config_and_builder(fake_run, monkeypatch):
 
 
 def test_cli_refuses_a_bad_run_before_starting_ray(tmp_path, capsys):
-    from crossray.cli import main
+    from jobs.cli import main
 
     code = main(["serve", "--run", str(tmp_path / "missing"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
                  "--cache-dir", str(tmp_path / "cache")])

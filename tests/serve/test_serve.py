@@ -49,7 +49,7 @@ def served(tracked_run, mlflow_server, tmp_path_factory):
     from serve.app import make_app
 
     results, config = tracked_run
-    folder = Path(results["train"]["crosscoder"]).parents[1]
+    folder = Path(results.results["train"].crosscoder).parents[1]
     mlflow.set_tracking_uri(mlflow_server)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -65,13 +65,14 @@ def served(tracked_run, mlflow_server, tmp_path_factory):
 def test_every_endpoint_matches_the_stored_tables(served):
     url, results, folder = served
     c = httpx.Client(base_url=url, timeout=10)
-    parent = results["parent_run_id"]
+    parent = results.mlflow_run_id
     assert c.get("/health").json() == {"status": "ok", "runs": sorted([parent, "tiny"])}
     runs = {r["id"]: r for r in c.get("/runs").json()}
-    revisions = results["select"]["revisions"]
+    revisions = results.results["select"].revisions
     for run in runs.values():
         assert [ck["revision"] for ck in run["checkpoints"]] == revisions
-        assert [ck["fve"] for ck in run["checkpoints"]] == [results["evaluate"][f"fve/{i}"] for i in range(3)]
+        metrics = results.results["evaluate"].metrics
+        assert [ck["fve"] for ck in run["checkpoints"]] == [metrics[f"fve/{r}"] for r in revisions]
         assert run["family"] == "toy" and run["layer"] == 2 and run["n_latents"] == 512
     assert runs[parent]["registered_model"] == "models:/toy-test@champion" and runs[parent]["name"] == "tiny"
     assert [ck["tokens_seen"] for ck in runs[parent]["checkpoints"]] == [
@@ -120,7 +121,7 @@ def test_every_endpoint_matches_the_stored_tables(served):
 def test_bad_input_over_http_is_4xx(served):
     url, results, _ = served
     c = httpx.Client(base_url=url, timeout=10)
-    parent = results["parent_run_id"]
+    parent = results.mlflow_run_id
     for method, path, body, status in [
         ("GET", "/runs/unknown-run", None, 404), ("GET", f"/runs/{parent}/features/512", None, 404),
         ("GET", f"/runs/{parent}/features/-3", None, 422), ("GET", f"/runs/{parent}/features/x", None, 422),
@@ -143,7 +144,7 @@ def test_schema_fuzz_finds_no_server_error(served, tmp_path):
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert exe, "schemathesis is part of the test extra"
     fixed = tmp_path / "fixed.toml"
-    fixed.write_text(f'[parameters]\n"path.run" = "{results["parent_run_id"]}"\n'
+    fixed.write_text(f'[parameters]\n"path.run" = "{results.mlflow_run_id}"\n'
                      '"path.task" = "simple_agreement"\n')
     total = 0
     for config in ([], ["--config-file", str(fixed)]):
@@ -226,8 +227,8 @@ def test_page_in_headless_chromium(served, tmp_path):
         rows = browser.wait_for("document.querySelectorAll('tr.feature-row').length")
         task, checkpoint = (browser.eval(f"document.getElementById('{k}').value")
                             for k in ("task", "checkpoint"))
-        assert checkpoint == results["select"]["revisions"][-1]
-        want = httpx.get(f"{url}/runs/{results['parent_run_id']}/tasks/{task}/ranking",
+        assert checkpoint == results.results["select"].revisions[-1]
+        want = httpx.get(f"{url}/runs/{results.mlflow_run_id}/tasks/{task}/ranking",
                          params={"checkpoint": checkpoint, "selected": True, "limit": 25}).json()
         assert rows == len(want["items"]) > 0  # the first page of the ranking, in the API's order
         shown = browser.eval("[...document.querySelectorAll('tr.feature-row')].map(r => +r.dataset.feature)")
@@ -260,7 +261,7 @@ def test_killed_replica_is_replaced_under_load(served):
     url, results, _ = served
     pids = replica_pids()
     assert len(pids) == 2, pids
-    paths = [f"/runs/{results['parent_run_id']}/features/{i}?contexts=false" for i in range(0, 512, 37)]
+    paths = [f"/runs/{results.mlflow_run_id}/features/{i}?contexts=false" for i in range(0, 512, 37)]
     stop, counts, lock = threading.Event(), {"ok": 0, "failed": 0}, threading.Lock()
     failures = []
 

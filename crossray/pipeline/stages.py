@@ -1,0 +1,234 @@
+"""The bodies of the pipeline's stages: typed inputs in, a typed result out, no Ray.
+
+Each result is a frozen dataclass of plain values, written to the stage's `done.json` and read back
+when the stage is reused. The functions that need the models (`screen_revision`, `evaluate`) run
+wherever the caller puts them: in this process, or in a Ray task (`jobs/pipeline.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from crossray.checkpoints import Family
+from crossray.config import AnalysisConfig, EvaluateConfig, ExtractConfig, PipelineConfig
+from crossray.store import metric_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScreenResult:
+    """Accuracy and activation similarity of every screened revision."""
+
+    revisions: list[str]
+    accuracy: dict[str, list[float]]
+    """Prefix accuracy per task, one value per screened revision."""
+    similarity: list[list[float]]
+    """Mean per-token activation cosine between every pair of screened revisions."""
+
+
+@dataclass(frozen=True)
+class SelectResult:
+    """The checkpoint set and why it was chosen."""
+
+    revisions: list[str]
+    reasons: list[str]
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """Where the activations are, and what the manifest says of them."""
+
+    acts: str
+    """Folder of the Parquet shards and manifest."""
+    manifest_key: str
+    weight_hashes: list[str]
+    corpus_hash: str
+    norm_factors: list[float]
+    d_model: int
+    n_sequences: int
+    token_count: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The trained crosscoder and the last metrics row of its training."""
+
+    crosscoder: str
+    """Folder of the final crosscoder (weights, config, training state)."""
+    final: dict
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """Held-out metrics of the crosscoder."""
+
+    metrics: dict[str, float]
+    """fve, l0, dead, and fve/<revision>, delta_ce/<revision>, ce_recovered/<revision>, ..."""
+
+
+@dataclass(frozen=True)
+class AttributeResult:
+    """The effects tables and each task's summary."""
+
+    effects: str
+    """Folder of effects.parquet/.csv and summary.json."""
+    tasks: dict
+    """Per task: examples, skipped, metric, error effect, selected features, ablation check."""
+
+
+@dataclass(frozen=True)
+class AnalyseResult:
+    """How many features fall in each group, by decoder norm and, per task, by RelIE."""
+
+    groups_by_reldec: dict[str, int]
+    groups_by_relie: dict[str, dict[str, int]]
+
+
+RESULTS = {"screen": ScreenResult, "select": SelectResult, "extract": ExtractResult, "train": TrainResult,
+           "evaluate": EvaluateResult, "attribute": AttributeResult, "analyse": AnalyseResult}
+
+
+def to_json(result) -> dict:
+    return dataclasses.asdict(result)
+
+
+def from_json(stage: str, data: dict):
+    return RESULTS[stage](**data)
+
+
+# -- screen ---------------------------------------------------------------------------------------
+
+def screen_texts(family: Family, revision: str, task_specs: Sequence[str], n_examples: int) -> list[str]:
+    """The task sentences (clean prefix + clean answer) the activation-similarity screen runs."""
+    from crossray.models.layer import load_tokenizer
+    from crossray.tasks import load_tasks
+
+    tokenizer = load_tokenizer(family, revision)
+    return [e.clean_prefix + e.clean_answer for t in load_tasks(list(task_specs), tokenizer)
+            for e in t.examples[:n_examples]]
+
+
+def screen_revision(family: Family, task_specs: Sequence[str], revision: str, layer: int,
+                    texts: Sequence[str]) -> tuple[list[dict], torch.Tensor]:
+    """One revision's accuracy rows and its unit-normalised activations on the texts."""
+    from crossray.accuracy import accuracy_curves
+    from crossray.models.layer import load_tokenizer
+    from crossray.screen import revision_activations
+
+    rows = accuracy_curves(family, list(task_specs), [revision])[0]
+    tokenizer = load_tokenizer(family, revision)
+    return rows, revision_activations(family, revision, layer, tokenizer, texts)
+
+
+def combine_screen(revisions: Sequence[str], parts: Sequence[tuple[list[dict], torch.Tensor]]
+                   ) -> tuple[ScreenResult, list[dict]]:
+    from crossray.screen import similarity_matrix
+
+    rows = [r for part, _ in parts for r in part]
+    accuracy: dict[str, list[float]] = {}
+    for r in rows:
+        accuracy.setdefault(r["task"], []).append(r["prefix_accuracy"])
+    sim = similarity_matrix([acts for _, acts in parts])
+    return ScreenResult(list(revisions), accuracy, sim.tolist()), rows
+
+
+def select(screen: ScreenResult, cfg: PipelineConfig) -> SelectResult:
+    from crossray.screen import select_checkpoints
+
+    sel = select_checkpoints(screen.revisions, screen.accuracy, torch.tensor(screen.similarity),
+                             cfg.n_checkpoints, list(cfg.revisions) or None)
+    return SelectResult(list(sel.revisions), list(sel.reasons))
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+
+def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, n_train: int, cfg: EvaluateConfig) -> EvaluateResult:
+    """FVE, L0, dead latents and spliced ΔCE on the sequences after the training ones."""
+    from crossray.corpus import load_sequences
+    from crossray.extract import CheckpointSetExtractor
+    from crossray.metrics import evaluate as evaluate_rows
+    from crossray.metrics import spliced_ce
+    from crossray.models.layer import load_tokenizer
+    from crossray.store import load_crosscoder
+
+    corpus = dataclasses.replace(ecfg.corpus, n_sequences=n_train + cfg.eval_sequences)
+    tokens, _ = load_sequences(corpus, load_tokenizer(ecfg.family_obj(), ecfg.revisions[0]))
+    held_out = tokens[n_train:]
+    if len(held_out) == 0:
+        raise ValueError(f"corpus {ecfg.corpus.source} has no sequence left after the {n_train} training "
+                         "ones for evaluation")
+    extractor = CheckpointSetExtractor(ecfg)
+    acts = extractor(held_out)
+    start = 1 if ecfg.corpus.drop_first_position else 0
+    cc = load_crosscoder(crosscoder_dir)
+    metrics = evaluate_rows(cc, acts[:, start:].reshape(-1, *acts.shape[2:]))
+    ce = spliced_ce(cc, extractor.models, held_out[: min(cfg.ce_sequences, len(held_out))],
+                    skip_first_position=True)
+    for c, rev in enumerate(ecfg.revisions):
+        metrics[metric_name("delta_ce", rev)] = float(ce.delta_ce_C[c])
+        metrics[metric_name("ce_recovered", rev)] = float(ce.ce_recovered_C[c])
+    return EvaluateResult(metrics)
+
+
+# -- analyse --------------------------------------------------------------------------------------
+
+def analyse(folder: Path, screen: ScreenResult, extract: ExtractResult, train: TrainResult,
+            attribute: AttributeResult, ecfg: ExtractConfig, cfg: AnalysisConfig) -> AnalyseResult:
+    """Feature table, top contexts, plots, and feature groups by decoder norm and by RelIE."""
+    import pandas as pd
+
+    from crossray import analysis as A
+    from crossray import plots
+    from crossray.store import load_crosscoder, write_tables
+
+    cc = load_crosscoder(train.crosscoder)
+    revisions = list(cc.cfg.revisions)
+    rows = A.feature_rows(cc)
+    reldec = torch.tensor([[row[f"reldec/{r}"] for r in revisions] for row in rows])
+    write_tables(folder / "tables", {"features": rows, "top_contexts": context_rows(cc, extract, ecfg, cfg)})
+    plots.accuracy_curves(screen.revisions, screen.accuracy, revisions, folder / "accuracy_curves.png")
+    plots.reldec_histogram(reldec, revisions, folder / "reldec_histogram.png")
+    effects = pd.read_parquet(Path(attribute.effects) / "effects.parquet")
+    counts = {}
+    for task, info in attribute.tasks.items():
+        selected = info["selected"]
+        if not selected:
+            continue
+        sub = effects[(effects.task == task) & effects.feature.isin(selected)]
+        ie_CF = torch.tensor(sub.pivot(index="checkpoint_index", columns="feature", values="ie").values,
+                             dtype=torch.float32)
+        share = A.one_vs_all(ie_CF.T).share_LC
+        plots.relie_scatter(share, revisions, folder / f"relie_{task}.png")
+        top = ie_CF.abs().max(0).values.topk(min(8, ie_CF.shape[1])).indices
+        plots.ie_evolution(ie_CF[:, top], [selected[i] for i in top.tolist()], revisions,
+                           folder / f"ie_evolution_{task}.png")
+        counts[task] = pd.Series(A.group_labels(share, revisions)).value_counts().to_dict()
+    groups = pd.Series([row["group"] for row in rows]).value_counts().to_dict()
+    return AnalyseResult(groups, counts)
+
+
+def context_rows(cc, extract: ExtractResult, ecfg: ExtractConfig, cfg: AnalysisConfig) -> list[dict]:
+    """Top-activating contexts per feature (joint and per checkpoint) over the first extracted
+    sequences, with each window's tokens and scores."""
+    from crossray.analysis import shard_contexts
+    from crossray.corpus import load_sequences
+    from crossray.extract import Manifest
+    from crossray.models.layer import load_tokenizer
+
+    manifest = Manifest.read(extract.acts)
+    n_seq = min(cfg.context_sequences, manifest.n_sequences)
+    paths = [p for p, s in zip(manifest.shard_paths(extract.acts), manifest.shards, strict=True)
+             if s["seq_start"] < n_seq]
+    tokenizer = load_tokenizer(ecfg.family_obj(), ecfg.revisions[0])
+    tokens, _ = load_sequences(dataclasses.replace(ecfg.corpus, n_sequences=n_seq), tokenizer)
+    decode = functools.lru_cache(maxsize=None)(lambda t: tokenizer.decode([t]))
+    return shard_contexts(cc, paths, n_seq, tokens, decode, cfg.context_k, cfg.context_before,
+                          cfg.context_after)
