@@ -116,9 +116,13 @@ def write_shard(path: Path, rows: dict, storage_dtype: str) -> dict:
         "acts": pa.ExtensionArray.from_storage(tensor_type, storage),
     }).replace_schema_metadata({"acts_dtype": storage_dtype})
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    pq.write_table(table, tmp, compression="none")
-    digest = sha256_file(tmp)
-    tmp.replace(path)
+    try:
+        pq.write_table(table, tmp, compression="none")
+        digest = sha256_file(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written shard behind
+        raise
     return {"name": path.name, "rows": n, "sha256": digest}
 
 

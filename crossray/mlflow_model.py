@@ -46,8 +46,8 @@ def log_crosscoder(folder: str | Path, name: str = PYFUNC_NAME):
 
     cfg = load_crosscoder(folder).cfg
     C, D, L = cfg.n_checkpoints, cfg.d_model, cfg.n_latents
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, C, D), "acts")]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, L), "latents")]))
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, C, D))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, L))]))
     with tempfile.TemporaryDirectory() as tmp:  # weights and config only, not the training state
         data = Path(tmp) / "crosscoder"
         data.mkdir()

@@ -69,7 +69,7 @@ def select_checkpoints(revisions: Sequence[str], accuracy: dict[str, Sequence[fl
         if len(set(given)) < 2:
             raise CheckpointError(f"a checkpoint set needs at least 2 distinct revisions, got {list(given)}")
         return Selection(tuple(given), ("given by the user",), ())
-    if n < 2 or len(revisions) < 2:
+    if n < 2 or len(revisions) < 2 or n > len(revisions):
         raise CheckpointError(f"cannot select {n} checkpoints from {len(revisions)} revisions")
     acc = torch.tensor([list(v) for v in accuracy.values()], dtype=torch.float32)  # (tasks, R)
     d_acc = (acc[:, 1:] - acc[:, :-1]).abs().nanmean(0) if len(acc) else torch.zeros(len(revisions) - 1)

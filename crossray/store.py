@@ -57,8 +57,12 @@ def _commit(tmp: Path, folder: Path) -> None:
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON next to `path` and rename it into place (readers never see half a file)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=True))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 def write_tables(folder: str | Path, tables: dict[str, list[dict]], json_files: dict | None = None

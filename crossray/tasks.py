@@ -119,9 +119,16 @@ def word_example(tokenizer, good: str, bad: str, pair_id: str = "") -> Example |
 # -- readers -------------------------------------------------------------------------------------
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a UTF-8 byte-order mark and CRLF line ends are accepted, and a line that
+    is not UTF-8 or not a JSON object is an error naming the file and the line."""
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskError(f"{path}:{i}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1})") from e
             if not line.strip():
                 continue
             try:
@@ -256,7 +263,11 @@ def prefix_logit_diffs(model, tokenizer, examples: list[Example], batch_size: in
 
 @torch.inference_mode()
 def sentence_logprobs(model, tokenizer, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Total log-probability of each sentence, conditioned on an end-of-text token (lm-eval's way)."""
+    """Total log-probability of each sentence, conditioned on an end-of-text token (lm-eval's way).
+
+    Only targets whose preceding token is real count: with left padding, the first real token (the
+    end-of-text) follows a pad, and scoring it would make a sentence's score depend on the padding
+    of its batch. So scores equal one-sentence-at-a-time scoring whatever the batch."""
     device = next(model.parameters()).device
     bos = tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id
     out = []
@@ -265,7 +276,8 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], batch_size: int = 
         input_ids, mask = left_pad(tokenizer, ids)
         input_ids, mask = input_ids.to(device), mask.to(device)
         logp = model(**model_inputs(model, input_ids, mask)).logits[:, :-1].float().log_softmax(-1)
-        tok_lp = logp.gather(-1, input_ids[:, 1:, None])[..., 0] * mask[:, 1:]
+        real_pair = mask[:, 1:] * mask[:, :-1]  # target and its context token both real
+        tok_lp = logp.gather(-1, input_ids[:, 1:, None])[..., 0] * real_pair
         out.append(tok_lp.sum(-1).cpu())
     return torch.cat(out) if out else torch.empty(0)
 

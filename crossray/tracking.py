@@ -8,13 +8,21 @@ stage, lineage tags, and the crosscoder in the Model Registry.
   execution gets a light child run under the new parent that links to the run that produced it
   (`crossray.reused_from`), with no artifacts uploaded again; a parent never gets two children for
   one stage key.
-- One registered model version per trained crosscoder (per train stage run), whatever the number of
-  pipeline runs that reuse it.
+- The parent run tells the story: a markdown description (MLflow's run note), the headline numbers
+  as metrics and the checkpoint set as params, so the experiment table compares checkpoint sets.
+- Datasets (the corpus, each task file) are MLflow inputs of the stages that read them, with their
+  content digest and row counts.
+- The crosscoder is an MLflow pyfunc model (`crossray.mlflow_model`), registered once per trained
+  crosscoder (one version per train stage run, whatever the number of pipeline runs reusing it),
+  with lineage tags and a description.
+- Experiments open in MLflow's model-training view; no tag, param or description holds a path of
+  the machine that ran the pipeline.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -23,6 +31,18 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 SKIP_ARTIFACTS = ("acts", "ray")
 """Stage sub-folders never uploaded: activation shards and Ray Train checkpoints."""
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""MLflow 3 opens an experiment in its model-training view (not the GenAI one) with this tag."""
+SYSTEM_METRICS_INTERVAL_S = 2.0
+SOURCE = {"mlflow.source.name": "crossray pipeline"}
+"""Replaces MLflow's default source tag, the absolute path of the entry script."""
+
+
+def portable(value: str) -> str:
+    """A value without this machine's paths: an absolute path becomes its last component."""
+    if value.startswith(("/", "~")) or (len(value) > 2 and value[1] == ":" and value[2] in "/\\"):
+        return Path(value).name
+    return value
 
 
 def check_tracking() -> str:
@@ -40,6 +60,18 @@ def check_tracking() -> str:
     return uri
 
 
+def experiment_link(uri: str, experiment: str) -> str:
+    """Where a person opens the experiment, in MLflow's model-training view (MLflow 3.17 picks the
+    view from the `workflowType` query parameter, else from the browser's last choice)."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    page = f"/#/experiments/{exp.experiment_id if exp else ''}?workflowType=machine_learning"
+    if uri.startswith("http"):
+        return uri + page
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000{page}"
+
+
 def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
     """Nested settings as MLflow params `section.field` (lists comma-joined)."""
     out: dict[str, str] = {}
@@ -47,7 +79,8 @@ def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict):
             out.update(flat_params(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+            values = v if isinstance(v, list | tuple) else [v]
+            out[f"{prefix}{k}"] = ",".join(portable(str(x)) for x in values)
     return out
 
 
@@ -62,6 +95,7 @@ class Tracker:
         mlflow.set_experiment(experiment)
         self.client = mlflow.MlflowClient()
         self.experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+        self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         self.parent_id: str | None = None
 
     def _search(self, query: str) -> list:
@@ -74,9 +108,15 @@ class Tracker:
 
         existing = self._search(f"tags.`crossray.pipeline_key` = '{key}'")
         run_id = existing[0].info.run_id if existing else None
-        with mlflow.start_run(run_id=run_id, run_name=name,
-                              tags=None if run_id else {"crossray.pipeline_key": key}) as run:
-            self.parent_id = run.info.run_id
+        run = mlflow.start_run(run_id=run_id, run_name=name,
+                               tags=SOURCE if run_id else {**SOURCE, "crossray.pipeline_key": key})
+        self.parent_id = run.info.run_id
+        for stale in self._search(f"tags.`mlflow.parentRunId` = '{self.parent_id}' and "
+                                  "attributes.status = 'RUNNING'"):  # left by a killed run or an outage
+            logger.info("closing the stage run %s of an earlier, interrupted execution as KILLED",
+                        stale.info.run_id)
+            self.client.set_terminated(stale.info.run_id, "KILLED")
+        with _ending(run):
             yield run.info.run_id
 
     def _child_with_key(self, stage: str, key: str) -> bool:
@@ -85,12 +125,16 @@ class Tracker:
                                  f"tags.`crossray.stage_key` = '{key}'"))
 
     @contextlib.contextmanager
-    def stage(self, stage: str, key: str) -> Iterator[str]:
-        """A child run for a stage that runs now."""
+    def stage(self, stage: str, key: str, system_metrics: bool = False) -> Iterator[str]:
+        """A child run for a stage that runs now (with CPU/GPU/memory metrics when asked)."""
         import mlflow
 
-        with mlflow.start_run(run_name=stage, nested=True,
-                              tags={"crossray.stage": stage, "crossray.stage_key": key}) as run:
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+            mlflow.set_system_metrics_samples_before_logging(1)
+        run = mlflow.start_run(run_name=stage, nested=True, log_system_metrics=system_metrics,
+                               tags={**SOURCE, "crossray.stage": stage, "crossray.stage_key": key})
+        with _ending(run):
             yield run.info.run_id
 
     def link(self, stage: str, key: str, source_run_id: str | None) -> None:
@@ -99,7 +143,7 @@ class Tracker:
 
         if self._child_with_key(stage, key):
             return
-        tags = {"crossray.stage": stage, "crossray.stage_key": key, "crossray.status": "reused"}
+        tags = {**SOURCE, "crossray.stage": stage, "crossray.stage_key": key, "crossray.status": "reused"}
         if source_run_id:
             tags["crossray.reused_from"] = source_run_id
         with mlflow.start_run(run_name=f"{stage} (reused)", nested=True, tags=tags):
@@ -125,23 +169,100 @@ class Tracker:
             metrics = {k: float(v) for k, v in row.items() if k not in skip and isinstance(v, int | float)}
             mlflow.log_metrics(metrics, step=int(row.get("step", 0)))
 
-    def register(self, name: str, alias: str, train_key: str) -> dict | None:
-        """The crosscoder of the train run with this key, registered once, with the alias moved to it."""
+    def log_dataset(self, name: str, source: str, digest: str, profile: dict, context: str) -> None:
+        """A data set the active stage run reads, as an MLflow input (name, source, digest, counts)."""
         import mlflow
 
-        runs = [r for r in self._search(f"tags.`crossray.stage` = 'train' and "
-                                        f"tags.`crossray.stage_key` = '{train_key}'")
-                if r.data.tags.get("crossray.status") != "reused"]
-        if not runs:
-            return None
-        run = runs[-1]  # the first execution: its artifacts are the ones every later run links to
-        source = f"{run.info.artifact_uri}/train/crosscoder"
+        mlflow.log_input(_dataset(name, source, digest, profile), context=context)
+
+    def describe_parent(self, markdown: str, metrics: dict[str, float], params: dict[str, str]) -> None:
+        """The parent run's description, headline metrics and checkpoint-set params."""
+        import mlflow
+
+        assert self.parent_id is not None
+        self.client.set_tag(self.parent_id, "mlflow.note.content", markdown)
+        mlflow.log_metrics(metrics)
+        logged = self.client.get_run(self.parent_id).data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+    def register(self, name: str, alias: str, model_uri: str, tags: dict[str, str], description: str
+                 ) -> dict:
+        """The crosscoder's pyfunc model registered once (one version per logged model), the alias
+        moved to it, lineage tags and description on the version."""
+        import mlflow
+
         with contextlib.suppress(Exception):  # the registered model may exist already
             self.client.create_registered_model(name)
-        versions = [v for v in self.client.search_model_versions(f"name = '{name}'") if v.source == source]
-        version = versions[0] if versions else self.client.create_model_version(name, source,
-                                                                                  run_id=run.info.run_id)
-        self.client.set_registered_model_alias(name, alias, version.version)
-        mlflow.set_tag("crossray.registered_model", f"models:/{name}@{alias}")
+        versions = [v for v in self.client.search_model_versions(f"name = '{name}'") if v.source == model_uri]
+        version = versions[0] if versions else mlflow.register_model(model_uri, name)
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, str(version.version), k, portable(v))
+        self.client.update_model_version(name, str(version.version), description=description)
+        self.client.set_registered_model_alias(name, alias, str(version.version))
         uri = f"models:/{name}@{alias}"
+        mlflow.set_tag("crossray.registered_model", uri)
         return {"name": name, "version": str(version.version), "alias": alias, "uri": uri}
+
+
+@contextlib.contextmanager
+def _ending(run) -> Iterator[None]:
+    """End an MLflow run FINISHED, FAILED on an error, KILLED on an interrupt (SIGINT, SIGTERM); if
+    the server cannot take the status (an outage), the next run of this configuration closes it."""
+    import mlflow
+
+    status = "FINISHED"
+    try:
+        yield
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception as e:  # noqa: BLE001 (an outage must not hide the original error)
+            logger.warning("could not mark MLflow run %s %s: %s", run.info.run_id, status, type(e).__name__)
+
+
+def _dataset(name: str, source: str, digest: str, profile: dict):
+    """A metadata-only MLflow dataset with a profile (row counts); the data itself stays put."""
+    from mlflow.data.dataset_source import DatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class Source(DatasetSource):
+        def __init__(self, uri: str):
+            self.uri = uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "crossray"
+
+        def load(self, **kwargs):
+            raise NotImplementedError("crossray data sets are read by crossray")
+
+        @staticmethod
+        def _can_resolve(raw_source) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source):
+            raise NotImplementedError
+
+        def to_dict(self) -> dict:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict):
+            return cls(source_dict["uri"])
+
+    class Profiled(MetaDataset):
+        @property
+        def profile(self) -> dict:
+            return profile
+
+        def to_dict(self) -> dict:
+            return {**super().to_dict(), "profile": json.dumps(profile)}
+
+    return Profiled(Source(source), name=name, digest=digest[:36])

@@ -23,6 +23,7 @@ def _more(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run the pipeline on a config (screen ... analyse, tracked in MLflow)")
     run.add_argument("config", help="run config (YAML)")
     run.add_argument("--json", action="store_true", help=pipeline.JSON_HELP)
+    run.add_argument("--wait", action="store_true", help=pipeline.WAIT_HELP)
     run.add_argument("--address", default=None, help="Ray address (default: start a local one)")
     add_flags(run, Config)
     run.set_defaults(func=pipeline.run_from_args)

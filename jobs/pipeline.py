@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,11 +31,14 @@ from crossray.config import (
     TrainConfig,
     load_config,
 )
+from crossray.errors import explain, remove_temporaries, write_failure_log
 from crossray.extract import Manifest
-from crossray.pipeline.runner import Pipeline, RunOutcome, TrainOutput
+from crossray.pipeline.lock import RunLock
+from crossray.pipeline.runner import Pipeline, TrainOutput
+from crossray.pipeline.stages import RunOutcome
 from crossray.pipeline.summary import summary_json, summary_text
 from crossray.schema import overrides_from
-from crossray.tracking import check_tracking
+from crossray.tracking import check_tracking, experiment_link
 from jobs import attribute as attribute_job
 from jobs import extract as extract_job
 from jobs import train as train_job
@@ -76,11 +80,17 @@ def run(cfg: Config, config_name: str = "") -> RunOutcome:
 
 
 JSON_HELP = "print the run's summary as one JSON object on the last line"
+WAIT_HELP = "wait for another run holding the run folder to finish (default: refuse at once)"
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     p = job_parser("The crossray pipeline for one checkpoint set")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
+    p.add_argument("--wait", action="store_true", help=WAIT_HELP)
     return run_from_args(p.parse_args(argv))
 
 
@@ -89,6 +99,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         cfg = load_config(args.config, overrides_from(args))
+        pipeline = Pipeline(cfg, RayBackend(cfg), Path(args.config).name)
+        pipeline.validate()  # nothing is written, no Ray, no MLflow run before this passes
         if "MLFLOW_TRACKING_URI" not in os.environ:
             db = (Path(cfg.pipeline.out) / "mlflow.db").resolve()
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -97,15 +109,23 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
-    init_ray(args.address)
     try:
-        outcome = run(cfg, Path(args.config).name)
-    except ValueError as e:
+        with RunLock(pipeline.out, wait=args.wait):
+            init_ray(args.address)
+            signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
+            outcome = pipeline.run()
+    except ValueError as e:  # bad input found late (a remote task's ValueError), or a busy folder
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
+    except BaseException as e:  # noqa: BLE001 (every failure ends as one line plus a log file)
+        log = write_failure_log(pipeline.out, e)
+        remove_temporaries(pipeline.out)
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else explain(e, pipeline.current, uri)
+        print(f"crossray: error: {what} (full traceback: {log})", file=sys.stderr)
+        return 1
     print(summary_text(outcome))
     experiment = cfg.launch.experiment or f"crossray-{outcome.family.name}"
-    print(f"MLflow: {uri}, experiment {experiment}")
+    print(f"MLflow: {uri}, experiment {experiment}; in the UI: {experiment_link(uri, experiment)}")
     if args.json:
         print(json.dumps(summary_json(outcome)))
     return 0

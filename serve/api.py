@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -29,6 +30,10 @@ from serve import schemas as S
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_PAGE = 500
+MAX_BODY_BYTES = 1_000_000
+"""Default request body limit (413 above it); `build_api(max_body_bytes=...)` changes it."""
+ECHO_CHARS = 80
+"""A validation error echoes at most this much of what the client sent."""
 Run = Annotated[str, PathParam(max_length=200, description="run id or name")]
 Feature = Annotated[int, PathParam(ge=0, le=2**31, description="feature (latent) id")]
 # the classes of analysis.trajectory_classes
@@ -83,7 +88,21 @@ def _json(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
+def _short_input(value):
+    """What a 422 may echo of the input: a prefix of strings, the start and size of lists."""
+    if isinstance(value, str):
+        return value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + f"... ({len(value)} characters)"
+    if isinstance(value, list | tuple):
+        text = json.dumps(list(value[:8]), default=str)[:ECHO_CHARS]
+        return value if len(value) <= 8 and len(text) < ECHO_CHARS else f"{text}... ({len(value)} items)"
+    if isinstance(value, dict):
+        text = json.dumps(value, default=str)
+        return value if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + f"... ({len(text)} characters)"
+    return value
+
+
+def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+              ) -> FastAPI:
     """The application: JSON routes under /runs, `/health`, and the page at `/`."""
     api = FastAPI(title="crossray", version="1", summary="Crosscoders across checkpoints: features, "
                   "indirect effects (IE), RelIE and accuracy curves of finished pipeline runs.")
@@ -96,7 +115,7 @@ def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
             raise Unauthorized("missing or wrong bearer token" if credentials
                                else "a bearer token is required")
 
-    documented = {status: {"model": S.Error} for status in (400, 401, 404, 503)}
+    documented = {status: {"model": S.Error} for status in (400, 401, 404, 413, 503)}
 
     # Answers are pure functions of the loaded tables: encode each once and keep the bytes (bounded),
     # returned as they are (the response models still document them). Errors are not cached.
@@ -114,6 +133,28 @@ def build_api(state: ServiceState, token: str | None = None) -> FastAPI:
     def answer(run: str, kind: str, *args) -> Response:
         return Response(encoded(state.index(run).run.id, kind, *args), media_type="application/json")
     runs = APIRouter(prefix="/runs", dependencies=[Depends(authorise)], responses=documented)
+
+    @api.middleware("http")
+    async def bounded_body(request: Request, call_next):
+        """Refuse a body over the limit (413) before reading it whole: by its Content-Length, or while
+        a chunked body streams in."""
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return _error(413, f"request body over the limit of {max_body_bytes} bytes")
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    return _error(413, f"request body over the limit of {max_body_bytes} bytes")
+            request._body = body  # read once; FastAPI takes it from here
+        return await call_next(request)
+
+    @api.exception_handler(RequestValidationError)
+    def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{**{k: v for k, v in e.items() if k not in ("ctx", "url")},
+                   "input": _short_input(e.get("input"))} for e in exc.errors()[:20]]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @api.exception_handler(NotFound)
     def not_found(_: Request, exc: NotFound) -> JSONResponse:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Health(BaseModel):
@@ -78,6 +78,8 @@ class FeatureCard(BaseModel):
 
 
 class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, never silently ignored
+
     ids: list[int] = Field(min_length=1, max_length=1000)
     contexts: bool = False
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import torch
 
 from crossray.config import CrosscoderConfig, TrainConfig
+
+ARTIFACTS = Path(os.environ.get("CROSSRAY_TEST_ARTIFACTS",
+                                Path(__file__).resolve().parents[1] / "test-artifacts"))
+"""Where tests keep screenshots for a person to look at."""
 
 
 def make_cc_cfg(**overrides) -> CrosscoderConfig:
@@ -103,3 +111,68 @@ def replica_pids(deployment: str = "ServeReplica:crossray:CrosscoderService") ->
         except psutil.Error:  # gone meanwhile
             continue
     return pids
+
+
+class Chromium:
+    """Headless Debian chromium driven over the DevTools protocol (loopback only)."""
+
+    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000"]
+
+    def __init__(self, exe: str, profile: Path):
+        import subprocess
+
+        port = free_port()
+        self.proc = subprocess.Popen([exe, *self.FLAGS, f"--remote-debugging-port={port}",
+                                      f"--user-data-dir={profile}", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        import httpx
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                page = next(t for t in targets if t["type"] == "page")
+                break
+            except (httpx.HTTPError, StopIteration):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        from websockets.sync.client import connect
+
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=2**26)
+        self.n = 0
+
+    def call(self, method: str, **params):
+        self.n += 1
+        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=30))
+            if msg.get("id") == self.n:
+                assert "error" not in msg, msg
+                return msg["result"]
+
+    def eval(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"page never satisfied {expression}")
+
+    def screenshot(self, path: Path) -> Path:
+        import base64
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def close(self):
+        self.ws.close()
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=10)

@@ -1,6 +1,7 @@
 """Task readers, the single-token rule (method.md §9.2), scoring, and the real BLiMP files."""
 
 import json
+import os
 
 import pytest
 
@@ -97,8 +98,11 @@ def test_toy_tasks_keep_everything(toy_dir, toy_tokenizer):
         assert len(t.examples) == t.n_rows and not t.skipped, (f.name, t.skipped)
 
 
-@pytest.mark.skipif(not SHARED_BLIMP.exists(), reason="../shared/data/blimp not present")
 def test_real_blimp_files_load_and_score(toy_family, toy_tokenizer):
+    if not SHARED_BLIMP.exists():
+        if os.environ.get("CI"):  # CI has ../shared beside the clone: the real files must be scored
+            pytest.fail(f"{SHARED_BLIMP} is missing in CI")
+        pytest.skip("../shared/data/blimp not present")
     files = sorted(SHARED_BLIMP.glob("*.jsonl"))
     assert len(files) == 15
     for f in files:
@@ -117,3 +121,48 @@ def test_real_blimp_files_load_and_score(toy_family, toy_tokenizer):
         print(f"  {r['revision']:9s} {r['task']:50s} prefix {r['prefix_accuracy']:.3f} "
               f"sentence {r['sentence_accuracy']:.3f}")
     assert len(rows) == 45 and all(0 <= r["sentence_accuracy"] <= 1 for r in rows)
+
+
+def test_sentence_scores_do_not_depend_on_the_batch(tmp_path):
+    """Left padding must not leak into full-sentence scores: a random model scores every sentence
+    the same alone and in a batch with longer ones, so pairs where only the bad sentence is padded
+    are not all 'correct'."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from crossray.tasks import sentence_logprobs
+    from tests.conftest import tiny_config
+
+    words = ["<eos>", "the", "dog", "dogs", "runs", "run", "near", "big", "cat", "cats", "and", "see", "a"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt_neox", vocab=len(words))).eval()
+    goods = ["the dog runs", "a cat runs", "the cats run", "big dogs run"] * 10  # one length: no padding
+    bads = ["the dog run", "a cats run", "the cat runs", "big dog run"] * 10
+    bads[0] = "the dogs runs and the big cats see a dog near the cat"  # pads every other bad sentence
+    alone = torch.cat([sentence_logprobs(model, tokenizer, [s]) for s in goods + bads])
+    batched = torch.cat([sentence_logprobs(model, tokenizer, goods, batch_size=64),
+                         sentence_logprobs(model, tokenizer, bads, batch_size=64)])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+    n = len(goods)
+    acc_alone = (alone[:n] > alone[n:]).float().mean()
+    acc_batched = (batched[:n] > batched[n:]).float().mean()
+    assert acc_batched == acc_alone
+
+
+def test_task_file_encoding(tmp_path, toy_tokenizer):
+    """A BOM and CRLF are editor artefacts, accepted; invalid UTF-8 names the file and the line."""
+    from crossray.tasks import TaskError, load_task
+
+    rows = [json.dumps({"sentence_good": "the dog runs .", "sentence_bad": "the dog run ."})] * 3
+    ok = tmp_path / "bom.jsonl"
+    ok.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode() + b"\r\n")
+    assert load_task(ok, toy_tokenizer).n_rows == 3
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes("\n".join(rows[:2]).encode() + b'\n{"sentence_good": "caf\xe9", "sentence_bad": "x"}\n')
+    with pytest.raises(TaskError, match=r"latin1.jsonl:3: not valid UTF-8 \(byte 0xe9 at column 23\)"):
+        load_task(bad, toy_tokenizer)

@@ -16,23 +16,26 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from crossray.checkpoints import Family, resolve_family
 from crossray.config import Config, ExtractConfig, TrainConfig, resolve_train, to_dict
 from crossray.extract import Manifest
+from crossray.mlflow_model import log_crosscoder
 from crossray.pipeline import inputs as I
 from crossray.pipeline import stages as S
+from crossray.pipeline.stages import RunOutcome
+from crossray.pipeline.summary import parent_metrics, summary_markdown
 from crossray.schema import shallow
-from crossray.store import metric_name, write_json_atomic
+from crossray.store import load_crosscoder, metric_name, write_json_atomic
 from crossray.tracking import Tracker, flat_params
 
 logger = logging.getLogger(__name__)
-STAGES = ("screen", "select", "extract", "train", "evaluate", "attribute", "analyse")
 
 
 @dataclass(frozen=True)
@@ -56,21 +59,6 @@ class Backend(Protocol):
     def attribute(self, crosscoder: str, family: Family, tasks: list[str], out: Path, cfg) -> dict: ...
 
 
-@dataclass
-class RunOutcome:
-    """What a pipeline run produced: every stage's result, how each stage went, the MLflow handles."""
-
-    name: str
-    family: Family
-    layer: int
-    results: dict[str, Any] = field(default_factory=dict)
-    status: dict[str, str] = field(default_factory=dict)
-    """Per stage: "ran" or "reused"."""
-    keys: dict[str, str] = field(default_factory=dict)
-    mlflow_run_id: str = ""
-    registered: dict | None = None
-
-
 class Pipeline:
     def __init__(self, cfg: Config, backend: Backend, config_name: str = ""):
         self.cfg, self.p, self.backend = cfg, cfg.pipeline, backend
@@ -80,6 +68,8 @@ class Pipeline:
         self.config_name = config_name
         self.outcome = RunOutcome(self.p.name, self.family, self.p.layer)
         self.tracker: Tracker | None = None
+        self.current: str | None = None
+        """The stage running now (for error messages)."""
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _stage(self, name: str, key: str, body: Callable[[Path], Any]) -> Any:
@@ -93,17 +83,52 @@ class Pipeline:
             o.results[name], o.status[name] = S.from_json(name, record["result"]), "reused"
             return o.results[name]
         logger.info("stage %s: running (key %s)", name, key)
+        self.current = name
         started = folder / "started.json"
         if folder.exists() and (not started.exists() or json.loads(started.read_text())["key"] != key):
             shutil.rmtree(folder)  # another key's work; a crash of this key keeps its partial work
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(started, {"key": key})
-        with self.tracker.stage(name, key) as run_id:
+        with self.tracker.stage(name, key, system_metrics=name in ("extract", "train")) as run_id:
             result = body(folder)
             self.tracker.log_folder(folder, name)
         write_json_atomic(done, {"key": key, "result": S.to_json(result), "mlflow_run_id": run_id})
-        o.results[name], o.status[name] = result, "ran"
+        o.results[name], o.status[name], self.current = result, "ran", None
         return result
+
+    def validate(self) -> None:
+        """Every input checked before any compute, Ray or MLflow run: the screened and pinned
+        revisions exist, the checkpoint count is possible (an error, never a clamp), the layer exists
+        in every checkpoint, every task loads with at least one usable example, a local corpus is
+        there, and the output folder can be written. Raises ValueError naming the problem."""
+        from transformers import AutoConfig
+
+        from crossray.checkpoints import CheckpointError
+        from crossray.models.layer import check_layer, load_tokenizer
+        from crossray.tasks import TaskError, load_tasks
+
+        p, screened = self.p, self.screened_revisions()
+        for rev in {*screened, *p.revisions}:
+            self.family.location(rev)  # a missing revision names what exists
+        if p.revisions and (missing := [r for r in p.revisions if r not in screened]):
+            raise CheckpointError(f"pipeline.revisions {missing} are not among the screened {screened}")
+        if not p.revisions and p.n_checkpoints > len(screened):
+            raise CheckpointError(f"pipeline.n_checkpoints is {p.n_checkpoints} but only {len(screened)} "
+                                  f"revisions are screened ({', '.join(screened)})")
+        for rev in screened:
+            src, revision = self.family.location(rev)
+            n_blocks = AutoConfig.from_pretrained(src, revision=revision).num_hidden_layers
+            check_layer(p.layer, n_blocks, f"{self.family.name}@{rev}")
+        for task in load_tasks(self.tasks, load_tokenizer(self.family, screened[0])):
+            if not task.examples:
+                raise TaskError(f"task {task.name} ({task.source}): no example with single-token answers "
+                                f"is left (skipped {dict(task.skipped)})")
+        source = self.cfg.extract.corpus.source
+        if not source.startswith("toy") and source.startswith(("/", ".", "~")) and not Path(source).exists():
+            raise ValueError(f"extract.corpus.source {source} does not exist")
+        existing = next(d for d in [self.out, *self.out.parents] if d.exists())
+        if not os.access(existing, os.W_OK):
+            raise ValueError(f"cannot write the run folder {self.out}: {existing} is not writable")
 
     def parent_key(self) -> str:
         """The configuration's identity: every section but the launch settings."""
@@ -148,10 +173,41 @@ class Pipeline:
             k = I.digest("attribute", k_train, contents, self.cfg.attribution)
             self._stage("attribute", k, self.attribute)
             self._stage("analyse", I.digest("analyse", k, k_screen, self.cfg.analysis), self.analyse)
-            launch = self.cfg.launch
-            name = launch.register_name or f"crossray-{self.family.name}-{p.name}"
-            o.registered = self.tracker.register(name, launch.alias, k_train)
+            self.register()
+            self.tracker.describe_parent(summary_markdown(o), parent_metrics(o), self.parent_params())
         return o
+
+    def register(self) -> None:
+        """The trained crosscoder in the Model Registry, with its lineage."""
+        o, launch = self.outcome, self.cfg.launch
+        train, ex = o.results["train"], o.results["extract"]
+        cc = load_crosscoder(train.crosscoder).cfg
+        tags = {"crossray.family": self.family.name, "crossray.layer": str(cc.layer),
+                "crossray.revisions": ",".join(cc.revisions),
+                "crossray.weight_hashes": ",".join(f"{r}:{h}" for r, h in zip(cc.revisions, cc.weight_hashes,
+                                                                                strict=True)),
+                "crossray.corpus_hash": ex.corpus_hash, "crossray.n_latents": str(cc.n_latents),
+                "crossray.sparsity": _sparsity(self.cfg.train)}
+        description = (f"{cc.n_checkpoints}-way {cc.activation} crosscoder over {self.family.name} "
+                       f"{', '.join(cc.revisions)} at layer {cc.layer}: {cc.n_latents} latents, trained on "
+                       f"{ex.token_count:,} tokens. predict(x) takes raw residual activations (rows, "
+                       f"{cc.n_checkpoints}, {cc.d_model}) and returns feature activations (rows, "
+                       f"{cc.n_latents}).")
+        name = launch.register_name or f"crossray-{self.family.name}-{self.p.name}"
+        o.registered = self.tracker.register(name, launch.alias, train.model_uri, tags, description)
+
+    def parent_params(self) -> dict[str, str]:
+        cc = self.cfg.train.crosscoder
+        return {"family": self.family.name, "layer": str(self.p.layer),
+                "revisions": ",".join(self.outcome.results["select"].revisions),
+                "n_latents": str(cc.n_latents), "activation": cc.activation}
+
+    def log_tasks(self, context: str) -> None:
+        for name, digest in I.task_contents(self.tasks).items():
+            path = next((Path(t) / name for t in self.tasks if (Path(t) / name).is_file()), Path(name))
+            source = f"toy:tasks/{path.name}" if self.p.tasks == ("toy",) else str(path)
+            rows = sum(1 for line in path.open() if line.strip()) if path.is_file() else None
+            self.tracker.log_dataset(path.stem, source, digest, {"rows": rows}, context)  # type: ignore[union-attr]
 
     # -- stages ------------------------------------------------------------------------------------
     def screen(self, folder: Path, revisions: list[str]) -> S.ScreenResult:
@@ -164,6 +220,7 @@ class Pipeline:
         parts = self.backend.map(S.screen_revision, [(self.family, self.tasks, r, self.p.layer, texts)
                                                      for r in revisions])
         result, rows = S.combine_screen(revisions, parts)
+        self.log_tasks("screening")
         for task, acc in result.accuracy.items():  # step = position in the screened revision list
             for i, value in enumerate(acc):
                 mlflow.log_metric(f"accuracy/{task}", value, step=i)
@@ -185,6 +242,10 @@ class Pipeline:
         mlflow.log_params(flat_params({"extract": to_dict(ecfg)}))
         m = self.backend.extract(ecfg, folder / "acts")
         mlflow.log_metric("token_count", m.token_count)
+        corpus = ecfg.corpus
+        self.tracker.log_dataset(  # type: ignore[union-attr]
+            f"corpus:{Path(corpus.source).name}", corpus.source, m.corpus_hash,
+            {"sequences": m.n_sequences, "seq_len": corpus.seq_len, "rows": m.token_count}, "training")
         return S.ExtractResult(str(folder / "acts"), m.key, m.weight_hashes, m.corpus_hash, m.norm_factors,
                                m.d_model, m.n_sequences, m.token_count)
 
@@ -204,7 +265,8 @@ class Pipeline:
         self.tracker.log_history(out.history)  # type: ignore[union-attr]
         shutil.copytree(out.crosscoder, folder / "crosscoder", dirs_exist_ok=True)
         shutil.rmtree(folder / "ray", ignore_errors=True)  # checkpoints are not needed once done
-        return S.TrainResult(str(folder / "crosscoder"), out.final)
+        model = log_crosscoder(folder / "crosscoder")
+        return S.TrainResult(str(folder / "crosscoder"), out.final, model.model_uri)
 
     def evaluate(self, folder: Path) -> S.EvaluateResult:
         import mlflow
@@ -220,6 +282,7 @@ class Pipeline:
         import mlflow
 
         mlflow.log_params(flat_params({"attribution": to_dict(self.cfg.attribution)}))
+        self.log_tasks("attribution")
         summary = self.backend.attribute(self.outcome.results["train"].crosscoder, self.family, self.tasks,
                                          folder / "effects", self.cfg.attribution)
         for task, info in summary["tasks"].items():
@@ -231,3 +294,14 @@ class Pipeline:
         res = self.outcome.results
         return S.analyse(folder, res["screen"], res["extract"], res["train"], res["attribute"],
                          self.extract_config(), self.cfg.analysis)
+
+
+def _sparsity(train) -> str:
+    cc = train.crosscoder
+    match cc.activation:
+        case "batchtopk":
+            return f"batchtopk k={cc.k}"
+        case "jumprelu":
+            return f"jumprelu l0_coeff={train.l1_coeff}"
+        case other:
+            return f"{other} l1_coeff={train.l1_coeff}"

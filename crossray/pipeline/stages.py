@@ -11,8 +11,9 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,6 +65,8 @@ class TrainResult:
     crosscoder: str
     """Folder of the final crosscoder (weights, config, training state)."""
     final: dict
+    model_uri: str = ""
+    """The crosscoder as an MLflow pyfunc model (`models:/m-...`)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,25 @@ class AnalyseResult:
 
     groups_by_reldec: dict[str, int]
     groups_by_relie: dict[str, dict[str, int]]
+
+
+STAGES = ("screen", "select", "extract", "train", "evaluate", "attribute", "analyse")
+
+
+@dataclass
+class RunOutcome:
+    """What a pipeline run produced: every stage's result, how each stage went, the MLflow handles."""
+
+    name: str
+    family: Family
+    layer: int
+    results: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+    """Per stage: "ran" or "reused"."""
+    keys: dict[str, str] = field(default_factory=dict)
+    mlflow_run_id: str = ""
+    registered: dict | None = None
+
 
 
 RESULTS = {"screen": ScreenResult, "select": SelectResult, "extract": ExtractResult, "train": TrainResult,

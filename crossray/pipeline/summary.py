@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from crossray.pipeline.runner import STAGES, RunOutcome
+from crossray.pipeline.stages import STAGES, RunOutcome
 from crossray.store import metric_name
 
 

@@ -1,6 +1,7 @@
 """The pipeline against a real `mlflow server` on 127.0.0.1: runs, params, metrics, artifacts,
 registry, lineage; a second run skips every stage; configs and bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -69,7 +70,7 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
     weights = client.download_artifacts(train.info.run_id, "train/crosscoder", str(tmp_path / "cc"))
     assert (Path(weights) / "weights.safetensors").exists() and (Path(weights) / "config.json").exists()
     version = client.get_model_version_by_alias("toy-test", "champion")
-    assert version.run_id == train.info.run_id and version.source.endswith("train/crosscoder")
+    assert version.run_id == train.info.run_id and version.source == results.results["train"].model_uri
     # a second run reuses every stage and logs no new stage runs
     t0 = time.time()
     again = run(load_config(config), config.name)
@@ -141,3 +142,102 @@ def test_bad_config_and_dead_server(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=f"MLflow tracking server http://127.0.0.1:{port} does not answer"):
         check_tracking()
     assert time.time() - t0 < 20
+
+
+def _machine_paths(tmp_path) -> list[str]:
+    import tempfile
+
+    return [str(ROOT), str(Path.home()), tempfile.gettempdir(), str(tmp_path)]
+
+
+def test_mlflow_as_a_researcher_uses_it(tracked_run, mlflow_server, toy_dir, tmp_path):
+    """Parent run story, datasets as inputs, a loadable pyfunc crosscoder, lineage on the version."""
+    import hashlib
+
+    import numpy as np
+
+    from crossray.extract import Manifest, read_shard
+    from crossray.store import load_crosscoder
+
+    results, _ = tracked_run
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("crossray-toy")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = client.get_run(results.mlflow_run_id)
+    revisions = results.results["select"].revisions
+    note = parent.data.tags["mlflow.note.content"]
+    assert "## Checkpoints" in note and all(r in note for r in revisions) and "ablation" in note
+    metrics = parent.data.metrics
+    for r in revisions:
+        assert 0 < metrics[f"fve/{r}"] <= 1 and f"delta_ce/{r}" in metrics
+    assert metrics["l0"] > 0 and "dead_latents" in metrics
+    assert {f"ablation_rho/{t}" for t in results.results["attribute"].tasks} <= set(metrics)
+    assert parent.data.params["revisions"] == ",".join(revisions) and parent.data.params["layer"] == "2"
+    assert "config.json" in [f.path for f in client.list_artifacts(parent.info.run_id)]
+    # datasets as inputs of the stages that read them, with content digests and row counts
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["crossray.stage"]: r for r in children}
+    for stage in ("screen", "attribute"):
+        inputs = {d.dataset.name: d.dataset for d in by_stage[stage].inputs.dataset_inputs}
+        assert len(inputs) == 6
+        digest = hashlib.sha256((toy_dir / "tasks" / "simple_agreement.jsonl").read_bytes()).hexdigest()
+        assert digest.startswith(inputs["simple_agreement"].digest)
+        assert json.loads(inputs["simple_agreement"].profile) == {"rows": 200}
+    [corpus] = by_stage["extract"].inputs.dataset_inputs
+    assert results.results["extract"].corpus_hash.startswith(corpus.dataset.digest)
+    assert json.loads(corpus.dataset.profile)["rows"] == results.results["extract"].token_count
+    for stage in ("extract", "train"):  # system metrics while the heavy stages ran
+        assert any(k.startswith("system/cpu_utilization") for k in by_stage[stage].data.metrics)
+    # the registered crosscoder loads with MLflow alone and encodes raw activations
+    model = mlflow.pyfunc.load_model("models:/toy-test@champion")
+    acts = results.results["extract"].acts
+    _, _, x = read_shard(Manifest.read(acts).shard_paths(acts)[0])
+    cc = load_crosscoder(results.results["train"].crosscoder)
+    want = cc.encode(cc.normalise(x[:256]), mode="eval").detach().numpy()
+    np.testing.assert_allclose(model.predict(x[:256].numpy()), want, rtol=1e-5, atol=1e-5)
+    version = client.get_model_version_by_alias("toy-test", "champion")
+    tags = version.tags
+    assert tags["crossray.revisions"] == ",".join(revisions) and tags["crossray.layer"] == "2"
+    assert tags["crossray.corpus_hash"] == results.results["extract"].corpus_hash
+    assert tags["crossray.n_latents"] == "512" and tags["crossray.sparsity"].startswith("relu")
+    assert len(tags["crossray.weight_hashes"].split(",")) == 3 and "512 latents" in version.description
+    # no tag, param or description holds a path of this machine
+    texts = [version.description, *tags.values()]
+    for mlflow_run in [parent, *children]:
+        texts += [*mlflow_run.data.tags.values(), *mlflow_run.data.params.values()]
+    leaks = [t for t in texts for p in _machine_paths(tmp_path) if p in t]
+    assert not leaks, leaks
+
+
+def test_mlflow_ui_in_headless_chromium(tracked_run, mlflow_server, tmp_path):
+    """The experiment in the model-training view with the run listed; the parent run's description."""
+    import shutil
+
+    from tests.helpers import ARTIFACTS, Chromium
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    results, _ = tracked_run
+    client = MlflowClient(mlflow_server)
+    exp_id = client.get_experiment_by_name("crossray-toy").experiment_id
+    view = "?workflowType=machine_learning"
+    browser = Chromium(exe, tmp_path / "profile")
+    try:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=f"{mlflow_server}/#/experiments/{exp_id}{view}")
+        browser.wait_for("document.body.innerText.includes('matching runs') && "
+                         "document.body.innerText.includes('tiny')", timeout=60)
+        text = browser.eval("document.body.innerText")
+        assert "Run Name" in text and "Token Usage" not in text  # the runs table, not the GenAI overview
+        browser.screenshot(ARTIFACTS / "mlflow_experiment.png")
+        browser.call("Page.navigate", url=f"{mlflow_server}/#/experiments/{exp_id}/runs/"
+                                          f"{results.mlflow_run_id}{view}")
+        browser.wait_for("document.body.innerText.includes('Checkpoints')", timeout=60)
+        text = browser.eval("document.body.innerText")
+        last = results.results["select"].revisions[-1]
+        assert "FVE" in text and last in text and f"fve/{last}" in text  # description and metrics
+        browser.screenshot(ARTIFACTS / "mlflow_parent_run.png")
+    finally:
+        browser.close()

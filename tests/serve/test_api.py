@@ -136,3 +136,24 @@ def test_cli_refuses_a_bad_run_before_starting_ray(tmp_path, capsys):
                  "--cache-dir", str(tmp_path / "cache")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("crossray: error")]
     assert code == 2 and err[0].startswith(f"crossray: error: MLflow has no run or model '{'0' * 32}'")
+
+
+def test_bodies_are_bounded(state):
+    """A body over the limit is a 413 (by its length, or while it streams in); unknown fields are a
+    422; a 422 echoes only a short prefix of what was sent."""
+    import json
+
+    client = TestClient(build_api(state), raise_server_exceptions=False)
+    big = json.dumps({"ids": [0], "padding": "x" * 2_000_000})
+    r = client.post("/runs/fake/features", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit of 1000000 bytes" in r.json()["detail"]
+    chunks = (b"x" * 65536 for _ in range(40))  # no Content-Length: chunked
+    r = client.post("/runs/fake/features", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.post("/runs/fake/features", json={"ids": [0], "context": True})  # a misspelt field
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "context"]
+    assert client.post("/runs/fake/features", json={"ids": [0, 1]}).status_code == 200
+    roomy = TestClient(build_api(state, max_body_bytes=50_000_000), raise_server_exceptions=False)
+    r = roomy.post("/runs/fake/features", json={"ids": list(range(1_500_000))})
+    assert r.status_code == 422 and len(r.content) < 2000, len(r.content)
+    assert "1500000 items" in r.text

@@ -6,7 +6,6 @@ OpenAPI schema; headless Chromium opens the page, clicks a feature and keeps a s
 killed under load is replaced with fewer than 1% failed requests.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -21,11 +20,10 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.helpers import free_port, replica_pids
+from tests.helpers import ARTIFACTS, Chromium, free_port, replica_pids
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(os.environ.get("CROSSRAY_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
 
 def wait_ready(url: str, timeout: float = 90) -> None:
@@ -159,60 +157,6 @@ def test_schema_fuzz_finds_no_server_error(served, tmp_path):
         total += int(generated[1])
     assert total >= 400  # a few hundred cases over the 7 operations
     print(f"schemathesis: {total} cases, no server error, no schema violation")
-
-
-class Chromium:
-    """Headless Debian chromium driven over the DevTools protocol (loopback only)."""
-
-    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000"]
-
-    def __init__(self, exe: str, profile: Path):
-        port = free_port()
-        self.proc = subprocess.Popen([exe, *self.FLAGS, f"--remote-debugging-port={port}",
-                                      f"--user-data-dir={profile}", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        deadline = time.time() + 30
-        while True:
-            try:
-                targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
-                page = next(t for t in targets if t["type"] == "page")
-                break
-            except (httpx.HTTPError, StopIteration):
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
-        from websockets.sync.client import connect
-
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=2**26)
-        self.n = 0
-
-    def call(self, method: str, **params):
-        self.n += 1
-        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv(timeout=30))
-            if msg.get("id") == self.n:
-                assert "error" not in msg, msg
-                return msg["result"]
-
-    def eval(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 30):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            value = self.eval(expression)
-            if value:
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"page never satisfied {expression}")
-
-    def close(self):
-        self.ws.close()
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=10)
 
 
 def test_page_in_headless_chromium(served, tmp_path):

@@ -1,0 +1,108 @@
+"""One writer per run folder: a lock file that names its holder and works on shared storage.
+
+`<run folder>.lock` (beside the folder, so nothing is created inside it before the run starts) is
+created with O_CREAT | O_EXCL, which is atomic on local disks and on NFS, and holds the holder's
+host, PID and start time. The holder touches it every `HEARTBEAT_S` seconds. A lock is stale when its
+holder is on this host and its PID is gone, or when its heartbeat is older than `STALE_S` (a holder
+on another node, which this node cannot ask); a stale lock is taken over with a log line. A busy
+lock is an error naming the holder, or is waited for (`wait=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+HEARTBEAT_S = 10.0
+STALE_S = 120.0
+
+
+class LockBusy(ValueError):
+    """The run folder is in use by another live run."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(self, folder: Path, wait: bool = False, poll_s: float = 1.0):
+        self.path = folder.with_name(folder.name + ".lock")
+        self.wait, self.poll_s = wait, poll_s
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def holder(self) -> dict | None:
+        try:
+            info = json.loads(self.path.read_text())
+            info["heartbeat_age_s"] = time.time() - self.path.stat().st_mtime
+            return info
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, info: dict) -> bool:
+        if info.get("host") == socket.gethostname():
+            return not _alive(int(info.get("pid", -1)))
+        return info["heartbeat_age_s"] > STALE_S
+
+    def _try_create(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, f)
+        return True
+
+    def acquire(self) -> None:
+        while not self._try_create():
+            info = self.holder()
+            if info is None:  # released (or half-written) meanwhile: try again
+                time.sleep(0.05)
+                continue
+            if self._stale(info):
+                logger.warning("taking over the stale lock %s of pid %s on %s (started %s)", self.path,
+                               info.get("pid"), info.get("host"), info.get("started"))
+                self.path.unlink(missing_ok=True)
+                continue
+            if not self.wait:
+                raise LockBusy(f"{self.path.with_suffix('')} is in use by pid {info.get('pid')} on host "
+                               f"{info.get('host')} since {info.get('started')}: wait for it to finish, "
+                               "or pass --wait")
+            time.sleep(self.poll_s)
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        info = self.holder()
+        if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
