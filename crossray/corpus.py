@@ -38,10 +38,14 @@ def _local_documents(path: Path, text_field: str) -> Iterator[str]:
     for f in files:
         match f.suffix:
             case ".jsonl":
-                with open(f) as fh:
-                    for i, line in enumerate(fh, 1):
-                        if line.strip():
-                            row = json.loads(line)
+                with open(f, "rb") as fh:
+                    for i, raw in enumerate(fh, 1):
+                        try:
+                            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+                            row = json.loads(line) if line.strip() else None
+                        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                            raise CorpusError(f"{f}:{i}: not a UTF-8 JSON line ({e})") from e
+                        if row is not None:
                             if text_field not in row:
                                 raise CorpusError(f"{f}:{i}: no field {text_field!r}")
                             yield row[text_field]

@@ -43,6 +43,10 @@ def explain(exc: BaseException, stage: str | None, tracking_uri: str | None = No
         if isinstance(c, OSError) and c.errno == errno.ENOSPC:
             path = c.filename or "the output folder"
             return f"no space left on device writing {path}{where}: free space there, then {RESUME}"
+    for c in chain:  # Ray Train and Ray Data pass worker errors on as text
+        if (m := re.search(r"No space left on device(?:: '([^']+)')?", str(c))):
+            path = m.group(1) or "the output folder"
+            return f"no space left on device writing {path}{where}: free space there, then {RESUME}"
     names = {type(c).__name__ for c in chain}
     if names & TRACKING_ERRORS or any("Max retries exceeded" in str(c) for c in chain):
         return (f"the MLflow tracking server {tracking_uri or ''} stopped answering{where}: restart it, "

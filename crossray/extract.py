@@ -41,14 +41,20 @@ class ManifestError(ValueError):
 
 # -- the extractor ---------------------------------------------------------------------------------
 
-def check_same_width(family: Family, revisions: Sequence[str]) -> int:
-    """Hidden size shared by every checkpoint (read from configs only); refuse a mixed set."""
+def check_same_width(family: Family, revisions: Sequence[str], layer: int | None = None) -> int:
+    """Hidden size shared by every checkpoint (read from configs only, no weights); refuse a mixed
+    set, and a layer that some checkpoint does not have."""
     from transformers import AutoConfig
+
+    from crossray.models.layer import check_layer
 
     widths = {}
     for rev in revisions:
         src, r = family.location(rev)
-        widths[rev] = AutoConfig.from_pretrained(src, revision=r).hidden_size
+        config = AutoConfig.from_pretrained(src, revision=r)
+        widths[rev] = config.hidden_size
+        if layer is not None:
+            check_layer(layer, config.num_hidden_layers, f"{family.name}@{rev}")
     if len(set(widths.values())) != 1:
         raise CheckpointError(f"checkpoints of one set must share a hidden size, got {widths}")
     return next(iter(widths.values()))

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from pathlib import Path
 
 import ray
 
 from crossray.config import add_config_flags
+from crossray.errors import explain, remove_temporaries, write_failure_log
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
@@ -18,6 +21,22 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
     return p
+
+
+def report_failure(exc: BaseException, folder: Path, stage: str | None, tracking_uri: str | None = None
+                   ) -> int:
+    """An operational failure as one `crossray: error:` line (cause, where, what to do), the traceback
+    in `<folder>/logs/`, temporaries removed; returns the exit code 1."""
+    log = write_failure_log(folder, exc)
+    remove_temporaries(folder)
+    what = "interrupted" if isinstance(exc, KeyboardInterrupt) else explain(exc, stage, tracking_uri)
+    print(f"crossray: error: {what} (full traceback: {log})", file=sys.stderr)
+    return 1
+
+
+def local_folder(path: str) -> Path:
+    """Where a job keeps its logs: the output folder, or the working directory for a remote URI."""
+    return Path(path) if "://" not in path else Path.cwd()
 
 
 def setup_logging() -> None:

@@ -33,7 +33,7 @@ from crossray.config import Config, LaunchConfig, load_config
 from crossray.corpus import load_sequences
 from crossray.models.layer import load_tokenizer
 from crossray.schema import overrides_from, shallow
-from jobs._ray import init_ray, job_parser, setup_logging
+from jobs._ray import init_ray, job_parser, local_folder, report_failure, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Prepared:
 def prepare(cfg: X.ExtractConfig) -> Prepared:
     """Check the checkpoint set (revisions exist, same width, distinct weights) and read the corpus."""
     family = cfg.family_obj()
-    d_model = X.check_same_width(family, cfg.revisions)
+    d_model = X.check_same_width(family, cfg.revisions, cfg.layer)
     hashes = X.resolve_hashes(cfg)
     tokens, corpus_hash = load_sequences(cfg.corpus, load_tokenizer(family, cfg.revisions[0]))
     key = X.extraction_key(cfg, hashes, corpus_hash)
@@ -213,8 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
-    init_ray(args.address)
-    manifest = run_extract(ecfg, args.out, cfg.launch, prep=prep)
+    try:
+        init_ray(args.address)
+        manifest = run_extract(ecfg, args.out, cfg.launch, prep=prep)
+    except ValueError as e:
+        print(f"crossray: error: {e}", file=sys.stderr)
+        return 2
+    except BaseException as e:  # noqa: BLE001 (one line plus a log file)
+        return report_failure(e, local_folder(args.out), "extract")
     print(json.dumps({"out": args.out, "shards": len(manifest.shards), "rows": manifest.token_count,
                       "norm_factors": manifest.norm_factors}))
     return 0

@@ -31,7 +31,6 @@ from crossray.config import (
     TrainConfig,
     load_config,
 )
-from crossray.errors import explain, remove_temporaries, write_failure_log
 from crossray.extract import Manifest
 from crossray.pipeline.lock import RunLock
 from crossray.pipeline.runner import Pipeline, TrainOutput
@@ -42,7 +41,7 @@ from crossray.tracking import check_tracking, experiment_link
 from jobs import attribute as attribute_job
 from jobs import extract as extract_job
 from jobs import train as train_job
-from jobs._ray import init_ray, job_parser, setup_logging
+from jobs._ray import init_ray, job_parser, report_failure, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +117,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
     except BaseException as e:  # noqa: BLE001 (every failure ends as one line plus a log file)
-        log = write_failure_log(pipeline.out, e)
-        remove_temporaries(pipeline.out)
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else explain(e, pipeline.current, uri)
-        print(f"crossray: error: {what} (full traceback: {log})", file=sys.stderr)
-        return 1
+        return report_failure(e, pipeline.out, pipeline.current, uri)
     print(summary_text(outcome))
     experiment = cfg.launch.experiment or f"crossray-{outcome.family.name}"
     print(f"MLflow: {uri}, experiment {experiment}; in the UI: {experiment_link(uri, experiment)}")

@@ -42,7 +42,7 @@ from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
 from crossray.schema import overrides_from
 from crossray.train import Trainer
-from jobs._ray import init_ray, job_parser, setup_logging
+from jobs._ray import init_ray, job_parser, local_folder, report_failure, setup_logging
 
 logger = logging.getLogger(__name__)
 CROSSCODER_DIR = "crosscoder"
@@ -187,9 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
-    init_ray(args.address)
-    result = run_train(train_cfg, cfg.launch, args.storage, manifest.norm_factors, data=args.data,
-                       name=args.name)
+    try:
+        init_ray(args.address)
+        result = run_train(train_cfg, cfg.launch, args.storage, manifest.norm_factors, data=args.data,
+                           name=args.name)
+    except ValueError as e:
+        print(f"crossray: error: {e}", file=sys.stderr)
+        return 2
+    except BaseException as e:  # noqa: BLE001 (one line plus a log file)
+        return report_failure(e, local_folder(args.storage), "train")
     print(json.dumps({"crosscoder": str(crosscoder_dir(result)), "metrics": result.metrics}, default=str))
     return 0
 

@@ -101,10 +101,9 @@ class Pipeline:
         revisions exist, the checkpoint count is possible (an error, never a clamp), the layer exists
         in every checkpoint, every task loads with at least one usable example, a local corpus is
         there, and the output folder can be written. Raises ValueError naming the problem."""
-        from transformers import AutoConfig
-
         from crossray.checkpoints import CheckpointError
-        from crossray.models.layer import check_layer, load_tokenizer
+        from crossray.extract import check_same_width
+        from crossray.models.layer import load_tokenizer
         from crossray.tasks import TaskError, load_tasks
 
         p, screened = self.p, self.screened_revisions()
@@ -115,10 +114,7 @@ class Pipeline:
         if not p.revisions and p.n_checkpoints > len(screened):
             raise CheckpointError(f"pipeline.n_checkpoints is {p.n_checkpoints} but only {len(screened)} "
                                   f"revisions are screened ({', '.join(screened)})")
-        for rev in screened:
-            src, revision = self.family.location(rev)
-            n_blocks = AutoConfig.from_pretrained(src, revision=revision).num_hidden_layers
-            check_layer(p.layer, n_blocks, f"{self.family.name}@{rev}")
+        check_same_width(self.family, screened, p.layer)
         for task in load_tasks(self.tasks, load_tokenizer(self.family, screened[0])):
             if not task.examples:
                 raise TaskError(f"task {task.name} ({task.source}): no example with single-token answers "

@@ -47,3 +47,115 @@ def test_empty_task_file_fails_before_any_compute(toy_dir, tmp_path):
     assert proc.returncode == 2
     assert "crossray: error: task nothing" in proc.stderr and "no example" in proc.stderr
     assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def _small(tmp_path, out: Path) -> Path:
+    from tests.helpers import small_pipeline_config
+
+    config = small_pipeline_config(tmp_path)
+    text = config.read_text().replace(str(tmp_path / "runs"), str(out))
+    config.write_text(text)
+    return config
+
+
+@pytest.mark.ray
+def test_disk_full_during_extraction(toy_dir, tmp_path):
+    """Out of space while writing shards: exit 1, one line naming the cause and what to do, the
+    traceback in a log file, no temporary file left. The run folder sits on a 2 MB tmpfs mounted in
+    a private mount namespace (root only)."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root for a private tmpfs")
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    config = _small(tmp_path, mnt)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env.pop("RAY_ADDRESS", None)
+    script = (f"mount -t tmpfs -o size=2m tmpfs {mnt} || exit 77; "
+              f"{sys.executable} -m jobs.pipeline --config {config}; echo rc=$?; "
+              f"echo temporaries: $(find {mnt} -name '*.tmp*' | wc -l); "
+              f"echo in the log: $(grep -c 'No space left on device' {mnt}/tiny/logs/failure-*.log)")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode == 77:
+        pytest.skip("tmpfs cannot be mounted here")
+    assert "rc=1" in proc.stdout, proc.stderr[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("crossray: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "no space left on device" in errors[0] and "stage extract" in errors[0]
+    assert "free space there, then re-run the same command to resume" in errors[0]
+    assert f"{mnt}/tiny/logs/failure-" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert "temporaries: 0" in proc.stdout
+    assert "in the log: 0" not in proc.stdout and "in the log: " in proc.stdout  # the real error, kept
+
+
+@pytest.mark.ray
+def test_tracking_server_dies_mid_run(toy_dir, tmp_path):
+    """The MLflow server stops after screening: exit 1 with one line saying so; after a restart the
+    same command resumes, and the interrupted stage's run is closed as KILLED."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    from tests.helpers import free_port
+
+    port, root = free_port(), tmp_path / "mlflow"
+    server_cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
+                  str(root / "artifacts"), "--workers", "1"]
+
+    def start_server():
+        import httpx
+
+        root.mkdir(exist_ok=True)
+        proc = subprocess.Popen(server_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True,
+                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise AssertionError("mlflow server did not start")
+
+    server = start_server()
+    out = tmp_path / "runs"
+    config = _small(tmp_path, out)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config)]
+    run = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and run.poll() is None and \
+                not (out / "tiny" / "select" / "done.json").exists():
+            time.sleep(0.1)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        t0 = time.time()
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 1, stderr[-3000:]
+    errors = [x for x in stderr.splitlines() if x.startswith("crossray: error:")]
+    assert len(errors) == 1 and "MLflow tracking server" in errors[0] and "restart it" in errors[0], \
+        stderr[-3000:]
+    assert "Traceback" not in stderr and time.time() - t0 < 120
+    server = start_server()
+    try:
+        again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        assert [r.info.status for r in runs if r.data.tags.get("crossray.stage") == "extract"].count(
+            "FINISHED") == 1
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

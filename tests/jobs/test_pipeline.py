@@ -81,7 +81,9 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
 
 
 def test_killed_pipeline_resumes_training(tracked_run, tmp_path):
-    """SIGKILL the whole pipeline during training; the re-run resumes from the last checkpoint."""
+    """A second run on a folder in use is refused at once, naming the holder. SIGKILL the whole
+    pipeline during training; the re-run takes over the stale lock, closes the killed MLflow stage
+    run as KILLED and resumes from the last checkpoint."""
     import json
 
     reference, _ = tracked_run
@@ -97,11 +99,23 @@ def test_killed_pipeline_resumes_training(tracked_run, tmp_path):
     while time.time() < deadline and proc.poll() is None and registered_checkpoints(train_dir / "ray") < 1:
         time.sleep(0.1)
     assert proc.poll() is None, "the pipeline ended before training reached a checkpoint"
+    t0 = time.time()
+    second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and time.time() - t0 < 30
+    [line] = [x for x in second.stderr.splitlines() if x.startswith("crossray: error:")]
+    assert f"is in use by pid {proc.pid}" in line and "--wait" in line
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (train_dir / "done.json").exists()
     again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "taking over the stale lock" in again.stderr
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # every run ended
+    killed = [r.data.tags.get("crossray.stage") for r in runs if r.info.status == "KILLED"]
+    assert killed == ["train"], killed  # the killed stage run, closed by the re-run
+    assert len([r for r in runs if r.data.tags.get("crossray.stage") == "train"]) == 2
     train = json.loads((train_dir / "done.json").read_text())["result"]["final"]
     assert train["step"] == 600 and 50 <= train["resumed_from_step"] < 600
     evaluate = json.loads((tmp_path / "runs" / "tiny" / "evaluate" / "done.json").read_text())["result"]
