@@ -95,15 +95,18 @@ def test_killed_pipeline_resumes_training(tracked_run, tmp_path):
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     train_dir = tmp_path / "runs" / "tiny" / "train"
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and registered_checkpoints(train_dir / "ray") < 1:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / "runs" / "tiny.lock").exists():
         time.sleep(0.1)
-    assert proc.poll() is None, "the pipeline ended before training reached a checkpoint"
-    t0 = time.time()
+    t0 = time.time()  # a second run of the same config, while the first holds the folder
     second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and time.time() - t0 < 30
     [line] = [x for x in second.stderr.splitlines() if x.startswith("crossray: error:")]
     assert f"is in use by pid {proc.pid}" in line and "--wait" in line
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and registered_checkpoints(train_dir / "ray") < 1:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the pipeline ended before training reached a checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (train_dir / "done.json").exists()
@@ -151,11 +154,15 @@ def test_bad_config_and_dead_server(tmp_path, monkeypatch):
         load_config(bad)
     port = free_port()  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
-    t0 = time.time()
-    with pytest.raises(ValueError, match=f"MLflow tracking server http://127.0.0.1:{port} does not answer"):
-        check_tracking()
-    assert time.time() - t0 < 20
+    try:
+        t0 = time.time()
+        with pytest.raises(ValueError, match=f"MLflow tracking server http://127.0.0.1:{port} does not answer"):
+            check_tracking()
+        assert time.time() - t0 < 20
+    finally:
+        mlflow.set_tracking_uri(previous)  # a global: later tests must not inherit the dead server
 
 
 def _machine_paths(tmp_path) -> list[str]:
@@ -204,6 +211,7 @@ def test_mlflow_as_a_researcher_uses_it(tracked_run, mlflow_server, toy_dir, tmp
     for stage in ("extract", "train"):  # system metrics while the heavy stages ran
         assert any(k.startswith("system/cpu_utilization") for k in by_stage[stage].data.metrics)
     # the registered crosscoder loads with MLflow alone and encodes raw activations
+    mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model("models:/toy-test@champion")
     acts = results.results["extract"].acts
     _, _, x = read_shard(Manifest.read(acts).shard_paths(acts)[0])
