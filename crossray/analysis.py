@@ -1,7 +1,8 @@
 """Feature analyses on crosscoder weights and activations, for any number C of checkpoints.
 
 - decoder norms per checkpoint, and their shares: one-vs-all `v_c / sum_j v_j` and every pair
-  `v_b / (v_a + v_b)` (RelDec, method.md §8.1; the same share functions serve RelIE);
+  `v_b / (v_a + v_b)` (RelDec, method.md §8.1; the same share functions serve RelIE; `pair_columns`
+  writes the pairs as table columns for 3 or more checkpoints);
 - the paper's classes (share < 0.3 -> 0, > 0.7 -> 1, else 0.5) and group labels generalised to any C:
   "<c> specific" when one share exceeds the high threshold, else the set of checkpoints whose share
   reaches the low threshold ("A-B shared", "shared by all"), else "others" (§8.2);
@@ -56,6 +57,15 @@ def pairwise(values_LC: Tensor) -> dict[tuple[int, int], Shares]:
         s = one_vs_all(values_LC[:, [a, b]])
         out[(a, b)] = Shares(s.share_LC[:, 1], s.all_zero_L)
     return out
+
+
+def pair_columns(values_LC: Tensor, names: Sequence[str], prefix: str) -> list[dict[str, float]]:
+    """Per feature, the share of b in every pair a < b as `<prefix>/<a>-<b>` (method.md's 3-way
+    tables); empty dicts for 2 checkpoints, where the one pair is the one-vs-all share."""
+    if values_LC.shape[1] < 3:
+        return [{} for _ in range(values_LC.shape[0])]
+    pairs = {f"{prefix}/{names[a]}-{names[b]}": s.share_LC for (a, b), s in pairwise(values_LC).items()}
+    return [{k: float(v[i]) for k, v in pairs.items()} for i in range(values_LC.shape[0])]
 
 
 def classify(share: Tensor, low: float = 0.3, high: float = 0.7) -> Tensor:
@@ -218,8 +228,9 @@ def feature_rows(crosscoder: Crosscoder) -> list[dict]:
     trajectory = trajectory_classes(norms)
     cos = decoder_cosine(crosscoder.W_dec_LCD.detach())
     pairs = list(combinations(range(len(revs)), 2))
+    pair_shares = pair_columns(norms, revs, "reldec_pair")
     return [{"feature": i, **{f"dec_norm/{r}": float(norms[i, c]) for c, r in enumerate(revs)},
-             **{f"reldec/{r}": float(shares.share_LC[i, c]) for c, r in enumerate(revs)},
+             **{f"reldec/{r}": float(shares.share_LC[i, c]) for c, r in enumerate(revs)}, **pair_shares[i],
              **{f"cos/{revs[a]}-{revs[b]}": float(cos[i, a, b]) for a, b in pairs},
              "group": groups[i], "trajectory": trajectory[i]} for i in range(norms.shape[0])]
 

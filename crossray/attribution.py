@@ -12,14 +12,16 @@ method.md §11-§12, for any number C of checkpoints, with §16.5-6 fixed. For c
    rows of the unembedding at the last position;
 3. with g = mean_k grad_x metric, the per-token effect of feature i is (f_base_i - f_i) <W_dec[i, m], g>
    and the error-term effect <e_base - e_m, g> (reported, not discarded);
-4. per-token effects are thresholded (|IE| > threshold), summed over an example's real positions,
-   and averaged over examples (weighted by examples).
+4. per-token effects are thresholded (|IE| > threshold), summed over an example's real positions
+   (less its first token by default, `skip_first_position`, as in training), and averaged over
+   examples (weighted by examples).
 Metric: logit(patch_answer) - logit(clean_answer) at the last real position (left padding), so a
 positive IE means the feature supports the correct answer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -73,6 +75,34 @@ def _batch_inputs(tokenizer, examples: Sequence[Example], device) -> tuple[Tenso
     clean = torch.tensor([e.clean_answer_id for e in examples])
     patch = torch.tensor([e.patch_answer_id for e in examples])
     return ids.to(device), mask.to(device), clean.to(device), patch.to(device)
+
+
+def _patch_usable(tokenizer, e: Example) -> bool:
+    return e.patch_prefix is not None and \
+        len(encode(tokenizer, e.patch_prefix)) == len(encode(tokenizer, e.clean_prefix))
+
+
+def task_baseline(task: Task, tokenizer, cfg: AttributionConfig) -> str:
+    """The IG baseline of a whole task, so its mean IE has one definition: "patch" when every example
+    has a usable patch prefix (as many tokens as the clean one), "zero" when none has; a task where
+    only some have one is refused, unless `allow_mixed_baseline` (then each batch decides, "mixed")."""
+    if cfg.baseline == "zero":
+        return "zero"
+    usable = sum(_patch_usable(tokenizer, e) for e in task.examples)
+    if usable == len(task.examples):
+        return "patch"
+    if cfg.baseline == "patch" or usable:
+        if cfg.baseline == "auto" and cfg.allow_mixed_baseline:
+            return "mixed"
+        raise TaskError(f"task {task.name}: {usable} of {len(task.examples)} examples have a usable "
+                        f"patch_prefix (as many tokens as the clean prefix); use baseline 'zero', give "
+                        f"every example one, or set attribution.allow_mixed_baseline")
+    return "zero"
+
+
+def for_task(cfg: AttributionConfig, baseline: str) -> AttributionConfig:
+    """The config a task's effects are computed with, its baseline decided (`task_baseline`)."""
+    return dataclasses.replace(cfg, baseline="auto" if baseline == "mixed" else baseline)  # type: ignore[arg-type]
 
 
 def patch_inputs(tokenizer, examples: Sequence[Example], mode: str, device) -> Tensor | None:
@@ -141,9 +171,16 @@ class TokenEffects(NamedTuple):
     """The metric at the real state."""
 
 
+def effect_positions(mask: Tensor, skip_first_position: bool) -> Tensor:
+    """Positions whose effects count, (B, S): real tokens, less each example's first one when asked
+    (left padding: the first real token is where the cumulative mask reaches 1)."""
+    real_BS = mask.bool()
+    return real_BS & (mask.cumsum(-1) > 1) if skip_first_position else real_BS
+
+
 def token_effects(cc_folded: Crosscoder, lm: LayerModel, state: _State, m: int, ids: Tensor,
-                  mask: Tensor, clean: Tensor, patch: Tensor, steps: int, base: _State | None = None
-                  ) -> TokenEffects:
+                  mask: Tensor, clean: Tensor, patch: Tensor, steps: int, base: _State | None = None,
+                  positions_BS: Tensor | None = None) -> TokenEffects:
     """Integrated-gradient effects of every feature and of the error term, for checkpoint m.
 
     The baseline is the zero state (f = 0, e = 0, so x = b_dec) or, given `base`, the patch prefix's
@@ -154,7 +191,7 @@ def token_effects(cc_folded: Crosscoder, lm: LayerModel, state: _State, m: int, 
     else:
         x_base, f_base, e_base = base.x_CBSD[m], base.f_BSL, base.err_CBSD[m]
     g_BSD, met_B = ig_gradient(lm, state.x_CBSD[m], x_base, ids, mask, clean, patch, steps)
-    real_BS = mask.bool()
+    real_BS = mask.bool() if positions_BS is None else positions_BS
     with torch.no_grad():
         dec_LD = cc_folded.W_dec_LCD[:, m].detach()
         ie_BSL = (f_base - state.f_BSL) * (g_BSD @ dec_LD.T) * real_BS[..., None]
@@ -173,8 +210,10 @@ def effects_for_batch(cc_folded: Crosscoder, models: Sequence[LayerModel], token
     base = crosscoder_state(cc_folded, models, patch_ids, mask) if patch_ids is not None else None
     C, L = len(models), cc_folded.cfg.n_latents
     ie_CL, err_C, met_C = torch.zeros(C, L), torch.zeros(C), torch.zeros(C)
+    positions_BS = effect_positions(mask, cfg.skip_first_position)
     for m in checkpoints if checkpoints is not None else range(C):
-        eff = token_effects(cc_folded, models[m], state, m, ids, mask, clean, patch, cfg.steps, base)
+        eff = token_effects(cc_folded, models[m], state, m, ids, mask, clean, patch, cfg.steps, base,
+                            positions_BS)
         ie_CL[m] = _threshold(eff.ie_BSL, cfg.threshold).sum(dim=(0, 1)).cpu()
         err_C[m] = eff.err_BS.sum().cpu()
         met_C[m] = eff.metric_B.sum().cpu()
@@ -206,10 +245,11 @@ def top_features(ie_CL: Tensor, k: int) -> list[int]:
     return sorted(chosen)
 
 
-def effects_rows(task: str, ie_CL: Tensor, revisions: Sequence[str], cfg: AttributionConfig,
-                 err_C: Tensor | None = None) -> list[dict]:
-    """One row per (feature, checkpoint): IE, RelIE (one-vs-all), class, group, all-zero flag."""
+def effects_rows(task: str, ie_CL: Tensor, revisions: Sequence[str], cfg: AttributionConfig) -> list[dict]:
+    """One row per (feature, checkpoint): IE, RelIE (one-vs-all), class, group, all-zero flag, and the
+    feature's pairwise RelIE (`relie_pair/<a>-<b>`, for 3 or more checkpoints)."""
     shares = A.one_vs_all(ie_CL.T)  # (L, C)
+    pair_shares = A.pair_columns(ie_CL.T, list(revisions), "relie_pair")
     classes = A.classify(shares.share_LC, cfg.low, cfg.high)
     groups = A.group_labels(shares.share_LC, list(revisions), cfg.low, cfg.high)
     rows = []
@@ -218,7 +258,7 @@ def effects_rows(task: str, ie_CL: Tensor, revisions: Sequence[str], cfg: Attrib
             rows.append({"task": task, "feature": i, "checkpoint": rev, "checkpoint_index": c,
                          "ie": float(ie_CL[c, i]), "relie": float(shares.share_LC[i, c]),
                          "relie_class": float(classes[i, c]), "group": groups[i],
-                         "all_zero": bool(shares.all_zero_L[i])})
+                         "all_zero": bool(shares.all_zero_L[i]), **pair_shares[i]})
     return rows
 
 
@@ -226,9 +266,11 @@ def effects_rows(task: str, ie_CL: Tensor, revisions: Sequence[str], cfg: Attrib
 
 @torch.no_grad()
 def ablation_deltas(cc: Crosscoder, models: Sequence[LayerModel], tokenizer, examples: Sequence[Example],
-                    features: Sequence[int], batch_size: int = 8) -> Tensor:
+                    features: Sequence[int], batch_size: int = 8, skip_first_position: bool = True
+                    ) -> Tensor:
     """Mean change of the log-probability difference log p(clean) - log p(patch) when feature i is
-    zero-ablated in checkpoint m's forward pass (x_m - f_i W_dec[i, m] at every position), (F, C)."""
+    zero-ablated in checkpoint m's forward pass (x_m - f_i W_dec[i, m] at the positions IE counts:
+    every real token, less the first with `skip_first_position`), (F, C)."""
     folded = cc.fold().eval()
     F_, C = len(features), len(models)
     total = torch.zeros(F_, C)
@@ -243,7 +285,7 @@ def ablation_deltas(cc: Crosscoder, models: Sequence[LayerModel], tokenizer, exa
             dtype = next(lm.model.parameters()).dtype
             lpd_clean = -metric(lm.last_logits_from(state.x_CBSD[m].to(dtype), ids, mask).log_softmax(-1),
                                 clean, patch)
-            f_FBS = state.f_BSL[..., feats].permute(2, 0, 1)  # (F, B, S)
+            f_FBS = state.f_BSL[..., feats].permute(2, 0, 1) * effect_positions(mask, skip_first_position)
             dec_FD = folded.W_dec_LCD[feats, m]
             x_abl = state.x_CBSD[m][None] - f_FBS[..., None] * dec_FD[:, None, None, :]  # (F, B, S, D)
             logits = lm.last_logits_from(x_abl.flatten(0, 1).to(dtype), ids.repeat(F_, 1), mask.repeat(F_, 1))
@@ -284,7 +326,8 @@ def ablation_correlations(deltas_FC: Tensor, ie_FC: Tensor, dec_norms_FC: Tensor
 
 
 def summarise(task: Task, sums: EffectSums, cc: Crosscoder, revisions: Sequence[str], cfg: AttributionConfig,
-              ablate: Callable[[Sequence[Example], list[int]], Tensor]) -> tuple[dict, list[dict]]:
+              ablate: Callable[[Sequence[Example], list[int]], Tensor], baseline: str
+              ) -> tuple[dict, list[dict]]:
     """A task's summary (examples kept and skipped, metric and error-term effect per checkpoint, the
     selected features, the ablation check) and its effects rows, from its effect sums.
 
@@ -292,7 +335,8 @@ def summarise(task: Task, sums: EffectSums, cc: Crosscoder, revisions: Sequence[
     ie_CL, err_C, met_C = sums.means()
     selected = top_features(ie_CL, cfg.top_k)
     info = {"examples": sums.n_examples, "skipped": dict(task.skipped), "selected": selected,
-            "metric": met_C.tolist(), "error_effect": err_C.tolist()}
+            "metric": met_C.tolist(), "error_effect": err_C.tolist(), "baseline": baseline,
+            "skip_first_position": cfg.skip_first_position, "dtype": cfg.dtype}
     if len(selected) >= 3:
         deltas = ablate(task.examples, selected)
         norms = cc.decoder_norms().detach()[selected]
@@ -304,7 +348,8 @@ def attribute(cc: Crosscoder, models: Sequence[LayerModel], revisions: Sequence[
               task: Task, cfg: AttributionConfig) -> dict:
     """IE for every feature and checkpoint on a task, RelIE rows, selection, ablation check, in-process."""
     check_crosscoder_fits(cc, models, revisions)
-    sums = task_effects(cc, models, tokenizer, task.examples, cfg)
-    info, rows = summarise(task, sums, cc, revisions, cfg,
-                           lambda ex, feats: ablation_deltas(cc, models, tokenizer, ex, feats))
+    baseline = task_baseline(task, tokenizer, cfg)
+    sums = task_effects(cc, models, tokenizer, task.examples, for_task(cfg, baseline))
+    info, rows = summarise(task, sums, cc, revisions, cfg, lambda ex, feats: ablation_deltas(
+        cc, models, tokenizer, ex, feats, skip_first_position=cfg.skip_first_position), baseline)
     return {**info, "task": task.name, "ie_CL": sums.means()[0], "rows": rows}

@@ -56,8 +56,9 @@ class CrosscoderSettings:
     """JumpReLU: initial threshold (inputs are normalised to norm sqrt(D))."""
     jumprelu_bandwidth: float = 0.1
     """JumpReLU: width of the straight-through window for the threshold gradient."""
-    jumprelu_tanh_scale: float = 4.0
-    """JumpReLU: c in the tanh(c * f * ||W_dec||) sparsity penalty."""
+    jumprelu_tanh_scale: float = 1.0
+    """JumpReLU: c in the tanh(c * f * ||W_dec||) sparsity penalty (where it saturates: 1 suits inputs
+    normalised to norm sqrt(D); 4, Anthropic's value at their scale, leaves L0 several times too high)."""
     seed: int = 4352
     """Seed of the decoder initialisation."""
 
@@ -275,6 +276,9 @@ class PipelineConfig:
     """Tokenizer repo or folder when it is not stored with the checkpoints (BLOOM intermediate)."""
     screen_examples: int = 40
     """Examples per task for the activation-similarity screen."""
+    score_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the checkpoints run in for screening (accuracy, activation similarity), whatever they
+    were saved in."""
 
     def __post_init__(self) -> None:
         if self.n_checkpoints < 2:
@@ -288,9 +292,8 @@ class EvaluateConfig:
     """Held-out evaluation: FVE, L0, dead latents and spliced ΔCE (method.md §7)."""
 
     eval_sequences: int = 32
-    """Held-out sequences (after the training ones) for FVE, L0 and dead latents."""
-    ce_sequences: int = 8
-    """Of those, sequences for the spliced ΔCE (a full forward pass per checkpoint each)."""
+    """Held-out sequences (after the training ones) for FVE, L0, dead latents and the spliced ΔCE
+    (the paper: 240 x 1024 tokens)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -306,8 +309,18 @@ class AttributionConfig:
     top_k: int = 10
     """Features selected per checkpoint by |IE| (their union is studied)."""
     baseline: Literal["auto", "zero", "patch"] = "auto"
-    """IG baseline: the zero state (the paper), the patch prefix's state, or patch where every
-    example of a batch has a patch prefix of the same token length (auto)."""
+    """IG baseline, decided per task: the zero state (the paper), the patch prefix's state, or auto
+    (patch when every example of the task has a patch prefix of its clean prefix's token length, zero
+    when none has)."""
+    allow_mixed_baseline: bool = False
+    """auto only: accept a task where some examples have a usable patch prefix and some do not
+    (each batch then decides, and the task's mean IE mixes two definitions)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the checkpoints run in for IE and the ablation check (the paper: fp32)."""
+    skip_first_position: bool = True
+    """Leave each example's first token out of the effects, as training leaves position 0 out (the
+    crosscoder never saw it; the attention-sink outlier inflates the error term there). False: the
+    paper's attribution, over every position."""
     low: float = 0.3
     """Share below which a checkpoint does not count for a feature (group labels)."""
     high: float = 0.7

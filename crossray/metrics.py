@@ -137,9 +137,18 @@ def spliced_ce(crosscoder: Crosscoder, models: Sequence[LayerModel], input_ids: 
                skip_first_position: bool = True) -> CEResult:
     """CE clean / with the crosscoder reconstruction spliced in / with the layer zeroed, per checkpoint.
 
-    The reconstruction uses the activations of all checkpoints at once (the latent is shared); with
-    `skip_first_position` position 0 keeps its real activation (training never saw it, §16.7).
+    The reconstruction uses the activations of all checkpoints at once (the latent is shared). With
+    `skip_first_position` position 0 keeps its real activation in the spliced *and* the zeroed pass
+    (training never saw it, §16.7), so both ends of CE recovered follow one position-0 policy.
     """
+    return spliced_ce_policies(crosscoder, models, input_ids, (skip_first_position,))[0]
+
+
+@torch.no_grad()
+def spliced_ce_policies(crosscoder: Crosscoder, models: Sequence[LayerModel], input_ids: Tensor,
+                        policies: Sequence[bool] = (True, False)) -> list[CEResult]:
+    """`spliced_ce` for several position-0 policies (skip first position or not), sharing the
+    activations, the reconstruction and the clean pass."""
     if len(models) != crosscoder.cfg.n_checkpoints:
         raise ValueError(f"{len(models)} models for a crosscoder over {crosscoder.cfg.n_checkpoints}")
     acts_CBSD = torch.stack([m.resid_pre(input_ids) for m in models])
@@ -147,12 +156,13 @@ def spliced_ce(crosscoder: Crosscoder, models: Sequence[LayerModel], input_ids: 
     x_NCD = acts_CBSD.permute(1, 2, 0, 3).reshape(B * S, C, D)  # (B*S, C, D)
     recon_NCD = crosscoder(crosscoder.normalise(x_NCD)).recon_BCD / crosscoder.norm_factors_C[:, None]
     recon_CBSD = recon_NCD.view(B, S, C, D).permute(2, 0, 1, 3)  # (C, B, S, D)
-    if skip_first_position:
-        recon_CBSD = recon_CBSD.clone()
-        recon_CBSD[:, :, 0] = acts_CBSD[:, :, 0]
-    clean, spliced, zero = [], [], []
-    for c, lm in enumerate(models):
-        clean.append(_ce_with(lm, input_ids, None))
-        spliced.append(_ce_with(lm, input_ids, recon_CBSD[c]))
-        zero.append(_ce_with(lm, input_ids, torch.zeros_like(acts_CBSD[c])))
-    return CEResult(torch.stack(clean), torch.stack(spliced), torch.stack(zero))
+    clean = torch.stack([_ce_with(lm, input_ids, None) for lm in models])
+    out = []
+    for skip in policies:
+        spliced_CBSD, zero_CBSD = recon_CBSD.clone(), torch.zeros_like(acts_CBSD)
+        if skip:
+            spliced_CBSD[:, :, 0] = zero_CBSD[:, :, 0] = acts_CBSD[:, :, 0]
+        spliced = torch.stack([_ce_with(lm, input_ids, spliced_CBSD[c]) for c, lm in enumerate(models)])
+        zero = torch.stack([_ce_with(lm, input_ids, zero_CBSD[c]) for c, lm in enumerate(models)])
+        out.append(CEResult(clean, spliced, zero))
+    return out

@@ -176,6 +176,10 @@ def _nums(xs) -> list[float | None]:
     return [_num(x) for x in xs]
 
 
+def _pairs(names: list[str], values) -> list[dict]:
+    return [{"pair": p, "share": _num(v)} for p, v in zip(names, values, strict=True)]
+
+
 class RunIndex:
     """Query answers for one run; arrays are precomputed so a query costs microseconds."""
 
@@ -187,6 +191,8 @@ class RunIndex:
         self.dec_norm_LC = f[[f"dec_norm/{r}" for r in revs]].to_numpy(float)
         self.reldec_LC = f[[f"reldec/{r}" for r in revs]].to_numpy(float)
         self.cos_cols = [c.removeprefix("cos/") for c in f.columns if c.startswith("cos/")]
+        self.pair_cols = [c.removeprefix("reldec_pair/") for c in f.columns if c.startswith("reldec_pair/")]
+        self.reldec_pair_LP = f[[f"reldec_pair/{c}" for c in self.pair_cols]].to_numpy(float)
         self.cos_LP = f[[f"cos/{c}" for c in self.cos_cols]].to_numpy(float)
         self.group_L = f["group"].fillna("").to_numpy(str)
         self.trajectory_L = f["trajectory"].fillna("").to_numpy(str)
@@ -197,7 +203,11 @@ class RunIndex:
             groups = sub.drop_duplicates("feature").set_index("feature")["group"].reindex(range(L))
             selected = np.zeros(L, bool)
             selected[[i for i in run.tasks.get(str(task), {}).get("selected", []) if 0 <= i < L]] = True
+            pair_cols = [c for c in sub.columns if c.startswith("relie_pair/")]
+            pairs = sub.drop_duplicates("feature").set_index("feature")[pair_cols].reindex(range(L))
             self.tasks[str(task)] = {"ie": wide["ie"].reindex(columns=range(self.C)).to_numpy(float),
+                                     "pairs": [c.removeprefix("relie_pair/") for c in pair_cols],
+                                     "relie_pairs": pairs.to_numpy(float),
                                      "relie": wide["relie"].reindex(columns=range(self.C)).to_numpy(float),
                                      "group": groups.fillna("").to_numpy(str), "selected": selected}
         self.contexts = {int(k): g for k, g in run.contexts.groupby("feature")}
@@ -260,10 +270,12 @@ class RunIndex:
                      "scores": _nums(row.scores)})
         return {"run": self.run.id, "feature": i, "checkpoints": revs,
                 "decoder_norm": _nums(self.dec_norm_LC[i]), "relative_norm": _nums(self.reldec_LC[i]),
+                "relative_norm_pairs": _pairs(self.pair_cols, self.reldec_pair_LP[i]),
                 "trajectory": str(self.trajectory_L[i]), "group": str(self.group_L[i]),
                 "cosine": [{"pair": p, "value": _num(v)} for p, v in zip(self.cos_cols, self.cos_LP[i],
                                                                          strict=True)],
                 "effects": {t: {"ie": _nums(a["ie"][i]), "relie": _nums(a["relie"][i]),
+                                "relie_pairs": _pairs(a["pairs"], a["relie_pairs"][i]),
                                 "group": str(a["group"][i])} for t, a in self.tasks.items()},
                 "contexts": ctx}
 

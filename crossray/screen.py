@@ -3,10 +3,10 @@
 - `activation_similarity`: every revision's residual at the layer on the task sentences (clean prefix
   + clean answer, real tokens only); the mean per-token cosine similarity between every pair of
   revisions, as an (R, R) matrix. One revision is in memory at a time.
-- `select_checkpoints`: the shift between consecutive revisions is the mean absolute change of task
-  accuracy plus the activation dissimilarity (1 - cosine), each scaled by its largest value; the N - 1
-  largest shifts are taken, and the set is the revision before the earliest of them plus the revision
-  after each, so it brackets what changed. The reason is recorded. A user-given set always wins.
+- `select_checkpoints`: the screened revisions are split into N phases at the change points of all
+  task accuracy curves at once (optimal segmentation, so a drop starts a phase as a rise does), and
+  each phase is represented by its most typical revision (activation similarity breaks ties). The
+  reasons say which phase each checkpoint stands for and what changed. A user-given set always wins.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from crossray.models.layer import encode, left_pad, load_layer_model
 
 @torch.inference_mode()
 def revision_activations(family: Family, revision: str, layer: int, tokenizer, texts: Sequence[str],
-                         batch_size: int = 64) -> torch.Tensor:
+                         batch_size: int = 64, dtype: str = "float32") -> torch.Tensor:
     """Unit-normalised residuals entering block `layer` at every real token of `texts`, (N_tok, D)."""
-    lm = load_layer_model(family, revision, layer)
+    lm = load_layer_model(family, revision, layer, dtype=dtype)
     out = []
     for i in range(0, len(texts), batch_size):
         ids, mask = left_pad(tokenizer, [encode(tokenizer, t) for t in texts[i:i + batch_size]])
@@ -53,14 +53,73 @@ def similarity_matrix(acts: Sequence[torch.Tensor]) -> torch.Tensor:
 class Selection:
     revisions: tuple[str, ...]
     reasons: tuple[str, ...]
-    shifts: tuple[float, ...]
-    """Combined shift between consecutive revisions (length R - 1)."""
+    phases: tuple[tuple[str, str], ...] = ()
+    """(first, last) revision of each phase the selected checkpoints stand for."""
+
+
+def segment(curves_RT: torch.Tensor, n: int) -> list[tuple[int, int]]:
+    """Split R revisions into n contiguous phases minimising the squared deviation of the task curves
+    from each phase's mean (optimal segmentation by dynamic programming); [(start, end)] inclusive."""
+    R = curves_RT.shape[0]
+    csum = torch.cat([torch.zeros(1, curves_RT.shape[1]), curves_RT.cumsum(0)]).double()
+    csq = torch.cat([torch.zeros(1, curves_RT.shape[1]), (curves_RT**2).cumsum(0)]).double()
+
+    def cost(i: int, j: int) -> float:  # revisions i..j inclusive
+        k = j - i + 1
+        s, q = csum[j + 1] - csum[i], csq[j + 1] - csq[i]
+        return float((q - s * s / k).sum())
+
+    best = [[float("inf")] * (R + 1) for _ in range(n + 1)]
+    cut = [[0] * (R + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for m in range(1, n + 1):
+        for j in range(m, R + 1):  # first j revisions in m phases
+            for i in range(m - 1, j):
+                c = best[m - 1][i] + cost(i, j - 1)
+                if c < best[m][j] - 1e-12:
+                    best[m][j], cut[m][j] = c, i
+    phases, j = [], R
+    for m in range(n, 0, -1):
+        phases.append((cut[m][j], j - 1))
+        j = cut[m][j]
+    return phases[::-1]
+
+
+def _representative(curves_RT: torch.Tensor, similarity: torch.Tensor | None, i: int, j: int) -> int:
+    """The revision most typical of phase i..j: closest to the phase's mean accuracies, ties broken by
+    the highest mean activation similarity to the phase's other revisions."""
+    idx = list(range(i, j + 1))
+    mean = curves_RT[i:j + 1].mean(0)
+    dist = [round(float(((curves_RT[r] - mean) ** 2).sum()), 6) for r in idx]
+    sim = [float(similarity[r, i:j + 1].mean()) if similarity is not None else 0.0 for r in idx]
+    return min(zip(dist, [-s for s in sim], idx, strict=True))[2]
+
+
+def _describe(revisions: Sequence[str], tasks: Sequence[str], curves_RT: torch.Tensor, phase: tuple[int, int],
+              pick: int, previous: tuple[int, int] | None) -> str:
+    i, j = phase
+    span = revisions[i] if i == j else f"{revisions[i]}..{revisions[j]}"
+    accs = ", ".join(f"{t} {curves_RT[pick, k]:.2f}" for k, t in enumerate(tasks))
+    text = f"{revisions[pick]} stands for {span} ({accs})"
+    if previous is not None:
+        change = curves_RT[i:j + 1].mean(0) - curves_RT[previous[0]:previous[1] + 1].mean(0)
+        moves = [f"{tasks[k]} {'rises' if change[k] > 0 else 'drops'} {abs(float(change[k])):.2f}"
+                 for k in change.abs().argsort(descending=True)[:3].tolist() if abs(change[k]) >= 0.05]
+        text += "; from the previous phase " + (", ".join(moves) or "little changes")
+    return text
 
 
 def select_checkpoints(revisions: Sequence[str], accuracy: dict[str, Sequence[float]],
                        similarity: torch.Tensor | None, n: int = 3,
                        given: Sequence[str] | None = None) -> Selection:
-    """The checkpoint set at the largest shifts of the curves, or the user's set when given."""
+    """One checkpoint per phase of the task accuracy curves, or the user's set when given.
+
+    The screened revisions are split into `n` phases at the change points of all task curves at
+    once, drops included (a task that is learned, then unlearned for a heuristic, then learned again
+    has three phases); each phase is represented by its most typical revision. So a transient phase,
+    like the toy's nearest-noun dip on agreement across a prepositional phrase, is crosscoded rather
+    than jumped over. Without accuracy curves the activation dissimilarity is segmented instead.
+    """
     revisions = list(revisions)
     if given:
         missing = [r for r in given if r not in revisions]
@@ -68,23 +127,18 @@ def select_checkpoints(revisions: Sequence[str], accuracy: dict[str, Sequence[fl
             raise CheckpointError(f"given checkpoints {missing} are not among the screened {revisions}")
         if len(set(given)) < 2:
             raise CheckpointError(f"a checkpoint set needs at least 2 distinct revisions, got {list(given)}")
-        return Selection(tuple(given), ("given by the user",), ())
+        return Selection(tuple(given), ("given by the user",))
     if n < 2 or len(revisions) < 2 or n > len(revisions):
         raise CheckpointError(f"cannot select {n} checkpoints from {len(revisions)} revisions")
-    acc = torch.tensor([list(v) for v in accuracy.values()], dtype=torch.float32)  # (tasks, R)
-    d_acc = (acc[:, 1:] - acc[:, :-1]).abs().nanmean(0) if len(acc) else torch.zeros(len(revisions) - 1)
-    d_sim = (1 - similarity.diagonal(1)) if similarity is not None else torch.zeros_like(d_acc)
-    scale = lambda v: v / v.max() if v.max() > 0 else v  # noqa: E731
-    shift = scale(d_acc) + scale(d_sim)
-    chosen = sorted(shift.topk(min(n - 1, len(shift))).indices.tolist())
-    picked = sorted({chosen[0]} | {i + 1 for i in chosen})
-    for i in reversed(range(len(revisions))):  # overlapping shifts: fill from the latest revisions
-        if len(picked) >= n:
-            break
-        picked = sorted(set(picked) | {i})
-    reasons = tuple(f"{revisions[i]} -> {revisions[i + 1]}: accuracy change {d_acc[i]:.2f}, "
-                    f"activation cosine {1 - d_sim[i]:.2f}" for i in chosen)
-    result = tuple(revisions[i] for i in picked[:n])
-    if len(set(result)) < 2:
-        raise CheckpointError(f"selection yields fewer than 2 distinct checkpoints: {list(result)}")
-    return Selection(result, reasons, tuple(shift.tolist()))
+    tasks = list(accuracy)
+    if tasks:
+        curves_RT = torch.tensor([list(accuracy[t]) for t in tasks], dtype=torch.float32).T.nan_to_num(0.5)
+    else:  # no task: the activations' own drift (1 - cosine to the first revision)
+        assert similarity is not None, "selection needs accuracy curves or activation similarity"
+        curves_RT, tasks = (1 - similarity[:, :1]).float(), ["activation drift"]
+    phases = segment(curves_RT, n)
+    picks = [_representative(curves_RT, similarity, i, j) for i, j in phases]
+    reasons = tuple(_describe(revisions, tasks, curves_RT, ph, pick, phases[k - 1] if k else None)
+                    for k, (ph, pick) in enumerate(zip(phases, picks, strict=True)))
+    return Selection(tuple(revisions[p] for p in picks), reasons,
+                     tuple((revisions[i], revisions[j]) for i, j in phases))

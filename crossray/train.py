@@ -2,7 +2,8 @@
 
 Per step: loss = L2 + sparsity, where L2 = mean_b sum_{c,d} (x^ - x)^2 and sparsity is
 - relu:      lambda(t) * mean_b sum_i f_i * sum_c ||W_dec[i, c]||   (L1 warm-up over the first 5%),
-- jumprelu:  lambda(t) * expected L0 (straight-through),
+- jumprelu:  lambda(t) * mean_b sum_i tanh(c * f_i * sum_c ||W_dec[i, c]||), a smooth L0, with the
+             thresholds learned through the jump's straight-through gradient,
 - batchtopk: auxk_alpha * aux-k loss on dead latents, with the residual sign fixed (x - x^, §16.1);
 then gradient clipping, Adam, and an LR that is constant and decays linearly over the last 20%.
 
@@ -128,6 +129,17 @@ def compute_losses(cc: Crosscoder, x_BCD: Tensor, out: ForwardOutput, cfg: Train
     return Losses(l2 + sparsity, l2, sparsity, aux, f_L.detach())
 
 
+def global_firing(latent_sums_L: Tensor, n_tokens: int) -> tuple[Tensor, int]:
+    """Latent sums and token count over every data-parallel worker, so dead latents are judged on the
+    global batch (a worker's own window would grow with the worker count and revive fewer)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return latent_sums_L, n_tokens
+    sums_L = latent_sums_L.clone()
+    dist.all_reduce(sums_L)
+    return sums_L, n_tokens * dist.get_world_size()
+
+
 def check_batch(x_BCD: Tensor, cc: Crosscoder, index: int) -> None:
     cc.check_input(x_BCD)
     if not torch.isfinite(x_BCD).all():
@@ -177,7 +189,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.dead.update(losses.latent_sums_L, x_BCD.shape[0])
+        self.dead.update(*global_firing(losses.latent_sums_L, x_BCD.shape[0]))
         if is_topk and self.step >= cc.cfg.threshold_start_step:
             cc.update_threshold(out.latents_BL)
         return losses, out

@@ -40,18 +40,19 @@ class AttributionActor:
     """Holds the checkpoints and the crosscoder once; computes effect sums for units of work."""
 
     def __init__(self, crosscoder_dir: str, family: Family, revisions: list[str], layer: int,
-                 num_gpus: float = 0):
+                 num_gpus: float = 0, dtype: str = "float32"):
         device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.cc = load_crosscoder(crosscoder_dir, device)
-        self.models = [load_layer_model(family, r, layer, device=device) for r in revisions]
+        self.models = [load_layer_model(family, r, layer, dtype=dtype, device=device) for r in revisions]
         self.tokenizer = load_tokenizer(family, revisions[0])
         AT.check_crosscoder_fits(self.cc, self.models, revisions)
 
     def effects(self, examples, cfg: AttributionConfig, m: int) -> AT.EffectSums:
         return AT.task_effects(self.cc, self.models, self.tokenizer, examples, cfg, checkpoints=[m])
 
-    def ablation(self, examples, features: list[int]) -> torch.Tensor:
-        return AT.ablation_deltas(self.cc, self.models, self.tokenizer, examples, features)
+    def ablation(self, examples, features: list[int], skip_first_position: bool) -> torch.Tensor:
+        return AT.ablation_deltas(self.cc, self.models, self.tokenizer, examples, features,
+                                  skip_first_position=skip_first_position)
 
 
 def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[str], out: str | Path,
@@ -64,21 +65,24 @@ def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[s
         raise ValueError(f"{crosscoder_dir}: the crosscoder config records no checkpoints or layer")
     for rev in revisions:
         family.location(rev)  # a missing revision fails here, before any actor starts
-    tasks = load_tasks(task_specs, load_tokenizer(family, revisions[0]))
+    tokenizer = load_tokenizer(family, revisions[0])
+    tasks = load_tasks(task_specs, tokenizer)
     for t in tasks:
         if not t.examples:
             raise TaskError(f"task {t.name}: no example with single-token answers is left "
                             f"(skipped {dict(t.skipped)})")
+    baselines = [AT.task_baseline(t, tokenizer, cfg) for t in tasks]  # a mixed task fails before Ray
     launch = launch or LaunchConfig()
     remote = ray.remote(num_cpus=launch.cpus_per_actor, num_gpus=launch.gpus_per_actor)(AttributionActor)
-    pool_actors = [remote.remote(str(crosscoder_dir), family, revisions, cc.cfg.layer, launch.gpus_per_actor)
-                   for _ in range(launch.actors)]
+    pool_actors = [remote.remote(str(crosscoder_dir), family, revisions, cc.cfg.layer, launch.gpus_per_actor,
+                                 cfg.dtype) for _ in range(launch.actors)]
     pool = ActorPool(pool_actors)
     units = [(ti, m, s) for ti, t in enumerate(tasks) for m in range(len(revisions))
              for s in range(0, len(t.examples), shard_examples)]
     def submit(actor, unit):
         ti, m, start = unit
-        return actor.effects.remote(tasks[ti].examples[start:start + shard_examples], cfg, m)
+        return actor.effects.remote(tasks[ti].examples[start:start + shard_examples],
+                                    AT.for_task(cfg, baselines[ti]), m)
 
     sums: dict[int, AT.EffectSums] = {}
     for (ti, _, _), part in zip(units, pool.map(submit, units), strict=True):  # map keeps the order
@@ -89,7 +93,9 @@ def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[s
         actor = pool_actors[ti % len(pool_actors)]
         total = sums[ti]._replace(n_examples=sums[ti].n_examples // len(revisions))  # counted per checkpoint
         info, task_rows = AT.summarise(task, total, cc, revisions, cfg,
-                                       lambda ex, feats, a=actor: ray.get(a.ablation.remote(ex, feats)))
+                                       lambda ex, feats, a=actor: ray.get(
+                                           a.ablation.remote(ex, feats, cfg.skip_first_position)),
+                                       baselines[ti])
         summary["tasks"][task.name] = info
         rows += task_rows
     write_tables(out, {"effects": rows}, {"summary.json": summary})

@@ -48,9 +48,15 @@ class Cosine(BaseModel):
     value: float | None
 
 
+class PairShare(BaseModel):
+    pair: str = Field(description="'<revision a>-<revision b>'")
+    share: float | None = Field(description="b's share of a + b")
+
+
 class TaskEffect(BaseModel):
     ie: list[float | None] = Field(description="indirect effect per checkpoint")
     relie: list[float | None] = Field(description="RelIE one-vs-all per checkpoint")
+    relie_pairs: list[PairShare] = Field(default=[], description="pairwise RelIE (3 or more checkpoints)")
     group: str
 
 
@@ -70,6 +76,7 @@ class FeatureCard(BaseModel):
     checkpoints: list[str]
     decoder_norm: list[float | None]
     relative_norm: list[float | None]
+    relative_norm_pairs: list[PairShare] = Field(default=[], description="pairwise RelDec (3+ checkpoints)")
     trajectory: str = Field(description="emerging, maintained, discontinued, transient or absent")
     group: str = Field(description="the RelDec group: '<rev> specific', '<a>-<b> shared', ...")
     cosine: list[Cosine]

@@ -104,6 +104,10 @@ def test_relie_rows_and_selection():
     assert by[2, "b"]["relie"] == 0.75 and by[2, "b"]["group"] == "b specific"
     assert by[3, "a"]["ie"] == -1.0 and by[3, "a"]["relie"] == pytest.approx(0.4)  # |IE|
     assert top_features(ie, 1) == [1, 2, 3] and top_features(ie, 10) == [1, 2, 3]
+    # pairwise RelIE (the paper's 3-way tables): share of b in a + b, for every pair
+    assert by[2, "a"]["relie_pair/a-b"] == 1.0 and by[2, "a"]["relie_pair/b-c"] == 0.25
+    assert by[3, "c"]["relie_pair/a-c"] == pytest.approx(0.6) and by[0, "a"]["relie_pair/a-b"] == 0.5
+    assert "relie_pair/a-b" not in effects_rows("t", ie[:2], ["a", "b"], AttributionConfig())[0]
 
 
 def test_spearman():
@@ -204,3 +208,65 @@ def test_clams_rows_carry_patch_prefix(toy_tokenizer):
            "patch_answer": " are"}
     task = rows_to_task([row], toy_tokenizer, "c", "mem")
     assert task.examples[0].patch_prefix == "The dogs"
+
+
+def test_first_position_is_left_out_by_default(toy_models, toy_tokenizer, examples):
+    """Training never sees position 0, so by default neither do the effects (the first real token of
+    each left-padded example); `skip_first_position=False` is the paper's attribution."""
+    from crossray.attribution import effect_positions
+
+    assert AttributionConfig().skip_first_position is True
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert effect_positions(mask, True).tolist() == [[False, False, False, True, True],
+                                                     [False, True, True, True, True]]
+    cc, chunk = _random_crosscoder(), examples[:6]
+    folded = cc.fold().requires_grad_(False)
+    ids, mask, clean, patch = _batch_inputs(toy_tokenizer, chunk, "cpu")
+    state = crosscoder_state(folded, toy_models, ids, mask)
+    eff = token_effects(folded, toy_models[2], state, 2, ids, mask, clean, patch, steps=2)
+    later = eff.ie_BSL * effect_positions(mask, True)[..., None]
+    cfg = AttributionConfig(steps=2, threshold=None, batch_size=6)
+    skipped = task_effects(cc, toy_models, toy_tokenizer, chunk, cfg, checkpoints=[2]).ie_sum_CL[2]
+    every = task_effects(cc, toy_models, toy_tokenizer, chunk,
+                         AttributionConfig(steps=2, threshold=None, batch_size=6, skip_first_position=False),
+                         checkpoints=[2]).ie_sum_CL[2]
+    torch.testing.assert_close(skipped, later.sum(dim=(0, 1)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(every, eff.ie_BSL.sum(dim=(0, 1)), rtol=1e-4, atol=1e-5)
+    assert (skipped - every).abs().max() > 1e-3  # the first position carried effects
+
+
+def test_checkpoints_run_in_fp32_whatever_they_were_saved_in(tmp_path):
+    """A checkpoint saved in fp16 is scored and differentiated in fp32 unless asked otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    from crossray.checkpoints import Family
+    from crossray.models.layer import load_model
+    from tests.conftest import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt_neox")).half()
+    model.save_pretrained(tmp_path / "fam" / "step1")
+    family = Family.from_dir(tmp_path / "fam")
+    assert next(load_model(family, "step1").parameters()).dtype == torch.float32
+    assert next(load_layer_model(family, "step1", 1).model.parameters()).dtype == torch.float32
+    assert next(load_model(family, "step1", dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    assert AttributionConfig().dtype == "float32"
+
+
+def test_baseline_is_decided_per_task(toy_tokenizer, toy_dir):
+    """One definition of IE per task: patch when every example has a usable patch prefix, zero when
+    none has, and a task that mixes them is refused unless asked for (then recorded as mixed)."""
+    import dataclasses
+
+    from crossray.attribution import task_baseline
+
+    task = load_task(toy_dir / "tasks" / "simple_agreement.jsonl", toy_tokenizer)
+    flip = [dataclasses.replace(e, patch_prefix=e.clean_prefix.replace(" dog ", " cat ")
+                                if " dog " in e.clean_prefix else e.clean_prefix) for e in task.examples]
+    every = dataclasses.replace(task, examples=flip)
+    some = dataclasses.replace(task, examples=flip[:5] + task.examples[5:])
+    assert task_baseline(task, toy_tokenizer, AttributionConfig()) == "zero"
+    assert task_baseline(every, toy_tokenizer, AttributionConfig()) == "patch"
+    with pytest.raises(TaskError, match=r"simple_agreement: 5 of 200 examples have a usable patch_prefix"):
+        task_baseline(some, toy_tokenizer, AttributionConfig())
+    assert task_baseline(some, toy_tokenizer, AttributionConfig(allow_mixed_baseline=True)) == "mixed"
+    assert task_baseline(some, toy_tokenizer, AttributionConfig(baseline="zero")) == "zero"

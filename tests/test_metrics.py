@@ -79,6 +79,9 @@ def test_spliced_ce_perfect_and_zero_reconstruction(two_models):
     torch.testing.assert_close(res.ce_recovered_C, torch.zeros(2), atol=1e-5, rtol=0)
     kept0 = spliced_ce(zero, two_models, ids, skip_first_position=True)
     assert not torch.allclose(kept0.ce_spliced_C, res.ce_spliced_C)  # position 0 left alone
+    # ... in the zeroed pass too: one position-0 policy inside the ratio, so nothing is recovered
+    torch.testing.assert_close(kept0.ce_spliced_C, kept0.ce_zero_C)
+    torch.testing.assert_close(kept0.ce_recovered_C, torch.zeros(2), atol=1e-5, rtol=0)
     torch.testing.assert_close(kept0.ce_clean_C, res.ce_clean_C)
 
 

@@ -26,16 +26,28 @@ def test_similarity_matrix(screened):
     assert sim[0, 1] < 0.6 < sim[-2, -1]  # random init vs trained, then stable late in training
 
 
-def test_selection_brackets_the_emergence_of_agreement(screened):
+def test_selection_finds_the_phases_drops_included(screened):
+    """On the toy, agreement across a prepositional phrase falls to 0 (the nearest-noun heuristic)
+    before it is learned: the three checkpoints include that dip and the learned phase."""
     revs, acc, sim = screened
     sel = select_checkpoints(revs, acc, sim, n=3)
-    simple = dict(zip(revs, acc["simple_agreement"], strict=True))
-    print(f"\nselected {sel.revisions}: {sel.reasons}")
+    pp = dict(zip(revs, acc["agreement_across_pp"], strict=True))
+    print(f"\nselected {sel.revisions}:\n  " + "\n  ".join(sel.reasons))
     assert len(set(sel.revisions)) == 3 and list(sel.revisions) == sorted(sel.revisions, key=revs.index)
-    assert simple[sel.revisions[0]] <= 0.65 and simple[sel.revisions[-1]] >= 0.9
-    assert len(sel.reasons) == 2 and all("accuracy change" in r for r in sel.reasons)
-    pair = select_checkpoints(revs, acc, sim, n=2)
-    assert len(pair.revisions) == 2
+    assert min(pp[r] for r in sel.revisions) <= 0.25 and pp[sel.revisions[-1]] >= 0.9
+    assert len(sel.reasons) == 3 and len(sel.phases) == 3
+    assert "agreement_across_pp drops" in sel.reasons[1] and "agreement_across_pp rises" in sel.reasons[2]
+    assert len(select_checkpoints(revs, acc, sim, n=2).revisions) == 2
+    four = select_checkpoints(revs, acc, sim, n=4)
+    assert len(set(four.revisions)) == 4 and min(pp[r] for r in four.revisions) <= 0.25
+
+
+def test_segmentation_is_optimal_on_a_step_curve():
+    from crossray.screen import segment
+
+    curve = torch.tensor([[0.5], [0.5], [0.0], [0.0], [1.0], [1.0], [1.0]])  # chance, dip, learned
+    assert segment(curve, 3) == [(0, 1), (2, 3), (4, 6)]
+    assert segment(curve, 2) in ([(0, 3), (4, 6)], [(0, 1), (2, 6)])
 
 
 def test_given_set_wins_and_bad_sets_are_refused(screened):

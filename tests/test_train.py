@@ -77,7 +77,7 @@ def test_aux_k_uses_the_true_residual():
     assert aux_k_loss(cc, x, recon, pre, torch.zeros(4, dtype=torch.bool)).item() == 0.0
 
 
-@pytest.mark.parametrize("activation", ["relu", "batchtopk"])
+@pytest.mark.parametrize("activation", ["relu", "batchtopk", "jumprelu"])
 def test_ground_truth_recovery(activation):
     """Planted shared / emerging / discontinued / middle features across 3 checkpoints."""
     kinds, dirs_FCD = planted_dictionary(n_each=8, d_model=32)
@@ -102,6 +102,9 @@ def test_ground_truth_recovery(activation):
           f"{sum(match) / len(match):.2f}, final fve {logs[-1]['fve']:.3f}, l0 {logs[-1]['l0']:.2f}")
     assert recovered.float().mean() >= 0.9
     assert sum(match) / len(match) >= 0.9
+    true_l0 = 0.06 * len(kinds)  # each planted feature is on with probability 0.06
+    if activation == "jumprelu":  # JumpReLU learns its sparsity: it must land near the truth
+        assert abs(logs[-1]["l0"] - true_l0) <= 0.5 * true_l0, (logs[-1]["l0"], true_l0)
     assert logs[-1]["fve"] > 0.9 and all(logs[-1][f"fve/{c}"] > 0.9 for c in range(3))
 
 
@@ -185,3 +188,35 @@ def test_norm_factors_follow_the_paper():
     s = estimate_norm_factors([x[:128], x[128:]], n_batches=2)
     normed = x * s[None, :, None]
     torch.testing.assert_close(normed.norm(dim=-1).mean(0), torch.full((2,), 4.0))  # sqrt(16)
+
+
+def _dead_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from crossray.train import Trainer
+    from tests.helpers import make_cc_cfg, make_train_cfg
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = make_train_cfg(make_cc_cfg(n_checkpoints=2, d_model=16, n_latents=64), n_steps=5,
+                         dead_window_tokens=10**6)
+    trainer = Trainer(Crosscoder(cfg.crosscoder), cfg, "cpu")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # worker 0 sees data that fires latents, worker 1 only zeros (nothing fires)
+        x = torch.randn(64, 2, 16, generator=g) if rank == 0 else torch.zeros(64, 2, 16)
+        trainer.step_batch(x)
+    torch.save(trainer.dead.tokens_since_fired_L, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_dead_latents_count_tokens_over_all_workers(tmp_path):
+    """Under data parallelism the dead-latent window counts the global batch: every worker holds the
+    same counters, and a latent that fired on any worker is alive on all."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    mp.spawn(_dead_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0, rank1)
+    assert (rank1 < 5 * 128).any()  # fired on worker 0, so not counted as idle on worker 1
+    assert (rank1 % 128 == 0).all()  # counted in global batches: 2 workers x 64 tokens per step

@@ -198,6 +198,9 @@ class Crosscoder(nn.Module):
 
         Unlike a pure straight-through L0, it gives the encoder and decoder a gradient towards
         sparsity, and the thresholds still learn through the jump's straight-through gradient
-        (Anthropic's crosscoder update, Jan 2025).
+        (Anthropic's crosscoder update, Jan 2025). NOTE: c sets where the penalty saturates; with
+        inputs normalised to norm sqrt(D) per checkpoint, c = 4 saturates for every active feature
+        (an L0 with no gradient left, L0 stays ~4x too high on planted data); c = 1 keeps the
+        gradient in the range features live in and recovers the planted L0 (tests/test_train.py).
         """
         return torch.tanh(self.cfg.jumprelu_tanh_scale * latents_BL * self.selection_norms()).sum(-1).mean()

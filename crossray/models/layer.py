@@ -193,10 +193,16 @@ def load_tokenizer(family: Family, revision: str):
     return tok
 
 
-def load_model(family: Family, revision: str, dtype: torch.dtype | None = None,
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(family: Family, revision: str, dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu") -> nn.Module:
+    """A checkpoint in `dtype`, whatever dtype it was saved in (pinned, so a checkpoint stored in fp16
+    is not silently scored or differentiated in fp16; the paper ran fp32)."""
     from transformers import AutoModelForCausalLM
 
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     src, rev = family.location(revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, revision=rev, dtype=dtype)
@@ -205,7 +211,7 @@ def load_model(family: Family, revision: str, dtype: torch.dtype | None = None,
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_layer_model(family: Family, revision: str, layer: int, dtype: torch.dtype | None = None,
+def load_layer_model(family: Family, revision: str, layer: int, dtype: torch.dtype | str = torch.float32,
                      device: str | torch.device = "cpu") -> LayerModel:
     model = load_model(family, revision, dtype=dtype, device=device)
     blocks = find_blocks(model, family.block_path)

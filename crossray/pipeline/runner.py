@@ -153,7 +153,8 @@ class Pipeline:
             mlflow.set_tags({"crossray.family": self.family.name, "crossray.layer": str(p.layer),
                              "crossray.config": self.config_name})
             mlflow.log_dict(to_dict(self.cfg), "config.json")
-            k_screen = I.digest("screen", self.family.name, hashes, contents, p.layer, p.screen_examples)
+            k_screen = I.digest("screen", self.family.name, hashes, contents, p.layer, p.screen_examples,
+                                p.score_dtype)
             self._stage("screen", k_screen, lambda f: self.screen(f, screened))
             k = I.digest("select", k_screen, p.n_checkpoints, p.revisions)
             selected = self._stage("select", k, self.select).revisions
@@ -168,9 +169,11 @@ class Pipeline:
             self._stage("evaluate", I.digest("evaluate", k_train, self.cfg.evaluate), self.evaluate)
             k = I.digest("attribute", k_train, contents, self.cfg.attribution)
             self._stage("attribute", k, self.attribute)
-            self._stage("analyse", I.digest("analyse", k, k_screen, self.cfg.analysis), self.analyse)
+            k = I.digest("analyse", k, k_screen, o.keys["select"], self.cfg.analysis)
+            self._stage("analyse", k, self.analyse)
             self.register()
             self.tracker.describe_parent(summary_markdown(o), parent_metrics(o), self.parent_params())
+            mlflow.log_artifact(str(self.out / "analyse" / "report.html"))  # the findings, on the parent
         return o
 
     def register(self) -> None:
@@ -213,8 +216,8 @@ class Pipeline:
         from crossray.store import write_tables
 
         texts = S.screen_texts(self.family, revisions[0], self.tasks, self.p.screen_examples)
-        parts = self.backend.map(S.screen_revision, [(self.family, self.tasks, r, self.p.layer, texts)
-                                                     for r in revisions])
+        parts = self.backend.map(S.screen_revision, [(self.family, self.tasks, r, self.p.layer, texts,
+                                                      self.p.score_dtype) for r in revisions])
         result, rows = S.combine_screen(revisions, parts)
         self.log_tasks("screening")
         for task, acc in result.accuracy.items():  # step = position in the screened revision list
@@ -288,8 +291,10 @@ class Pipeline:
 
     def analyse(self, folder: Path) -> S.AnalyseResult:
         res = self.outcome.results
-        return S.analyse(folder, res["screen"], res["extract"], res["train"], res["attribute"],
-                         self.extract_config(), self.cfg.analysis)
+        revisions = ", ".join(res["select"].revisions)
+        title = f"{self.p.name}: {self.family.name} at layer {self.p.layer}, {revisions}"
+        return S.analyse(folder, res["screen"], res["select"], res["extract"], res["train"], res["attribute"],
+                         self.extract_config(), self.cfg.analysis, title)
 
 
 def _sparsity(train) -> str:

@@ -139,15 +139,15 @@ def screen_texts(family: Family, revision: str, task_specs: Sequence[str], n_exa
 
 
 def screen_revision(family: Family, task_specs: Sequence[str], revision: str, layer: int,
-                    texts: Sequence[str]) -> tuple[list[dict], torch.Tensor]:
-    """One revision's accuracy rows and its unit-normalised activations on the texts."""
+                    texts: Sequence[str], dtype: str = "float32") -> tuple[list[dict], torch.Tensor]:
+    """One revision's accuracy rows and its unit-normalised activations on the texts (models in `dtype`)."""
     from crossray.accuracy import accuracy_curves
     from crossray.models.layer import load_tokenizer
     from crossray.screen import revision_activations
 
-    rows = accuracy_curves(family, list(task_specs), [revision])[0]
+    rows = accuracy_curves(family, list(task_specs), [revision], dtype=dtype)[0]
     tokenizer = load_tokenizer(family, revision)
-    return rows, revision_activations(family, revision, layer, tokenizer, texts)
+    return rows, revision_activations(family, revision, layer, tokenizer, texts, dtype=dtype)
 
 
 def combine_screen(revisions: Sequence[str], parts: Sequence[tuple[list[dict], torch.Tensor]]
@@ -173,11 +173,13 @@ def select(screen: ScreenResult, cfg: PipelineConfig) -> SelectResult:
 # -- evaluate -------------------------------------------------------------------------------------
 
 def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, n_train: int, cfg: EvaluateConfig) -> EvaluateResult:
-    """FVE, L0, dead latents and spliced ΔCE on the sequences after the training ones."""
+    """FVE, L0, dead latents and spliced ΔCE / CE recovered on the sequences after the training ones:
+    `delta_ce/<rev>` with position 0 left real (the training convention), `delta_ce_pos0/<rev>` with
+    it spliced too (the paper's evaluation)."""
     from crossray.corpus import load_sequences
     from crossray.extract import CheckpointSetExtractor
     from crossray.metrics import evaluate as evaluate_rows
-    from crossray.metrics import spliced_ce
+    from crossray.metrics import spliced_ce_policies
     from crossray.models.layer import load_tokenizer
     from crossray.store import load_crosscoder
 
@@ -192,30 +194,34 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, n_train: int, cfg: Evalua
     start = 1 if ecfg.corpus.drop_first_position else 0
     cc = load_crosscoder(crosscoder_dir)
     metrics = evaluate_rows(cc, acts[:, start:].reshape(-1, *acts.shape[2:]))
-    ce = spliced_ce(cc, extractor.models, held_out[: min(cfg.ce_sequences, len(held_out))],
-                    skip_first_position=True)
-    for c, rev in enumerate(ecfg.revisions):
-        metrics[metric_name("delta_ce", rev)] = float(ce.delta_ce_C[c])
-        metrics[metric_name("ce_recovered", rev)] = float(ce.ce_recovered_C[c])
+    skipped, kept = spliced_ce_policies(cc, extractor.models, held_out, (True, False))
+    for c, rev in enumerate(ecfg.revisions):  # position 0 left real (training's view), and spliced too
+        for suffix, ce in (("", skipped), ("_pos0", kept)):
+            metrics[metric_name(f"delta_ce{suffix}", rev)] = float(ce.delta_ce_C[c])
+            metrics[metric_name(f"ce_recovered{suffix}", rev)] = float(ce.ce_recovered_C[c])
     return EvaluateResult(metrics)
 
 
 # -- analyse --------------------------------------------------------------------------------------
 
-def analyse(folder: Path, screen: ScreenResult, extract: ExtractResult, train: TrainResult,
-            attribute: AttributeResult, ecfg: ExtractConfig, cfg: AnalysisConfig) -> AnalyseResult:
-    """Feature table, top contexts, plots, and feature groups by decoder norm and by RelIE."""
+def analyse(folder: Path, screen: ScreenResult, select: SelectResult, extract: ExtractResult,
+            train: TrainResult, attribute: AttributeResult, ecfg: ExtractConfig, cfg: AnalysisConfig,
+            title: str = "crossray run") -> AnalyseResult:
+    """Feature table, top contexts, plots, the findings report, and feature groups by decoder norm
+    and by RelIE."""
     import pandas as pd
 
     from crossray import analysis as A
     from crossray import plots
+    from crossray.report import top_feature_table, write_report
     from crossray.store import load_crosscoder, write_tables
 
     cc = load_crosscoder(train.crosscoder)
     revisions = list(cc.cfg.revisions)
     rows = A.feature_rows(cc)
     reldec = torch.tensor([[row[f"reldec/{r}"] for r in revisions] for row in rows])
-    write_tables(folder / "tables", {"features": rows, "top_contexts": context_rows(cc, extract, ecfg, cfg)})
+    contexts = context_rows(cc, extract, ecfg, cfg)
+    write_tables(folder / "tables", {"features": rows, "top_contexts": contexts})
     plots.accuracy_curves(screen.revisions, screen.accuracy, revisions, folder / "accuracy_curves.png")
     plots.reldec_histogram(reldec, revisions, folder / "reldec_histogram.png")
     effects = pd.read_parquet(Path(attribute.effects) / "effects.parquet")
@@ -233,6 +239,10 @@ def analyse(folder: Path, screen: ScreenResult, extract: ExtractResult, train: T
         plots.ie_evolution(ie_CF[:, top], [selected[i] for i in top.tolist()], revisions,
                            folder / f"ie_evolution_{task}.png")
         counts[task] = pd.Series(A.group_labels(share, revisions)).value_counts().to_dict()
+    tops = {task: top_feature_table(effects, task, info["selected"], revisions)
+            for task, info in attribute.tasks.items()}
+    write_report(folder / "report.html", title, select.reasons, revisions, attribute.tasks, tops,
+                 pd.DataFrame(rows), pd.DataFrame(contexts), folder)
     groups = pd.Series([row["group"] for row in rows]).value_counts().to_dict()
     return AnalyseResult(groups, counts)
 

@@ -77,9 +77,31 @@ def summary_markdown(o: RunOutcome) -> str:
     for task, info in s["tasks"].items():
         top = ", ".join(f"#{f}" for f in info["selected"][:10])
         lines.append(f"| {task} | {info['examples']} | {_fmt(info['ablation_rho'])} | {top} |")
+    lines += _relie_tables(o, s["revisions"])
     if s["registered"]:
         lines += ["", f"Crosscoder: `{s['registered']}`"]
     return "\n".join(lines)
+
+
+def _relie_tables(o: RunOutcome, revisions: list[str]) -> list[str]:
+    lines = ["", "## Top features per task (RelIE one-vs-all; pairwise: share of b in a+b)"]
+    import pandas as pd
+
+    from crossray.report import top_feature_table
+
+    effects = pd.read_parquet(f"{o.results['attribute'].effects}/effects.parquet")
+    for task, info in o.results["attribute"].tasks.items():
+        table = top_feature_table(effects, task, info["selected"], revisions)
+        if table.empty:
+            continue
+        pairs = [c for c in table.columns if c.startswith("relie_pair/")]
+        head = ["feature", "group", *[f"RelIE {r}" for r in revisions], *[c.split("/", 1)[1] for c in pairs]]
+        lines += ["", f"### {task}", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for _, row in table.iterrows():
+            values = [str(int(row["feature"])), str(row["group"])]
+            values += [_fmt(float(row[c])) for c in [*[f"relie/{r}" for r in revisions], *pairs]]
+            lines.append("| " + " | ".join(values) + " |")
+    return lines
 
 
 def parent_metrics(o: RunOutcome) -> dict[str, float]:

@@ -41,7 +41,7 @@ def chain(ray_cluster, toy_dir, tmp_path_factory):
     cfg["extract"].update(shard_sequences=48, norm_sequences=48)
     cfg["train"].update(n_steps=40, batch_size=256, checkpoint_every=20, metrics_every=20)
     cfg["train"]["crosscoder"]["n_latents"] = 128
-    cfg["evaluate"] = {"eval_sequences": 4, "ce_sequences": 2}
+    cfg["evaluate"] = {"eval_sequences": 4}
     cfg["attribution"].update(steps=2)
     cfg["analysis"] = {"context_sequences": 16}
     cfg["launch"] = {"register_name": "toy-graph"}

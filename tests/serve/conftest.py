@@ -28,7 +28,9 @@ def write_fake_run(folder: Path) -> Path:
     (folder / "attribute" / "effects").mkdir(parents=True)
     effects = [{"task": t, "feature": f, "checkpoint": r, "checkpoint_index": c, "ie": IE[f][c] * (t == "t1"),
                 "relie": RELIE[f][c] if t == "t1" else 1 / 3, "relie_class": 0.5,
-                "group": "step3 specific" if f in (0, 2) else "others", "all_zero": False}
+                "group": "step3 specific" if f in (0, 2) else "others", "all_zero": False,
+                "relie_pair/step1-step2": 0.25 * f, "relie_pair/step1-step3": 0.5,
+                "relie_pair/step2-step3": 0.75}
                for t in ("t1", "t2") for f in range(4) for c, r in enumerate(REVS)]
     pd.DataFrame(effects).to_parquet(folder / "attribute" / "effects" / "effects.parquet")
     (folder / "attribute" / "effects" / "summary.json").write_text(json.dumps(
@@ -36,6 +38,8 @@ def write_fake_run(folder: Path) -> Path:
     (folder / "analyse" / "tables").mkdir(parents=True)
     features = [{"feature": f, **{f"dec_norm/{r}": 0.1 * (f + 1) * (c + 1) for c, r in enumerate(REVS)},
                  **{f"reldec/{r}": (c + 1) / 6 for c, r in enumerate(REVS)},
+                 "reldec_pair/step1-step2": 2 / 3, "reldec_pair/step1-step3": 3 / 4,
+                 "reldec_pair/step2-step3": 0.6,
                  "cos/step1-step2": 0.5, "cos/step1-step3": 0.25, "cos/step2-step3": 0.75,
                  "group": "others", "trajectory": "emerging" if f % 2 == 0 else "maintained"}
                 for f in range(4)]

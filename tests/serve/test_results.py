@@ -55,6 +55,10 @@ def test_feature_card_matches_tables(index):
     assert card["checkpoints"] == REVS and card["trajectory"] == "emerging"
     assert card["decoder_norm"] == pytest.approx([0.1, 0.2, 0.3])
     assert card["relative_norm"] == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    assert card["relative_norm_pairs"] == [{"pair": "step1-step2", "share": 2 / 3},
+                                           {"pair": "step1-step3", "share": 3 / 4},
+                                           {"pair": "step2-step3", "share": 0.6}]
+    assert [p["share"] for p in index.card(2)["effects"]["t1"]["relie_pairs"]] == [0.5, 0.5, 0.75]
     assert card["effects"]["t1"]["ie"] == pytest.approx(IE[0]) and card["effects"]["t1"]["relie"] == RELIE[0]
     assert {c["pair"]: c["value"] for c in card["cosine"]} == {"step1-step2": 0.5, "step1-step3": 0.25,
                                                               "step2-step3": 0.75}
