@@ -7,12 +7,16 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import ray
 
 from crossray.config import add_config_flags
 from crossray.errors import explain, remove_temporaries, write_failure_log
+
+T = TypeVar("T")
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:
@@ -21,6 +25,20 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
     return p
+
+
+def guarded(work: Callable[[], T], folder: Path, stage: str | Callable[[], str | None],
+            tracking_uri: str | None = None) -> tuple[int, T | None]:
+    """(0, work()), or the exit code: 2 with one line for bad input found late (a ValueError, a busy
+    run folder), 1 for a failure (`report_failure`; `stage` may be read at failure time)."""
+    try:
+        return 0, work()
+    except ValueError as e:
+        print(f"crossray: error: {e}", file=sys.stderr)
+        return 2, None
+    except BaseException as e:  # noqa: BLE001 (every failure ends as one line plus a log file)
+        where = stage() if callable(stage) else stage
+        return report_failure(e, folder, where, tracking_uri), None
 
 
 def report_failure(exc: BaseException, folder: Path, stage: str | None, tracking_uri: str | None = None

@@ -31,7 +31,7 @@ from crossray.pipeline.inputs import task_files
 from crossray.schema import overrides_from
 from crossray.store import load_crosscoder, write_tables
 from crossray.tasks import TaskError, load_tasks
-from jobs._ray import init_ray, job_parser, local_folder, report_failure, setup_logging
+from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
-    try:
+    def work() -> dict:
         init_ray(args.address)
-        summary = run_attribute(args.crosscoder, family, tasks, args.out, cfg.attribution, cfg.launch)
-    except ValueError as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
-        return 2
-    except BaseException as e:  # noqa: BLE001 (one line plus a log file)
-        return report_failure(e, local_folder(args.out), "attribute")
+        return run_attribute(args.crosscoder, family, tasks, args.out, cfg.attribution, cfg.launch)
+
+    code, summary = guarded(work, local_folder(args.out), "attribute")
+    if summary is None:
+        return code
     print(json.dumps({"out": args.out, "tasks": {k: {"examples": v["examples"],
                                                      "ablation": v.get("ablation")}
                                                  for k, v in summary["tasks"].items()}}))

@@ -33,7 +33,7 @@ from crossray.config import Config, LaunchConfig, load_config
 from crossray.corpus import load_sequences
 from crossray.models.layer import load_tokenizer
 from crossray.schema import overrides_from, shallow
-from jobs._ray import init_ray, job_parser, local_folder, report_failure, setup_logging
+from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -213,14 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
-    try:
+    def work() -> X.Manifest:
         init_ray(args.address)
-        manifest = run_extract(ecfg, args.out, cfg.launch, prep=prep)
-    except ValueError as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
-        return 2
-    except BaseException as e:  # noqa: BLE001 (one line plus a log file)
-        return report_failure(e, local_folder(args.out), "extract")
+        return run_extract(ecfg, args.out, cfg.launch, prep=prep)
+
+    code, manifest = guarded(work, local_folder(args.out), "extract")
+    if manifest is None:
+        return code
     print(json.dumps({"out": args.out, "shards": len(manifest.shards), "rows": manifest.token_count,
                       "norm_factors": manifest.norm_factors}))
     return 0

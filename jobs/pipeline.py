@@ -41,7 +41,7 @@ from crossray.tracking import check_tracking, experiment_link
 from jobs import attribute as attribute_job
 from jobs import extract as extract_job
 from jobs import train as train_job
-from jobs._ray import init_ray, job_parser, report_failure, setup_logging
+from jobs._ray import guarded, init_ray, job_parser, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -108,16 +108,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
-    try:
-        with RunLock(pipeline.out, wait=args.wait):
+    def work() -> RunOutcome:
+        with RunLock(pipeline.out, wait=args.wait):  # a busy folder is a ValueError: exit 2
             init_ray(args.address)
             signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
-            outcome = pipeline.run()
-    except ValueError as e:  # bad input found late (a remote task's ValueError), or a busy folder
-        print(f"crossray: error: {e}", file=sys.stderr)
-        return 2
-    except BaseException as e:  # noqa: BLE001 (every failure ends as one line plus a log file)
-        return report_failure(e, pipeline.out, pipeline.current, uri)
+            return pipeline.run()
+
+    code, outcome = guarded(work, pipeline.out, lambda: pipeline.current, uri)
+    if outcome is None:
+        return code
     print(summary_text(outcome))
     experiment = cfg.launch.experiment or f"crossray-{outcome.family.name}"
     print(f"MLflow: {uri}, experiment {experiment}; in the UI: {experiment_link(uri, experiment)}")

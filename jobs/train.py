@@ -42,7 +42,7 @@ from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
 from crossray.schema import overrides_from
 from crossray.train import Trainer
-from jobs._ray import init_ray, job_parser, local_folder, report_failure, setup_logging
+from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging
 
 logger = logging.getLogger(__name__)
 CROSSCODER_DIR = "crosscoder"
@@ -187,15 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
-    try:
+    def work() -> ray.train.Result:
         init_ray(args.address)
-        result = run_train(train_cfg, cfg.launch, args.storage, manifest.norm_factors, data=args.data,
-                           name=args.name)
-    except ValueError as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
-        return 2
-    except BaseException as e:  # noqa: BLE001 (one line plus a log file)
-        return report_failure(e, local_folder(args.storage), "train")
+        return run_train(train_cfg, cfg.launch, args.storage, manifest.norm_factors, data=args.data,
+                         name=args.name)
+
+    code, result = guarded(work, local_folder(args.storage), "train")
+    if result is None:
+        return code
     print(json.dumps({"crosscoder": str(crosscoder_dir(result)), "metrics": result.metrics}, default=str))
     return 0
 

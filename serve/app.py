@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ray import serve
 
+from crossray.config import load_config
 from serve.api import ServiceState, build_api
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,10 @@ def check_sources(runs: list[str], cache_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crossray serve", description="serve finished runs over HTTP")
-    p.add_argument("--run", action="append", required=True,
+    p.add_argument("--run", action="append", default=[],
                    help="pipeline folder, MLflow run id, or models:/name@alias (repeatable)")
+    p.add_argument("--config", action="append", default=[],
+                   help="a run config (YAML): serve its pipeline folder <pipeline.out>/<pipeline.name>")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1)
@@ -102,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.run += [str(Path(c.pipeline.out) / c.pipeline.name) for c in map(load_config, args.config)]
+    except ValueError as e:
+        print(f"crossray: error: {e}", file=sys.stderr)
+        return 2
+    if not args.run:
+        p.error("give at least one --run or --config")
     cache = str(Path(args.cache_dir).resolve())
     uri = args.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # replicas have another cwd

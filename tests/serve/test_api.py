@@ -136,6 +136,12 @@ def test_cli_refuses_a_bad_run_before_starting_ray(tmp_path, capsys):
                  "--cache-dir", str(tmp_path / "cache")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("crossray: error")]
     assert code == 2 and err[0].startswith(f"crossray: error: MLflow has no run or model '{'0' * 32}'")
+    config = tmp_path / "c.yaml"  # a run config names its pipeline folder
+    config.write_text((ROOT / "configs" / "tiny.yaml").read_text().replace("out: runs", f"out: {tmp_path}/r"))
+    code = main(["serve", "--config", str(config), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                 "--cache-dir", str(tmp_path / "cache")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("crossray: error")]
+    assert code == 2 and f"'{tmp_path}/r/tiny' is neither a pipeline folder" in err[0], err
 
 
 def test_bodies_are_bounded(state):
