@@ -93,11 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     return run_from_args(p.parse_args(argv))
 
 
+def check_results_survive(cfg: Config, address: str | None) -> None:
+    """On a cluster (a Ray job, or an address to join), refuse a run whose results would live only in
+    the job's temporary working directory: a relative output folder and no tracking server."""
+    on_cluster = any((address, os.environ.get("RAY_ADDRESS"), os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")))
+    if on_cluster and not Path(cfg.pipeline.out).is_absolute() and "MLFLOW_TRACKING_URI" not in os.environ:
+        raise ValueError(f"this run joins a Ray cluster (a submitted job's working directory is deleted with "
+                         f"the job), so pipeline.out {cfg.pipeline.out!r} would lose the results: set "
+                         "MLFLOW_TRACKING_URI to a tracking server, or pipeline.out to an absolute path on "
+                         "storage every node shares")
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     setup_logging()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         cfg = load_config(args.config, overrides_from(args))
+        check_results_survive(cfg, args.address)
         pipeline = Pipeline(cfg, RayBackend(cfg), Path(args.config).name)
         pipeline.validate()  # nothing is written, no Ray, no MLflow run before this passes
         if "MLFLOW_TRACKING_URI" not in os.environ:

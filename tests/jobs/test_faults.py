@@ -159,3 +159,17 @@ def test_tracking_server_dies_mid_run(toy_dir, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_submitted_job_does_not_lose_its_results(tmp_path):
+    """As a Ray job (RAY_ADDRESS set, as `ray job submit` sets it) with a relative output folder and
+    no tracking server, the results would sit in the job's temporary working directory: refused
+    before anything starts."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(ROOT / "configs" / "tiny.yaml")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("crossray: error:")]
+    assert "pipeline.out 'runs' would lose the results" in line and "MLFLOW_TRACKING_URI" in line
+    assert not (tmp_path / "runs").exists()
