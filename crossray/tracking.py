@@ -156,7 +156,7 @@ class Tracker:
 
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder)
-            if not path.is_file() or rel.name.startswith(("started.json", "done.json")):
+            if not path.is_file() or rel.name in ("started.json", "done.json"):
                 continue
             if rel.parts[0] in SKIP_ARTIFACTS and rel.name != "manifest.json":
                 continue

@@ -180,6 +180,10 @@ class Pipeline:
         """The trained crosscoder in the Model Registry, with its lineage."""
         o, launch = self.outcome, self.cfg.launch
         train, ex = o.results["train"], o.results["extract"]
+        if not train.model_uri:  # trained by a crossray that did not log MLflow models yet
+            logger.warning("the train stage in %s logged no MLflow model; change a train setting (or remove "
+                           "the stage folder) to train and register one", self.out / "train")
+            return
         cc = load_crosscoder(train.crosscoder).cfg
         tags = {"crossray.family": self.family.name, "crossray.layer": str(cc.layer),
                 "crossray.revisions": ",".join(cc.revisions),
