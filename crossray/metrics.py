@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -66,18 +66,23 @@ class DeadLatents:
 
 
 @torch.no_grad()
-def evaluate(crosscoder: Crosscoder, acts_NCD: Tensor, batch_size: int = 4096) -> dict[str, float]:
-    """FVE (both ways), L2 loss, L0 and never-active latents over raw activation rows.
+def evaluate(crosscoder: Crosscoder, acts: Tensor | Iterable[Tensor], batch_size: int = 4096
+             ) -> dict[str, float]:
+    """FVE (both ways), L2 loss, L0 and never-active latents over raw activation rows (N, C, D), given
+    at once or as an iterable of row blocks (so held-out activations need not fit in memory).
 
     The standard FVE is a ratio of sums over all rows; the paper's mean of ratios is taken per batch
     of `batch_size` rows (with that batch's mean) and averaged over batches, like its evaluation.
     """
-    C = crosscoder.cfg.n_checkpoints
+    C, D = crosscoder.cfg.n_checkpoints, crosscoder.cfg.d_model
     err_C = torch.zeros(C, dtype=torch.float64)
-    sum_CD = torch.zeros(C, acts_NCD.shape[-1], dtype=torch.float64)
+    sum_CD = torch.zeros(C, D, dtype=torch.float64)
     sq_C = torch.zeros(C, dtype=torch.float64)
     paper, l0s, fired = [], [], torch.zeros(crosscoder.cfg.n_latents, dtype=torch.bool)
-    for x in acts_NCD.split(batch_size):
+    n = 0
+    blocks = [acts] if isinstance(acts, Tensor) else acts
+    for x in (b for block in blocks for b in block.split(batch_size)):
+        n += len(x)
         x = crosscoder.normalise(x.float())
         out = crosscoder(x, mode="eval")
         err_C += (x - out.recon_BCD).pow(2).sum(dim=(0, 2)).double()
@@ -86,7 +91,6 @@ def evaluate(crosscoder: Crosscoder, acts_NCD: Tensor, batch_size: int = 4096) -
         paper.append(fve_mean_of_ratios(x, out.recon_BCD).per_checkpoint_C)
         l0s.append(l0(out.latents_BL) * len(x))
         fired |= (out.latents_BL > 0).any(0)
-    n = len(acts_NCD)
     var_C = sq_C - sum_CD.pow(2).sum(-1) / n
     fve_C = 1 - err_C / var_C
     paper_C = torch.stack(paper).mean(0)
@@ -146,9 +150,20 @@ def spliced_ce(crosscoder: Crosscoder, models: Sequence[LayerModel], input_ids: 
 
 @torch.no_grad()
 def spliced_ce_policies(crosscoder: Crosscoder, models: Sequence[LayerModel], input_ids: Tensor,
-                        policies: Sequence[bool] = (True, False)) -> list[CEResult]:
+                        policies: Sequence[bool] = (True, False), batch_sequences: int | None = None
+                        ) -> list[CEResult]:
     """`spliced_ce` for several position-0 policies (skip first position or not), sharing the
-    activations, the reconstruction and the clean pass."""
+    activations, the reconstruction and the clean pass; `batch_sequences` at a time (the CEs of equal-
+    length sequences average over batches), so 240 x 1024 tokens never run as one batch."""
+    if batch_sequences and len(input_ids) > batch_sequences:
+        chunks = input_ids.split(batch_sequences)
+        parts = [spliced_ce_policies(crosscoder, models, chunk, policies) for chunk in chunks]
+        w = torch.tensor([len(c) for c in chunks], dtype=torch.float32) / len(input_ids)
+
+        def mean(k: int, field: str) -> Tensor:
+            return sum(wi * getattr(part[k], field) for wi, part in zip(w, parts, strict=True))
+
+        return [CEResult(*(mean(k, f) for f in CEResult._fields)) for k in range(len(policies))]
     if len(models) != crosscoder.cfg.n_checkpoints:
         raise ValueError(f"{len(models)} models for a crosscoder over {crosscoder.cfg.n_checkpoints}")
     acts_CBSD = torch.stack([m.resid_pre(input_ids) for m in models])

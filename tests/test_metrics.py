@@ -109,3 +109,18 @@ def test_evaluate_matches_one_big_batch():
     assert [row[f"fve/{c}"] for c in range(3)] == pytest.approx(whole.per_checkpoint_C.tolist(), abs=1e-5)
     assert row["l0"] == pytest.approx(l0(out.latents_BL).item(), rel=1e-5)
     assert row["dead"] == int((out.latents_BL.sum(0) == 0).sum())
+
+
+def test_spliced_ce_in_batches_equals_one_batch(two_models):
+    """Held-out CE runs a few sequences at a time (240 x 1024 tokens would not fit one batch)."""
+    from crossray.metrics import spliced_ce_policies
+
+    cc = _identity_crosscoder(2, 32)
+    with torch.no_grad():
+        cc.W_dec_LCD.mul_(0.5)  # an imperfect reconstruction, so spliced differs from clean
+    ids = torch.randint(0, 128, (5, 12))
+    whole = spliced_ce_policies(cc, two_models, ids)
+    batched = spliced_ce_policies(cc, two_models, ids, batch_sequences=2)
+    for a, b in zip(whole, batched, strict=True):
+        for field in ("ce_clean_C", "ce_spliced_C", "ce_zero_C"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-5)

@@ -190,11 +190,16 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, n_train: int, cfg: Evalua
         raise ValueError(f"corpus {ecfg.corpus.source} has no sequence left after the {n_train} training "
                          "ones for evaluation")
     extractor = CheckpointSetExtractor(ecfg)
-    acts = extractor(held_out)
     start = 1 if ecfg.corpus.drop_first_position else 0
     cc = load_crosscoder(crosscoder_dir)
-    metrics = evaluate_rows(cc, acts[:, start:].reshape(-1, *acts.shape[2:]))
-    skipped, kept = spliced_ce_policies(cc, extractor.models, held_out, (True, False))
+
+    def rows():  # a few sequences at a time: 240 x 1024 x C x D floats would not fit in memory
+        for chunk in held_out.split(ecfg.batch_sequences):
+            acts = extractor(chunk)  # (n, S, C, D)
+            yield acts[:, start:].reshape(-1, *acts.shape[2:])
+
+    metrics = evaluate_rows(cc, rows())
+    skipped, kept = spliced_ce_policies(cc, extractor.models, held_out, (True, False), ecfg.batch_sequences)
     for c, rev in enumerate(ecfg.revisions):  # position 0 left real (training's view), and spliced too
         for suffix, ce in (("", skipped), ("_pos0", kept)):
             metrics[metric_name(f"delta_ce{suffix}", rev)] = float(ce.delta_ce_C[c])
