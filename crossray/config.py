@@ -8,10 +8,8 @@ keys and wrong types, naming the file and the key path, so a typo fails before a
 What a user sets and what is resolved from the data are different types: `CrosscoderSettings` /
 `TrainSettings` / `ExtractSettings` hold the settings; `CrosscoderConfig` / `TrainConfig` /
 `ExtractConfig` add what the data decides (checkpoint count, d_model, the selected revisions), so no
-placeholder value ever stands in. Library code never mutates a config.
-
-`add_flags` generates `--section.field` flags from the fields (help = the field's docstring), so job
-flags and config fields cannot drift apart.
+placeholder value ever stands in. Library code never mutates a config. `add_config_flags` makes every
+field a `--section.field` flag (help: its docstring), so job flags and config fields cannot drift apart.
 """
 
 from __future__ import annotations
@@ -22,9 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from crossray.schema import add_flags, apply_overrides, from_dict, shallow, to_dict
-
-__all__ = ["from_dict", "to_dict"]
+from crossray.schema import add_flags, apply_overrides, from_dict, shallow
 
 Activation = Literal["relu", "batchtopk", "jumprelu"]
 ACTIVATIONS = get_args(Activation)

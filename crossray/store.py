@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from crossray.config import CrosscoderConfig, TrainConfig, from_dict, to_dict
+from crossray.config import CrosscoderConfig, TrainConfig
 from crossray.models.crosscoder import Crosscoder
+from crossray.schema import from_dict, to_dict
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"

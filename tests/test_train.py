@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from crossray import analysis as A
-from crossray.config import CrosscoderConfig, TrainConfig, from_dict
+from crossray.config import CrosscoderConfig, TrainConfig
 from crossray.models.crosscoder import Crosscoder
+from crossray.schema import from_dict
 from crossray.train import (
     NonFiniteBatchError,
     Trainer,

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from crossray.checkpoints import Family, resolve_family
-from crossray.config import Config, ExtractConfig, TrainConfig, resolve_train, to_dict
+from crossray.config import Config, ExtractConfig, TrainConfig, resolve_train
 from crossray.extract import Manifest
 from crossray.mlflow_model import log_crosscoder
 from crossray.pipeline import inputs as I
 from crossray.pipeline import stages as S
 from crossray.pipeline.stages import RunOutcome
 from crossray.pipeline.summary import parent_metrics, summary_markdown
-from crossray.schema import shallow
+from crossray.schema import shallow, to_dict
 from crossray.store import load_crosscoder, metric_name, write_json_atomic
 from crossray.tracking import Tracker, flat_params
 
