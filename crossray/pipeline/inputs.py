@@ -28,6 +28,7 @@ from typing import Any
 
 from crossray.checkpoints import Family, checkpoint_hash
 from crossray.config import CorpusConfig
+from crossray.extract import sha256_file
 from crossray.schema import schema_dict
 
 
@@ -39,11 +40,7 @@ def digest(*parts: Any) -> str:
 
 @cache
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(Path(path))  # once per file version in this process
 
 
 def file_sha256(path: str | Path) -> str:
