@@ -199,25 +199,35 @@ def token_effects(cc_folded: Crosscoder, lm: LayerModel, state: _State, m: int, 
     return TokenEffects(ie_BSL, err_BS, met_B)
 
 
-def effects_for_batch(cc_folded: Crosscoder, models: Sequence[LayerModel], tokenizer,
-                      examples: Sequence[Example], cfg: AttributionConfig,
-                      checkpoints: Sequence[int] | None = None) -> EffectSums:
-    """IE sums over the examples of one batch for the given checkpoints (default: all)."""
+def example_effects(cc_folded: Crosscoder, models: Sequence[LayerModel], tokenizer,
+                    examples: Sequence[Example], cfg: AttributionConfig,
+                    checkpoints: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example IE (C, B, L) (thresholded per token, summed over the counted positions), error-term
+    effect (C, B) and metric (C, B) of one batch, for the given checkpoints (default: all; the others
+    stay zero). Examples are independent, so a batch may mix the examples of several requests."""
     device = next(models[0].model.parameters()).device
     ids, mask, clean, patch = _batch_inputs(tokenizer, examples, device)
     state = crosscoder_state(cc_folded, models, ids, mask)
     patch_ids = patch_inputs(tokenizer, examples, cfg.baseline, device)
     base = crosscoder_state(cc_folded, models, patch_ids, mask) if patch_ids is not None else None
-    C, L = len(models), cc_folded.cfg.n_latents
-    ie_CL, err_C, met_C = torch.zeros(C, L), torch.zeros(C), torch.zeros(C)
+    C, B, L = len(models), len(examples), cc_folded.cfg.n_latents
+    ie_CBL, err_CB, met_CB = torch.zeros(C, B, L), torch.zeros(C, B), torch.zeros(C, B)
     positions_BS = effect_positions(mask, cfg.skip_first_position)
     for m in checkpoints if checkpoints is not None else range(C):
         eff = token_effects(cc_folded, models[m], state, m, ids, mask, clean, patch, cfg.steps, base,
                             positions_BS)
-        ie_CL[m] = _threshold(eff.ie_BSL, cfg.threshold).sum(dim=(0, 1)).cpu()
-        err_C[m] = eff.err_BS.sum().cpu()
-        met_C[m] = eff.metric_B.sum().cpu()
-    return EffectSums(ie_CL, err_C, met_C, len(examples))
+        ie_CBL[m] = _threshold(eff.ie_BSL, cfg.threshold).sum(dim=1).cpu()
+        err_CB[m] = eff.err_BS.sum(1).cpu()
+        met_CB[m] = eff.metric_B.cpu()
+    return ie_CBL, err_CB, met_CB
+
+
+def effects_for_batch(cc_folded: Crosscoder, models: Sequence[LayerModel], tokenizer,
+                      examples: Sequence[Example], cfg: AttributionConfig,
+                      checkpoints: Sequence[int] | None = None) -> EffectSums:
+    """IE sums over the examples of one batch for the given checkpoints (default: all)."""
+    ie_CBL, err_CB, met_CB = example_effects(cc_folded, models, tokenizer, examples, cfg, checkpoints)
+    return EffectSums(ie_CBL.sum(1), err_CB.sum(1), met_CB.sum(1), len(examples))
 
 
 def task_effects(cc: Crosscoder, models: Sequence[LayerModel], tokenizer, examples: Sequence[Example],
@@ -265,33 +275,55 @@ def effects_rows(task: str, ie_CL: Tensor, revisions: Sequence[str], cfg: Attrib
 # -- ablation check (method.md §12, for N checkpoints) --------------------------------------------
 
 @torch.no_grad()
+def ablated_logit_diffs(cc_folded: Crosscoder, models: Sequence[LayerModel], tokenizer,
+                        examples: Sequence[Example], feature_sets: Sequence[Sequence[int]],
+                        checkpoints: Sequence[int] | None = None, skip_first_position: bool = True,
+                        batch_size: int = 8) -> Tensor:
+    """logit(clean) - logit(patch) (= log p(clean) - log p(patch)) per example, (1 + S, C, N): row 0
+    the model as it is, row 1 + s with every feature of `feature_sets[s]` zero-ablated in checkpoint
+    m's forward pass (x_m - sum_i f_i W_dec[i, m] at the positions IE counts: every real token, less
+    the first with `skip_first_position`). Checkpoints not asked for stay NaN."""
+    S_, C, N = len(feature_sets), len(models), len(examples)
+    out = torch.full((1 + S_, C, N), float("nan"))
+    L = cc_folded.cfg.n_latents
+    select_SL = torch.zeros(S_, L)  # which features each set zeroes
+    for s, feats in enumerate(feature_sets):
+        select_SL[s, list(feats)] = 1.0
+    device = next(models[0].model.parameters()).device
+    select_SL = select_SL.to(device)
+    for start in range(0, N, batch_size):
+        chunk = examples[start:start + batch_size]
+        rows = slice(start, start + len(chunk))
+        ids, mask, clean, patch = _batch_inputs(tokenizer, chunk, device)
+        state = crosscoder_state(cc_folded, models, ids, mask)
+        B = len(chunk)
+        f_BSL = state.f_BSL * effect_positions(mask, skip_first_position)[..., None]
+        for m in checkpoints if checkpoints is not None else range(C):
+            lm = models[m]
+            dtype = next(lm.model.parameters()).dtype
+            out[0, m, rows] = -metric(lm.last_logits_from(state.x_CBSD[m].to(dtype), ids, mask),
+                                      clean, patch).cpu()
+            dec_LD = cc_folded.W_dec_LCD[:, m]
+            for s0 in range(0, S_, batch_size):  # a few ablated copies of the batch at a time
+                sel = select_SL[s0:s0 + batch_size]
+                n = len(sel)
+                removed = torch.einsum("bsl,nl,ld->nbsd", f_BSL, sel, dec_LD)  # (n, B, S, D)
+                x_abl = state.x_CBSD[m][None] - removed
+                logits = lm.last_logits_from(x_abl.flatten(0, 1).to(dtype), ids.repeat(n, 1),
+                                             mask.repeat(n, 1))
+                diff = -metric(logits, clean.repeat(n), patch.repeat(n))
+                out[1 + s0:1 + s0 + n, m, rows] = diff.view(n, B).cpu()
+    return out
+
+
 def ablation_deltas(cc: Crosscoder, models: Sequence[LayerModel], tokenizer, examples: Sequence[Example],
                     features: Sequence[int], batch_size: int = 8, skip_first_position: bool = True
                     ) -> Tensor:
-    """Mean change of the log-probability difference log p(clean) - log p(patch) when feature i is
-    zero-ablated in checkpoint m's forward pass (x_m - f_i W_dec[i, m] at the positions IE counts:
-    every real token, less the first with `skip_first_position`), (F, C)."""
-    folded = cc.fold().eval()
-    F_, C = len(features), len(models)
-    total = torch.zeros(F_, C)
-    feats = torch.tensor(list(features))
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s:s + batch_size]
-        device = next(models[0].model.parameters()).device
-        ids, mask, clean, patch = _batch_inputs(tokenizer, chunk, device)
-        state = crosscoder_state(folded, models, ids, mask)
-        B = len(chunk)
-        for m, lm in enumerate(models):
-            dtype = next(lm.model.parameters()).dtype
-            lpd_clean = -metric(lm.last_logits_from(state.x_CBSD[m].to(dtype), ids, mask).log_softmax(-1),
-                                clean, patch)
-            f_FBS = state.f_BSL[..., feats].permute(2, 0, 1) * effect_positions(mask, skip_first_position)
-            dec_FD = folded.W_dec_LCD[feats, m]
-            x_abl = state.x_CBSD[m][None] - f_FBS[..., None] * dec_FD[:, None, None, :]  # (F, B, S, D)
-            logits = lm.last_logits_from(x_abl.flatten(0, 1).to(dtype), ids.repeat(F_, 1), mask.repeat(F_, 1))
-            lpd_abl = -metric(logits.log_softmax(-1), clean.repeat(F_), patch.repeat(F_)).view(F_, B)
-            total[:, m] += (lpd_clean[None] - lpd_abl).sum(1).cpu()
-    return total / len(examples)
+    """Mean change of the log-probability difference log p(clean) - log p(patch) when feature i alone is
+    zero-ablated in checkpoint m's forward pass (`ablated_logit_diffs`), (F, C)."""
+    diffs = ablated_logit_diffs(cc.fold().eval(), models, tokenizer, examples, [[i] for i in features],
+                                skip_first_position=skip_first_position, batch_size=batch_size)
+    return (diffs[0][None] - diffs[1:]).mean(-1)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -340,7 +372,8 @@ def summarise(task: Task, sums: EffectSums, cc: Crosscoder, revisions: Sequence[
     if len(selected) >= 3:
         deltas = ablate(task.examples, selected)
         norms = cc.decoder_norms().detach()[selected]
-        info["ablation"] = ablation_correlations(deltas, ie_CL[:, selected].T, norms)
+        info["ablation"] = {**ablation_correlations(deltas, ie_CL[:, selected].T, norms),
+                            "deltas": deltas.tolist()}  # (selected features, checkpoints)
     return info, effects_rows(task.name, ie_CL, revisions, cfg)
 
 

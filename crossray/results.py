@@ -27,6 +27,7 @@ from crossray.store import metric_name
 STAGE_FILES = {"screen": "screen/tables/accuracy.parquet", "evaluate": "evaluate/metrics.json",
                "attribute": "attribute/effects", "analyse": "analyse/tables",
                "train": "train/crosscoder/config.json"}
+WEIGHTS_FILE = "train/crosscoder/weights.safetensors"
 
 
 class ResultsError(ValueError):
@@ -118,8 +119,10 @@ def parent_run_id(ref: str) -> str:
     return run.data.tags.get("mlflow.parentRunId", run.info.run_id)
 
 
-def load_mlflow(ref: str, cache_dir: str | Path) -> RunResults:
-    """A run from MLflow: the newest finished stage runs under the parent, their artifacts cached."""
+def mlflow_folder(ref: str, cache_dir: str | Path, weights: bool = False):
+    """(folder, parent run): the newest finished stage runs under the parent, the files the queries
+    read downloaded into `<cache_dir>/<parent id>` in the layout of a pipeline folder (plus the
+    parent's `config.json`); `weights` adds the crosscoder's weights, which live queries need."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -139,20 +142,36 @@ def load_mlflow(ref: str, cache_dir: str | Path) -> RunResults:
         raise ResultsError(f"MLflow run {parent} has no finished stage run for {missing}: "
                            "not a finished crossray pipeline run")
     folder = Path(cache_dir) / parent
-    if not folder.exists():  # download into a private folder, then move it into place whole
+    wanted = [(stages[stage], path) for stage, path in STAGE_FILES.items()]
+    wanted += [(parent, "config.json")] + [(stages["train"], WEIGHTS_FILE)] * weights
+    todo = [(run_id, path) for run_id, path in wanted if not (folder / path).exists()]
+    if todo:  # download into a private folder, then move each file into place whole
         import shutil
         import uuid
 
         tmp = Path(cache_dir) / f".{parent}-{uuid.uuid4().hex[:8]}"
-        for stage, path in STAGE_FILES.items():
-            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
-            mlflow.artifacts.download_artifacts(run_id=stages[stage], artifact_path=path,
-                                                dst_path=str((tmp / path).parent))
         try:
-            tmp.rename(folder)
-        except OSError:  # another replica got there first
+            for run_id, path in todo:
+                (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                        dst_path=str((tmp / path).parent))
+                except Exception:
+                    if path != "config.json":  # older runs have none: live queries fall back
+                        raise
+            for source in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                target = folder / source.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source.replace(target)  # another replica may have done the same: same bytes
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return load_folder(folder, run_id=parent, name=parent_run.info.run_name or parent,
+    return folder, parent_run
+
+
+def load_mlflow(ref: str, cache_dir: str | Path) -> RunResults:
+    """A run from MLflow, its artifacts cached (`mlflow_folder`)."""
+    folder, parent_run = mlflow_folder(ref, cache_dir)
+    return load_folder(folder, run_id=parent_run.info.run_id, name=parent_run.info.run_name or folder.name,
                        registered=parent_run.data.tags.get("crossray.registered_model"))
 
 

@@ -11,6 +11,7 @@ Design choices:
   (the page asks for the token when the API answers 401).
 """
 
+import asyncio
 import functools
 import hmac
 import json
@@ -101,9 +102,11 @@ def _short_input(value):
     return value
 
 
-def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
-              ) -> FastAPI:
-    """The application: JSON routes under /runs, `/health`, and the page at `/`."""
+def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+              live=None, limits: S.LiveLimits | None = None) -> FastAPI:
+    """The application: JSON routes under /runs, `/health`, and the page at `/`. `live` (a
+    `serve.model.LiveClient`) answers the live routes; without it they answer 503."""
+    limits = limits or S.LiveLimits()
     api = FastAPI(title="crossray", version="1", summary="Crosscoders across checkpoints: features, "
                   "indirect effects (IE), RelIE and accuracy curves of finished pipeline runs.")
     bearer = HTTPBearer(auto_error=False, description="only when the service was started with a token")
@@ -232,6 +235,66 @@ def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int
     async def accuracy(run: Run, task: Annotated[str | None, Query(max_length=200)] = None):
         """Task accuracy per screened checkpoint; the crosscoded ones are marked."""
         return state.index(run).accuracy(task)
+
+    # -- live queries: computed by the model deployment -------------------------------------------
+    def over_cap(field: str, got: int, cap: int, unit: str) -> None:
+        if got > cap:
+            raise RequestValidationError([{"type": "too_long", "loc": ("body", field), "input": None,
+                                           "msg": f"at most {cap} {unit} per request (got {got})"}])
+
+    async def live_answer(run: str, kind: str, body: dict, field: str) -> dict | JSONResponse:
+        index = state.index(run)
+        for i in body.get("features") or []:
+            index.feature_id(i)
+        if live is None:
+            raise Unavailable("live queries are off: the service runs without its model deployment")
+        try:
+            result = await asyncio.wait_for(live(kind, index.run.id, body), limits.deadline_s)
+        except TimeoutError:
+            return _error(503, f"the model work took longer than the {limits.deadline_s:g} s deadline; "
+                          "retry later or send fewer pairs", {"Retry-After": "5"})
+        except Exception as e:  # the model replica failed: not the client's doing
+            logger.exception("live %s query failed", kind)
+            return _error(503, f"the model deployment failed ({type(e).__name__}); retry later",
+                          {"Retry-After": "5"})
+        if "error" in result:
+            if result["error"] == 422:
+                raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "input": None,
+                                               "msg": result["detail"]}])
+            return _error(result["error"], result["detail"])
+        return {"run": index.run.id, **result}
+
+    live_responses = {422: {"model": S.Error}, 503: {"model": S.Error, "description": "live queries "
+                      "unavailable, or over the deadline (Retry-After)"}}
+
+    @runs.post("/{run}/effects", response_model=S.EffectsResponse, responses=live_responses)
+    async def effects(run: Run, body: Annotated[S.EffectsRequest, Body()]):
+        """IE and RelIE per checkpoint of the features on the pairs sent, computed like the attribute
+        stage computes a task's (sending a task's examples reproduces its stored effects): the given
+        features, or the `top` by largest |IE| at any checkpoint."""
+        over_cap("pairs", len(body.pairs), limits.pairs, "pairs")
+        over_cap("features", len(body.features or []), limits.features, "features")
+        over_cap("top", body.top, limits.top, "features (top)")
+        over_cap("steps", body.steps or 0, limits.steps, "integrated-gradient steps")
+        return await live_answer(run, "effects", body.model_dump(), "pairs")
+
+    @runs.post("/{run}/ablate", response_model=S.AblateResponse, responses=live_responses)
+    async def ablate(run: Run, body: Annotated[S.AblateRequest, Body()]):
+        """Logit difference and accuracy on the pairs before and after zero-ablating the features
+        (together) at a checkpoint, or at every checkpoint; and each feature's own delta."""
+        over_cap("pairs", len(body.pairs), limits.pairs, "pairs")
+        over_cap("features", len(body.features), limits.features, "features")
+        if body.checkpoint is not None:
+            state.index(run).checkpoint(body.checkpoint)
+        return await live_answer(run, "ablate", body.model_dump(), "pairs")
+
+    @runs.post("/{run}/activations", response_model=S.ActivationsResponse, responses=live_responses)
+    async def activations(run: Run, body: Annotated[S.ActivationsRequest, Body()]):
+        """The text's tokens and, at each, the top features by joint activation and by each
+        checkpoint's encoder contribution."""
+        over_cap("text", len(body.text), limits.text_chars, "characters of text")
+        over_cap("top", body.top, limits.top, "features (top)")
+        return await live_answer(run, "activations", body.model_dump(), "text")
 
     api.include_router(runs)
     return api

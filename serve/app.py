@@ -11,6 +11,9 @@ Design choices:
   its reason.
 - Read-only and stateless, so replicas are interchangeable: Serve routes around a dead one and
   replaces it; autoscaling settings live in the Serve config.
+- Live queries (IE/RelIE, ablations, activations for input sent in a request) go through a deployment
+  handle to a second deployment, `serve.model.LiveModel`, which holds the crosscoders and checkpoints
+  (on GPU replicas in production); it batches and autoscales on its own. `live: false` leaves it out.
 - Binds to 127.0.0.1 unless `--host` says otherwise; the bearer token is read from an environment
   variable (never from the config file), and is off by default.
 """
@@ -28,6 +31,8 @@ from ray import serve
 
 from crossray.config import load_config
 from serve.api import ServiceState, build_api
+from serve.model import LiveModel, handle_client
+from serve.schemas import LiveLimits
 
 logger = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(os.environ.get("CROSSRAY_CACHE", Path.home() / ".cache" / "crossray")) / "serve"
@@ -37,7 +42,7 @@ DEFAULT_CACHE = Path(os.environ.get("CROSSRAY_CACHE", Path.home() / ".cache" / "
 @serve.ingress()
 class CrosscoderService:
     def __init__(self, runs: list[str], token: str | None = None, cache_dir: str | None = None,
-                 tracking_uri: str | None = None):
+                 tracking_uri: str | None = None, live=None, limits: dict | None = None):
         logging.basicConfig(level=logging.INFO)
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -48,9 +53,11 @@ class CrosscoderService:
         if not self.state.ready:
             raise RuntimeError(self.state.error)
         self.token = token
+        self.live = handle_client(live) if live is not None else None
+        self.limits = LiveLimits(**(limits or {}))
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.state, self.token)
+        return build_api(self.state, self.token, live=self.live, limits=self.limits)
 
 
 def build_app(args: dict) -> serve.Application:
@@ -58,10 +65,12 @@ def build_app(args: dict) -> serve.Application:
     return make_app(args)
 
 
-def make_app(args: dict, **options) -> serve.Application:
-    """The application from `args`: runs (required), token_env, cache_dir, tracking_uri; `options` are
-    deployment options (num_replicas, ...)."""
-    allowed = {"runs", "token_env", "cache_dir", "tracking_uri"}
+def make_app(args: dict, live_options: dict | None = None, **options) -> serve.Application:
+    """The application from `args`: runs (required), token_env, cache_dir, tracking_uri, live (default
+    true), batch_size, batch_wait_s, limits (`serve.schemas.LiveLimits` fields); `options` are the
+    table deployment's options (num_replicas, ...), `live_options` the model deployment's."""
+    allowed = {"runs", "token_env", "cache_dir", "tracking_uri", "live", "batch_size", "batch_wait_s",
+               "limits"}
     unknown = sorted(set(args) - allowed)
     if unknown:
         raise ValueError(f"unknown serve argument(s) {unknown}; allowed: {sorted(allowed)}")
@@ -75,9 +84,20 @@ def make_app(args: dict, **options) -> serve.Application:
         if not token:
             raise ValueError(f"token_env {args['token_env']!r} is set but the variable is empty or missing")
     runs = [str(Path(r).resolve()) if Path(r).is_dir() else r for r in runs]  # replicas have another cwd
+    limits = args.get("limits") or {}
+    try:
+        LiveLimits(**limits)  # unknown caps fail here, not in a replica
+    except TypeError as e:
+        raise ValueError(f"serve argument 'limits': {e}; allowed: {list(LiveLimits.__dataclass_fields__)}"
+                         ) from None
     deployment = CrosscoderService.options(**options) if options else CrosscoderService
     tracking_uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    return deployment.bind(runs, token, args.get("cache_dir"), tracking_uri)
+    live = None
+    if args.get("live", True):
+        model = LiveModel.options(**live_options) if live_options else LiveModel
+        live = model.bind(runs, args.get("cache_dir"), tracking_uri, int(args.get("batch_size", 16)),
+                          float(args.get("batch_wait_s", 0.005)))
+    return deployment.bind(runs, token, args.get("cache_dir"), tracking_uri, live, limits)
 
 
 def check_sources(runs: list[str], cache_dir: Path) -> None:
@@ -103,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                    "sqlite:///runs/mlflow.db)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where MLflow artifacts are cached")
     p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
+    p.add_argument("--no-live", action="store_true", help="serve the stored tables only (no model "
+                   "deployment, so no /effects, /ablate or /activations)")
+    p.add_argument("--live-gpus", type=float, default=0, help="GPUs per model replica (default: CPU)")
+    p.add_argument("--batch-size", type=int, default=16, help="live queries batched per model call "
+                   "(1: no batching)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -119,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         app = make_app({"runs": args.run, "token_env": args.token_env, "cache_dir": cache,
-                         "tracking_uri": uri}, num_replicas=args.replicas)
+                        "tracking_uri": uri, "live": not args.no_live, "batch_size": args.batch_size},
+                       {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": args.live_gpus}},
+                       num_replicas=args.replicas)
         check_sources(args.run, Path(cache))
     except ValueError as e:
         print(f"crossray: error: {e}", file=sys.stderr)

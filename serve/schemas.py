@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -133,3 +135,106 @@ class Accuracy(BaseModel):
     run: str
     checkpoints: list[str]
     tasks: dict[str, list[AccuracyPoint]]
+
+
+# -- live queries (computed by the model deployment) --------------------------------------------------
+
+@dataclass(frozen=True)
+class LiveLimits:
+    """Caps on one live request's work; a request over one gets a 422 naming it. `deadline_s` bounds
+    the time a request waits for its model work (then 503 with Retry-After)."""
+
+    pairs: int = 256
+    features: int = 64
+    text_chars: int = 2000
+    steps: int = 64
+    top: int = 100
+    deadline_s: float = 20.0
+
+
+Row = dict[str, str | int | float | bool | None]
+
+
+class EffectsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pairs: list[Row] = Field(min_length=1, description=(
+        "minimal pairs in any task format the project reads: BLiMP rows (one_prefix_prefix, "
+        "one_prefix_word_good, one_prefix_word_bad, ...), CLAMS / feature-circuits rows (clean_prefix, "
+        "clean_answer, patch_answer[, patch_prefix]) or MultiBLiMP rows; answers must be single tokens"))
+    features: list[int] | None = Field(None, min_length=1, description="features to report (default: "
+                                       "the `top` by largest |IE| at any checkpoint)")
+    top: int = Field(20, ge=1)
+    steps: int | None = Field(None, ge=1, description="integrated-gradient steps (default: the run's)")
+
+
+class LiveFeature(BaseModel):
+    feature: int
+    ie: list[float | None] = Field(description="mean IE per checkpoint over the pairs")
+    relie: list[float | None] = Field(description="share of |IE| per checkpoint (one-vs-all)")
+    group: str = Field(description="RelIE group over these pairs")
+    trajectory: str = Field(description="decoder-norm trajectory class of the feature")
+
+
+class EffectsResponse(BaseModel):
+    run: str
+    checkpoints: list[str]
+    examples: int = Field(description="pairs kept (single-token answers)")
+    skipped: dict[str, int] = Field(description="pairs left out, by reason")
+    steps: int
+    baseline: str
+    logit_diff: list[float | None] = Field(description="mean logit(correct) - logit(wrong) per checkpoint")
+    error_ie: list[float | None] = Field(description="mean IE of the crosscoder's error term per checkpoint")
+    features: list[LiveFeature]
+
+
+class AblateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pairs: list[Row] = Field(min_length=1, description="minimal pairs, as for /effects")
+    features: list[int] = Field(min_length=1, description="features zero-ablated together")
+    checkpoint: str | int | None = Field(None, description="revision or index (default: every checkpoint)")
+
+
+class AblatedState(BaseModel):
+    logit_diff: float = Field(description="mean logit(correct) - logit(wrong)")
+    accuracy: float = Field(description="share of pairs with logit(correct) > logit(wrong)")
+
+
+class FeatureDelta(BaseModel):
+    feature: int
+    delta: list[float] = Field(description="mean logit-difference drop when this feature alone is ablated")
+
+
+class AblateResponse(BaseModel):
+    run: str
+    checkpoints: list[str]
+    examples: int
+    skipped: dict[str, int]
+    features: list[int]
+    before: list[AblatedState]
+    after: list[AblatedState] = Field(description="with every given feature ablated")
+    per_feature: list[FeatureDelta]
+
+
+class ActivationsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1)
+    top: int = Field(5, ge=1)
+
+
+class Activation(BaseModel):
+    feature: int
+    value: float
+
+
+class TokenActivations(BaseModel):
+    token: str
+    id: int
+    joint: list[Activation] = Field(description="top features by joint activation (positive only)")
+    checkpoints: list[list[Activation]] = Field(description="per checkpoint: top features by its encoder "
+                                                "contribution x_c @ W_enc[c]")
+
+
+class ActivationsResponse(BaseModel):
+    run: str
+    checkpoints: list[str]
+    tokens: list[TokenActivations]

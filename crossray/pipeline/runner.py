@@ -153,6 +153,8 @@ class Pipeline:
             mlflow.set_tags({"crossray.family": self.family.name, "crossray.layer": str(p.layer),
                              "crossray.config": self.config_name})
             mlflow.log_dict(to_dict(self.cfg), "config.json")
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "config.json", to_dict(self.cfg))  # live queries read the family
             k_screen = I.digest("screen", self.family.name, hashes, contents, p.layer, p.screen_examples,
                                 p.score_dtype)
             self._stage("screen", k_screen, lambda f: self.screen(f, screened))
