@@ -192,7 +192,7 @@ class LiveRun:
             return _error(str(e), 404)
         sets = [feats] + ([[i] for i in feats] if len(feats) > 1 else [])
         diffs = AT.ablated_logit_diffs(self.folded, self.models, self.tokenizer, task.examples, sets, cks,
-                                       self.attribution.skip_first_position, self.attribution.batch_size)
+                                       self.attribution.skip_first_position)  # batches as the stage's
         alone = diffs[2:] if len(feats) > 1 else diffs[1:]
 
         def state(d_CN: torch.Tensor) -> list[dict]:

@@ -165,6 +165,15 @@ class Chromium:
             time.sleep(0.2)
         raise AssertionError(f"page never satisfied {expression}")
 
+    def click(self, element: str) -> None:
+        """A real mouse click (not element.click()) in the middle of the element the JS expression
+        `element` gives, scrolled into view first."""
+        box = self.eval(f"(() => {{ const e = {element}; e.scrollIntoView({{block: 'center'}});"
+                        " const r = e.getBoundingClientRect();"
+                        " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+
     def screenshot(self, path: Path) -> Path:
         import base64
 

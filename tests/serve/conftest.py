@@ -1,11 +1,17 @@
-"""A hand-made pipeline run folder with known numbers, for the query and API tests."""
+"""A hand-made pipeline run folder with known numbers, for the query and API tests; the Serve app over
+the tiny pipeline's results (one deployment for the session)."""
 
 import json
 import math
+import time
 from pathlib import Path
 
+import httpx
+import mlflow
 import pandas as pd
 import pytest
+
+from tests.helpers import free_port
 
 REVS = ["step1", "step2", "step3"]
 # RelIE of the 4 features for task t1 at each checkpoint, and their IE (feature 3 has a NaN IE)
@@ -53,3 +59,39 @@ def write_fake_run(folder: Path) -> Path:
 @pytest.fixture
 def fake_run(tmp_path) -> Path:
     return write_fake_run(tmp_path / "fake")
+
+
+def wait_ready(url: str, timeout: float = 90) -> None:
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            last = httpx.get(f"{url}/health", timeout=2)
+            if last.status_code == 200:
+                return
+        except httpx.HTTPError as e:
+            last = e
+        time.sleep(0.25)
+    raise AssertionError(f"{url}/health never answered 200; last: {getattr(last, 'text', last)}")
+
+
+@pytest.fixture(scope="session")
+def served(tracked_run, mlflow_server, tmp_path_factory):
+    """(base URL, pipeline results, pipeline folder) with the app deployed as `crossray`."""
+    from ray import serve
+
+    from serve.app import make_app
+
+    results, config = tracked_run
+    folder = Path(results.results["train"].crosscoder).parents[1]
+    mlflow.set_tracking_uri(mlflow_server)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = make_app({"runs": ["models:/toy-test@champion", str(folder)], "tracking_uri": mlflow_server,
+                    "cache_dir": str(tmp_path_factory.mktemp("serve-cache")),
+                    "limits": {"deadline_s": 8}},  # answers before a client's 10 s timeout
+                   num_replicas=2)
+    serve.run(app, name="crossray", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    yield url, results, folder
+    serve.shutdown()

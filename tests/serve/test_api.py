@@ -163,3 +163,46 @@ def test_bodies_are_bounded(state):
     r = roomy.post("/runs/fake/features", json={"ids": list(range(1_500_000))})
     assert r.status_code == 422 and len(r.content) < 2000, len(r.content)
     assert "1500000 items" in r.text
+
+
+PAIR = {"clean_prefix": "The dog", "clean_answer": " runs", "patch_answer": " run"}
+
+
+def test_live_routes_without_a_model_deployment_are_503(client):
+    r = client.post("/runs/fake/effects", json={"pairs": [PAIR]})
+    assert r.status_code == 503 and "live queries are off" in r.json()["detail"]
+
+
+def test_live_deadline_is_503_with_retry_after_and_the_service_keeps_serving(state):
+    """Model work past the deadline answers 503 with Retry-After; the next request is answered."""
+    import asyncio
+
+    from serve.schemas import LiveLimits
+
+    calls = []
+
+    async def slow_then_fast(kind: str, run_id: str, body: dict) -> dict:
+        calls.append((kind, run_id))
+        if len(calls) == 1:
+            await asyncio.sleep(5)
+        return {"error": 422, "detail": "no pair is usable"} if kind == "effects" else \
+            {"checkpoints": ["step1"], "tokens": []}
+
+    client = TestClient(build_api(state, live=slow_then_fast, limits=LiveLimits(deadline_s=0.2)))
+    r = client.post("/runs/fake/activations", json={"text": "The dog"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5" and "0.2 s deadline" in r.json()["detail"]
+    assert client.post("/runs/fake/activations", json={"text": "The dog"}).json() == {
+        "run": "fake", "checkpoints": ["step1"], "tokens": []}
+    r = client.post("/runs/fake/effects", json={"pairs": [PAIR]})  # a model-side refusal is a 422
+    assert r.status_code == 422 and r.json()["detail"][0]["msg"] == "no pair is usable"
+    assert calls == [("activations", "fake")] * 2 + [("effects", "fake")]
+    r = client.post("/runs/fake/effects", json={"pairs": [PAIR], "features": [4]})  # checked before the model
+    assert r.status_code == 404 and len(calls) == 3
+
+
+def test_live_model_failure_is_503_not_500(state):
+    async def broken(kind: str, run_id: str, body: dict) -> dict:
+        raise RuntimeError("replica died")
+
+    r = TestClient(build_api(state, live=broken)).post("/runs/fake/effects", json={"pairs": [PAIR]})
+    assert r.status_code == 503 and "RuntimeError" in r.json()["detail"]

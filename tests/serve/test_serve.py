@@ -16,48 +16,14 @@ import time
 from pathlib import Path
 
 import httpx
-import mlflow
 import pandas as pd
 import pytest
 
 from tests.helpers import ARTIFACTS, Chromium, free_port, replica_pids
+from tests.serve.conftest import wait_ready
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_ready(url: str, timeout: float = 90) -> None:
-    deadline, last = time.time() + timeout, None
-    while time.time() < deadline:
-        try:
-            last = httpx.get(f"{url}/health", timeout=2)
-            if last.status_code == 200:
-                return
-        except httpx.HTTPError as e:
-            last = e
-        time.sleep(0.25)
-    raise AssertionError(f"{url}/health never answered 200; last: {getattr(last, 'text', last)}")
-
-
-@pytest.fixture(scope="module")
-def served(tracked_run, mlflow_server, tmp_path_factory):
-    """(base URL, pipeline results, pipeline folder) with the app deployed as `crossray`."""
-    from ray import serve
-
-    from serve.app import make_app
-
-    results, config = tracked_run
-    folder = Path(results.results["train"].crosscoder).parents[1]
-    mlflow.set_tracking_uri(mlflow_server)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = make_app({"runs": ["models:/toy-test@champion", str(folder)], "tracking_uri": mlflow_server,
-                     "cache_dir": str(tmp_path_factory.mktemp("serve-cache"))}, num_replicas=2)
-    serve.run(app, name="crossray", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
-    yield url, results, folder
-    serve.shutdown()
 
 
 def test_every_endpoint_matches_the_stored_tables(served):
@@ -184,23 +150,12 @@ def test_page_in_headless_chromium(served, tmp_path):
         assert shown == [i["feature"] for i in want["items"]]
         assert browser.eval("document.querySelectorAll('#accuracy-chart circle').length") == 5
         feature = int(browser.eval("document.querySelector('tr.feature-row').dataset.feature"))
-        box = browser.eval("(() => { const r = document.querySelector('tr.feature-row')"
-                           ".getBoundingClientRect();"
-                           " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
-        for kind in ("mousePressed", "mouseReleased"):  # a real click, not element.click()
-            browser.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left",
-                         clickCount=1)
+        browser.click("document.querySelector('tr.feature-row')")
         title = browser.wait_for("(() => { const t = document.getElementById('card-title').textContent;"
                                  " return t.startsWith('Feature ') && t; })()")
         assert title == f"Feature {feature}"
         assert browser.wait_for("document.querySelectorAll('#card-body .context').length") > 0
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shot = browser.call("Page.captureScreenshot", format="png")
-        import base64
-
-        path = ARTIFACTS / "serve_page.png"
-        path.write_bytes(base64.b64decode(shot["data"]))
-        assert path.stat().st_size > 10_000
+        assert browser.screenshot(ARTIFACTS / "serve_page.png").stat().st_size > 10_000
     finally:
         browser.close()
 

@@ -1,0 +1,167 @@
+"""Live queries over real HTTP on the tiny run (both sources: the registered model in MLflow and the
+pipeline folder), through the Serve app's model deployment: the answers reproduce what the pipeline
+stored, bad input is a 4xx, and the page's "try it" panel works in headless Chromium."""
+
+import json
+import shutil
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from crossray.config import load_config
+from crossray.tasks import read_jsonl
+from tests.helpers import ARTIFACTS, Chromium
+
+pytestmark = pytest.mark.ray
+TASK = "simple_agreement"
+
+
+@pytest.fixture(scope="module")
+def task_rows(toy_dir) -> list[dict]:
+    return read_jsonl(toy_dir / "tasks" / f"{TASK}.jsonl")
+
+
+def test_effects_of_a_tasks_examples_reproduce_the_stored_table(served, task_rows):
+    url, results, folder = served
+    effects = pd.read_parquet(folder / "attribute" / "effects" / "effects.parquet")
+    ie_LC = effects[effects.task == TASK].pivot(index="feature", columns="checkpoint_index", values="ie")
+    want_top = ie_LC.abs().max(axis=1).sort_values(ascending=False, kind="stable").index[:20].tolist()
+    summary = json.loads((folder / "attribute" / "effects" / "summary.json").read_text())["tasks"][TASK]
+    c = httpx.Client(base_url=url, timeout=60)
+    for run in (results.mlflow_run_id, "tiny"):
+        r = c.post(f"/runs/{run}/effects", json={"pairs": task_rows, "top": 20})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["run"] == run and got["examples"] == summary["examples"] == len(task_rows)
+        assert got["checkpoints"] == results.results["select"].revisions
+        assert [f["feature"] for f in got["features"]] == want_top  # the same top features
+        for f in got["features"]:
+            want = ie_LC.loc[f["feature"]].to_numpy()
+            np.testing.assert_allclose(f["ie"], want, rtol=0, atol=1e-4 * np.abs(want).max())
+            shares = np.abs(want) / np.abs(want).sum()
+            np.testing.assert_allclose(f["relie"], shares, atol=1e-4)
+        np.testing.assert_allclose(got["logit_diff"], -np.array(summary["metric"]), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["error_ie"], summary["error_effect"], rtol=1e-4, atol=1e-6)
+    # chosen features, fewer pairs: the mean over those pairs only
+    r = c.post("/runs/tiny/effects", json={"pairs": task_rows[:5], "features": [want_top[0], 7]}).json()
+    assert [f["feature"] for f in r["features"]] == [want_top[0], 7] and r["examples"] == 5
+    assert r["features"][0]["ie"] != got["features"][0]["ie"]
+
+
+def test_ablate_reproduces_the_attribute_stage_deltas(served, task_rows):
+    url, results, folder = served
+    info = json.loads((folder / "attribute" / "effects" / "summary.json").read_text())["tasks"][TASK]
+    selected, want = info["selected"], np.array(info["ablation"]["deltas"])
+    r = httpx.post(f"{url}/runs/{results.mlflow_run_id}/ablate",
+                   json={"pairs": task_rows, "features": selected}, timeout=60)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    deltas = np.array([f["delta"] for f in got["per_feature"]])
+    assert [f["feature"] for f in got["per_feature"]] == selected
+    np.testing.assert_allclose(deltas, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    before = np.array([b["logit_diff"] for b in got["before"]])
+    np.testing.assert_allclose(before, -np.array(info["metric"]), rtol=1e-4, atol=1e-6)
+    assert all(0 <= s["accuracy"] <= 1 for s in got["before"] + got["after"])
+    # every selected feature at once moves the logit difference at the last checkpoint
+    assert abs(got["after"][-1]["logit_diff"] - got["before"][-1]["logit_diff"]) > 1e-3
+    one = httpx.post(f"{url}/runs/tiny/ablate", json={"pairs": task_rows[:20], "features": selected[:2],
+                                                      "checkpoint": -1}, timeout=60).json()
+    assert one["checkpoints"] == results.results["select"].revisions[-1:] and len(one["before"]) == 1
+
+
+def test_activations_of_a_training_sequence_match_the_stored_top_contexts(served, tracked_run):
+    url, results, folder = served
+    from crossray.corpus import load_sequences
+    from crossray.models.layer import load_tokenizer
+
+    cfg = load_config(tracked_run[1])
+    tokenizer = load_tokenizer(results.family, results.results["select"].revisions[0])
+    tokens, _ = load_sequences(cfg.extract.corpus, tokenizer)
+    contexts = pd.read_parquet(folder / "analyse" / "tables" / "top_contexts.parquet")
+    joint = contexts[(contexts.view == "joint") & (contexts["rank"] == 0)]
+    joint = joint.sort_values("value", ascending=False)
+    checked = 0
+    for row in joint.head(3).itertuples():
+        ids = tokens[row.seq, : row.pos + 1].tolist()
+        text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        r = httpx.post(f"{url}/runs/tiny/activations", json={"text": text, "top": 10}, timeout=30)
+        assert r.status_code == 200, r.text
+        got = r.json()["tokens"]
+        assert [t["id"] for t in got] == ids  # the text re-tokenizes to the training sequence
+        at = {a["feature"]: a["value"] for a in got[row.pos]["joint"]}
+        assert row.feature in at, (row.feature, at)
+        assert at[row.feature] == pytest.approx(row.value, rel=2e-2)
+        assert len(got[row.pos]["checkpoints"]) == 3
+        checked += 1
+    assert checked == 3
+
+
+def test_live_bad_input_is_4xx(served, task_rows):
+    url, results, _ = served
+    c = httpx.Client(base_url=url, timeout=30)
+    run = results.mlflow_run_id
+    pair = task_rows[0]
+    long_answer = {"clean_prefix": "The man", "clean_answer": " waits near the",
+                   "patch_answer": " wait near the"}
+    for path, body, status, says in [
+        ("effects", {"pairs": []}, 422, "at least 1"),
+        ("effects", {"pairs": [pair] * 257}, 422, "at most 256 pairs"),
+        ("effects", {"pairs": [pair], "features": list(range(65))}, 422, "at most 64 features"),
+        ("effects", {"pairs": [pair], "top": 101}, 422, "at most 100"),
+        ("effects", {"pairs": [pair], "steps": 65}, 422, "at most 64 integrated-gradient steps"),
+        ("effects", {"pairs": [pair], "features": [512]}, 404, "feature 512 out of range"),
+        ("effects", {"pairs": [{"clean_prefix": "The man"}]}, 422, "missing or non-string field"),
+        ("effects", {"pairs": [{"clean_prefix": "The man", "clean_answer": 3, "patch_answer": " x"}]}, 422,
+         "missing or non-string field(s) ['clean_answer']"),
+        ("effects", {"pairs": [{"colour": "red"}]}, 422, "cannot tell the task format"),
+        ("effects", {"pairs": [long_answer]}, 422, "answer_too_long"),
+        ("effects", {"pairs": [pair], "model": "/etc/passwd"}, 422, "extra"),
+        ("ablate", {"pairs": [pair], "features": []}, 422, "at least 1"),
+        ("ablate", {"pairs": [pair], "features": [1], "checkpoint": "step999"}, 404, "unknown checkpoint"),
+        ("activations", {"text": ""}, 422, "at least 1"),
+        ("activations", {"text": "x" * 2001}, 422, "at most 2000 characters"),
+        ("activations", {"text": "The dogs", "top": 0}, 422, "greater than or equal to 1"),
+    ]:
+        r = c.post(f"/runs/{run}/{path}", json=body)
+        assert r.status_code == status, (path, body, r.text[:300])
+        assert says in json.dumps(r.json()["detail"]), (says, r.text[:300])
+    usable = {"clean_prefix": "The man near the queens", "clean_answer": " waits", "patch_answer": " wait"}
+    r = c.post(f"/runs/{run}/effects", json={"pairs": [usable, long_answer]}).json()
+    assert "examples" in r, r  # the unusable pair is reported, the rest answered
+    assert r["examples"] == 1 and r["skipped"] == {"answer_too_long": 1}
+    assert c.post("/runs/nope/effects", json={"pairs": [pair]}).status_code == 404
+
+
+def test_try_it_panel_in_headless_chromium(served, tmp_path):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    url, results, _ = served
+    browser = Chromium(exe, tmp_path / "profile")
+    try:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=f"{url}/")
+        browser.wait_for("document.querySelectorAll('tr.feature-row').length")
+        typed = {"try-prefix": "The boys near the queen", "try-good": "run", "try-bad": "runs"}
+        for field, value in typed.items():
+            browser.eval(f"document.getElementById('{field}').value = {json.dumps(value)}")
+        browser.click("document.getElementById('try-run')")
+        rows = browser.wait_for("document.querySelectorAll('tr.live-row').length", timeout=60)
+        run = browser.eval("document.getElementById('run').value")
+        want = httpx.post(f"{url}/runs/{run}/effects", json={"pairs": [
+            {"clean_prefix": "The boys near the queen", "clean_answer": " run", "patch_answer": " runs"}],
+            "top": 15}, timeout=30).json()
+        shown = browser.eval("[...document.querySelectorAll('tr.live-row')].map(r => +r.dataset.feature)")
+        assert rows == len(want["features"]) > 0 and shown == [f["feature"] for f in want["features"]]
+        browser.click("document.querySelector('tr.live-row')")
+        title = browser.wait_for("(() => { const t = document.getElementById('card-title').textContent;"
+                                 " return t.startsWith('Feature ') && t; })()")
+        assert title == f"Feature {shown[0]}"
+        browser.click("document.getElementById('ablate')")
+        cells = browser.wait_for("document.querySelectorAll('#ablation-table td.num').length", timeout=60)
+        assert cells == 2 * len(want["checkpoints"])  # before and after at every checkpoint
+        assert browser.screenshot(ARTIFACTS / "serve_try_it.png").stat().st_size > 10_000
+    finally:
+        browser.close()
