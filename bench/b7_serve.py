@@ -50,9 +50,12 @@ def paths_for(url: str, run: str) -> list[str]:
     return paths
 
 
-def lua_script(paths: list[str], delay_ms: float) -> str:
+def lua_script(paths: list[str], delay_ms: float, body: str | None = None) -> str:
+    """wrk cycling through `paths` (GET, or POST of the JSON `body`), paced by `delay_ms` per request."""
     items = ",\n".join(json.dumps(p) for p in paths)
     pace = f"function delay() return {delay_ms:.3f} end" if delay_ms > 0 else ""
+    send = 'wrk.format("GET", paths[i])' if body is None else \
+        f'wrk.format("POST", paths[i], {{["Content-Type"] = "application/json"}}, {json.dumps(body)})'
     return f"""local paths = {{
 {items}
 }}
@@ -61,7 +64,7 @@ function setup(thread) thread:set("id", math.random(1, #paths)) end
 function init(args) i = id end
 function request()
   i = i % #paths + 1
-  return wrk.format("GET", paths[i])
+  return {send}
 end
 {pace}
 """
@@ -70,9 +73,10 @@ end
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def run_wrk(url: str, paths: list[str], seconds: int, connections: int, delay_ms: float) -> dict:
+def run_wrk(url: str, paths: list[str], seconds: int, connections: int, delay_ms: float,
+            body: str | None = None) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(lua_script(paths, delay_ms))
+        f.write(lua_script(paths, delay_ms, body))
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s",
                           "-s", f.name, url], capture_output=True, text=True, check=True).stdout
     os.unlink(f.name)
@@ -88,12 +92,12 @@ def run_wrk(url: str, paths: list[str], seconds: int, connections: int, delay_ms
             "connections": connections, "delay_ms": round(delay_ms, 3), "seconds": seconds}
 
 
-def calibrate(url: str, paths: list[str], rate: float, connections: int) -> float:
+def calibrate(url: str, paths: list[str], rate: float, connections: int, body: str | None = None) -> float:
     """The per-connection delay (ms) at which `connections` connections together send `rate` requests/s."""
     delay = connections * 1000 / rate
-    probe = run_wrk(url, paths, 5, connections, delay)
+    probe = run_wrk(url, paths, 5, connections, delay, body)
     delay = max(0.0, delay - probe["p50_ms"])  # the request's own latency is part of the period
-    probe = run_wrk(url, paths, 5, connections, delay)
+    probe = run_wrk(url, paths, 5, connections, delay, body)
     return max(0.0, delay * probe["rps"] / rate)
 
 

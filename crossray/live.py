@@ -57,9 +57,10 @@ def run_family(folder: Path, family_name: str) -> Family:
 class LiveRun:
     """One run's crosscoder and checkpoints, loaded once; answers live queries."""
 
-    def __init__(self, run_id: str, folder: str | Path, device: str = "cpu", check_weights: bool = True):
+    def __init__(self, run_id: str, folder: str | Path, device: str = "cpu", check_weights: bool = True,
+                 model_batch: int = 32):
         folder = Path(folder)
-        self.id = run_id
+        self.id, self.model_batch = run_id, model_batch
         self.cc = load_crosscoder(folder / "train" / "crosscoder", device).eval().requires_grad_(False)
         self.folded = self.cc.fold().eval().requires_grad_(False)
         cfg = self.cc.cfg
@@ -143,15 +144,18 @@ class LiveRun:
         return answers  # type: ignore[return-value]
 
     def _effect_sums(self, tasks: list[Task], cfg: AttributionConfig) -> list[AT.EffectSums]:
-        """Each task's effect sums, their examples run through shared batches of `cfg.batch_size`."""
+        """Each task's effect sums, their examples run through shared batches of `model_batch` examples
+        (not the stage's `batch_size`, sized for a task's long sweep: a live batch gathers a few pairs
+        from each of many requests, and one suffix pass over more rows costs little more)."""
         owner = torch.tensor([t for t, task in enumerate(tasks) for _ in task.examples])
         examples = [e for task in tasks for e in task.examples]
         C, L, T = len(self.models), self.cc.cfg.n_latents, len(tasks)
         ie_TCL, err_TC, met_TC = torch.zeros(T, C, L), torch.zeros(T, C), torch.zeros(T, C)
-        for start in range(0, len(examples), cfg.batch_size):
+        n = self.model_batch
+        for start in range(0, len(examples), n):
             ie_CBL, err_CB, met_CB = AT.example_effects(self.folded, self.models, self.tokenizer,
-                                                        examples[start:start + cfg.batch_size], cfg)
-            who = owner[start:start + cfg.batch_size]
+                                                        examples[start:start + n], cfg)
+            who = owner[start:start + n]
             ie_TCL.index_add_(0, who, ie_CBL.transpose(0, 1))
             err_TC.index_add_(0, who, err_CB.T)
             met_TC.index_add_(0, who, met_CB.T)

@@ -96,7 +96,7 @@ def make_app(args: dict, live_options: dict | None = None, **options) -> serve.A
     if args.get("live", True):
         model = LiveModel.options(**live_options) if live_options else LiveModel
         live = model.bind(runs, args.get("cache_dir"), tracking_uri, int(args.get("batch_size", 16)),
-                          float(args.get("batch_wait_s", 0.005)))
+                          float(args.get("batch_wait_s", 0.02)))
     return deployment.bind(runs, token, args.get("cache_dir"), tracking_uri, live, limits)
 
 

@@ -116,6 +116,12 @@ def test_serve_config_and_builder(fake_run, monkeypatch):
     builder = getattr(importlib.import_module(module), attr)
     app = call_user_app_builder_with_args_if_necessary(builder, {**app_cfg.args, "runs": [str(fake_run)]})
     assert type(app).__name__ == "Application"
+    # the config's deployment settings name the app's two deployments (a typo there is ignored by Serve)
+    assert {d.name for d in app_cfg.deployments} == {"CrosscoderService", "LiveModel"}
+    live = next(d for d in app_cfg.deployments if d.name == "LiveModel")
+    assert live.autoscaling_config["max_replicas"] >= 2
+    with pytest.raises(ValueError, match="'limits': .*pair"):
+        build_app({"runs": [str(fake_run)], "limits": {"pair": 3}})
     with pytest.raises(ValueError, match=r"unknown serve argument\(s\) \['run'\]"):
         build_app({"run": ["x"]})
     with pytest.raises(ValueError, match="'runs' must be a non-empty list"):
