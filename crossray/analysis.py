@@ -16,10 +16,11 @@ Dimension legend: L latents, C checkpoints, D d_model, N tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import combinations
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -235,18 +236,32 @@ def feature_rows(crosscoder: Crosscoder) -> list[dict]:
              "group": groups[i], "trajectory": trajectory[i]} for i in range(norms.shape[0])]
 
 
-def shard_contexts(crosscoder: Crosscoder, paths: Sequence, n_sequences: int, tokens_NS: Tensor, decode,
-                   k: int, before: int, after: int) -> list[dict]:
-    """Top-k contexts table over the rows of activation shards whose sequence is below `n_sequences`
-    (two passes: the top tokens, then their windows)."""
+def shard_batches(paths: Sequence, n_sequences: int) -> Iterable[tuple[Tensor, Tensor]]:
+    """(acts (N, C, D), token ids seq * 2**20 + pos) of the shard rows whose sequence is below
+    `n_sequences`."""
     from crossray.extract import read_shard
 
-    def batches():
-        for path in paths:
-            seq, pos, x = read_shard(path)
-            keep = torch.from_numpy(seq < n_sequences)
-            yield x[keep], torch.from_numpy(seq * 2**20 + pos).long()[keep]
+    for path in paths:
+        seq, pos, x = read_shard(path)
+        keep = torch.from_numpy(seq < n_sequences)
+        yield x[keep], torch.from_numpy(seq * 2**20 + pos).long()[keep]
 
+
+def extracted_batches(extractor, tokens_NS: Tensor, drop_first_position: bool
+                      ) -> Iterable[tuple[Tensor, Tensor]]:
+    """The same batches, extracted from the checkpoints (stream mode stores no shard)."""
+    from crossray.extract import to_rows
+
+    step = extractor.cfg.batch_sequences
+    for start in range(0, len(tokens_NS), step):
+        rows = to_rows(np.arange(start, start + len(tokens_NS[start:start + step])),
+                       extractor(tokens_NS[start:start + step]), drop_first_position)
+        yield torch.from_numpy(rows["acts"]), torch.from_numpy(rows["seq"] * 2**20 + rows["pos"]).long()
+
+
+def contexts_table(crosscoder: Crosscoder, batches: Callable[[], Iterable], tokens_NS: Tensor, decode,
+                   k: int, before: int, after: int) -> list[dict]:
+    """Top-k contexts table over `batches()` (called twice: the top tokens, then their windows)."""
     top = top_contexts(crosscoder, batches(), k)
     windows = window_scores(crosscoder, top, batches(), before, after)
     return context_rows(top, windows, tokens_NS, decode, ["joint", *crosscoder.cfg.revisions], before)

@@ -3,6 +3,7 @@
     crossray toy build [--out DIR]                  build (or reuse) the toy model family
     crossray checkpoints check --family F --revisions a,b [--layer L]
     crossray tasks accuracy --family F --task FILE_OR_DIR [--out DIR]
+    crossray plan CONFIG [--json] [--section.field VALUE ...]   what a run will cost, before it runs
 
 The installed `crossray` command (`jobs.cli`) adds `run` (the pipeline on Ray) and `serve` (Ray
 Serve); `python -m crossray.cli` runs these commands alone. Bad input (a missing revision, a malformed
@@ -80,6 +81,16 @@ def cmd_tasks_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from crossray.config import load_config
+    from crossray.plan import plan_for, plan_text
+    from crossray.schema import overrides_from
+
+    plan = plan_for(load_config(args.config, overrides_from(args)))
+    print(json.dumps(plan) if args.json else plan_text(plan))
+    return 0
+
+
 def build_parser(more: Callable[[argparse._SubParsersAction], None] | None = None
                  ) -> argparse.ArgumentParser:
     """The parser of the library's commands; `more(subparsers)` adds others (jobs.cli: run, serve)."""
@@ -112,6 +123,16 @@ def build_parser(more: Callable[[argparse._SubParsersAction], None] | None = Non
                      help="task JSONL file, folder of them, or hub data set (repeatable)")
     acc.add_argument("--out", help="folder for accuracy.{parquet,csv,json}")
     acc.set_defaults(func=cmd_tasks_accuracy)
+
+    from crossray.config import Config
+    from crossray.schema import add_flags
+
+    plan = sub.add_parser("plan", help="tokens, bytes, memory and GPU hours of a config, before running it")
+    plan.add_argument("config", help="run config (YAML)")
+    plan.add_argument("--json", action="store_true", help="one JSON object (tokens, activation_bytes, "
+                      "disk_bytes, mode, gpu_hours, ...)")
+    add_flags(plan, Config)
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

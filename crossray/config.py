@@ -5,11 +5,9 @@ A run config (YAML) has the sections of `Config`: `pipeline` (what to crosscode)
 workers, resources, MLflow names). `load_config` is the only loader; `from_dict` refuses unknown
 keys and wrong types, naming the file and the key path, so a typo fails before any work starts.
 
-What a user sets and what is resolved from the data are different types: `CrosscoderSettings` /
-`TrainSettings` / `ExtractSettings` hold the settings; `CrosscoderConfig` / `TrainConfig` /
-`ExtractConfig` add what the data decides (checkpoint count, d_model, the selected revisions), so no
-placeholder value ever stands in. Library code never mutates a config. `add_config_flags` makes every
-field a `--section.field` flag (help: its docstring), so job flags and config fields cannot drift apart.
+`*Settings` hold what a user sets; `*Config` add what the data decides (checkpoint count, d_model,
+the selected revisions), so no placeholder stands in. Library code never mutates a config. Every
+field is a `--section.field` flag (help: its docstring), so flags and fields cannot drift apart.
 """
 
 from __future__ import annotations
@@ -211,10 +209,15 @@ class ExtractSettings:
     """Activations as stored in the Parquet shards."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype the checkpoints run in during extraction."""
+    mode: Literal["auto", "stream", "parquet"] = "auto"
+    """stream: activations go from the extraction actors through a shuffle buffer into training, never
+    to disk; parquet: written as shards first; auto: parquet when they fit `max_disk_gb`."""
+    max_disk_gb: float = 50.0
 
     def __post_init__(self) -> None:
-        if self.batch_sequences < 1 or self.shard_sequences < 1 or self.norm_sequences < 1:
-            raise ValueError("batch_sequences, shard_sequences and norm_sequences must be positive")
+        if min(self.batch_sequences, self.shard_sequences, self.norm_sequences, self.max_disk_gb) <= 0:
+            raise ValueError("batch_sequences, shard_sequences, norm_sequences and max_disk_gb must be "
+                             "positive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -336,9 +339,8 @@ class AnalysisConfig:
     context_k: int = 8
     """Top contexts kept per feature, jointly and per checkpoint."""
     context_before: int = 10
-    """Tokens shown before a context's top token."""
+    """Tokens shown before a context's top token (`context_after`: after it)."""
     context_after: int = 3
-    """Tokens shown after it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,15 +350,13 @@ class LaunchConfig:
     actors: int = 2
     """Extraction/attribution actors, each holding every checkpoint of the set."""
     cpus_per_actor: float = 0.5
-    """CPUs per actor (and per screening/evaluation task)."""
+    """CPUs per actor (and per screening/evaluation task); `gpus_per_actor` likewise."""
     gpus_per_actor: float = 0
-    """GPUs per actor (and per screening/evaluation task)."""
     workers: int = 2
     """Ray Train workers (data parallel)."""
     cpus_per_worker: float = 0.5
-    """CPUs per Ray Train worker."""
+    """CPUs per Ray Train worker; `gpus_per_worker` likewise."""
     gpus_per_worker: float = 0
-    """GPUs per Ray Train worker."""
     max_failures: int = 2
     """Restarts of the Train worker group from its last checkpoint."""
     experiment: str = ""

@@ -25,12 +25,15 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 SKIP_ARTIFACTS = ("acts", "ray")
 """Stage sub-folders never uploaded: activation shards and Ray Train checkpoints."""
+SKIP_FILES = ("started.json", "done.json", "train_state.safetensors", "train_state.json")
+"""Files never uploaded: the stage bookkeeping, and the optimizer state kept beside the final
+crosscoder (twice its size; resuming reads the Ray Train checkpoints, never MLflow)."""
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 """MLflow 3 opens an experiment in its model-training view (not the GenAI one) with this tag."""
 SYSTEM_METRICS_INTERVAL_S = 2.0
@@ -156,7 +159,7 @@ class Tracker:
 
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder)
-            if not path.is_file() or rel.name in ("started.json", "done.json"):
+            if not path.is_file() or rel.name in SKIP_FILES:
                 continue
             if rel.parts[0] in SKIP_ARTIFACTS and rel.name != "manifest.json":
                 continue
@@ -266,3 +269,22 @@ def _dataset(name: str, source: str, digest: str, profile: dict):
             return {**super().to_dict(), "profile": json.dumps(profile)}
 
     return Profiled(Source(source), name=name, digest=digest[:36])
+
+
+def progress_logger(run_id: str) -> Callable[[dict], None]:
+    """A `Progress` report that records each snapshot as `progress/*` metrics of `run_id` (callable from
+    any thread: it does not rely on the active run)."""
+    import math
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+
+    def log(snapshot: dict) -> None:
+        now, step = int(time.time() * 1000), int(snapshot.get("done", 0))
+        client.log_batch(run_id, metrics=[Metric(f"progress/{k}", float(v), now, step)
+                                          for k, v in snapshot.items()
+                                          if isinstance(v, int | float) and math.isfinite(v)])
+    return log

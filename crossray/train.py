@@ -207,24 +207,36 @@ class Trainer:
         return row
 
     def fit(self, batches: Iterable[Tensor], log: Callable[[int, dict], None] | None = None,
-            save: Callable[[Trainer], None] | None = None, progress: bool = True) -> Trainer:
+            save: Callable[[Trainer], None] | None = None, progress: bool = True,
+            report: Callable[[dict], None] | None = None, every_s: float | None = None) -> Trainer:
         """Train on raw activations until `n_steps` (or the batches run out).
 
         `batches` must start at `self.batches_consumed` (0 for a fresh run) for an exact resume.
+        With `progress`, steps/s, tokens/s, loss, L0 and FVE show as a bar in a terminal or a log line
+        every `every_s` (default `CROSSRAY_PROGRESS_SECONDS`, 30) otherwise, and go to `report` then.
         """
-        from tqdm.auto import tqdm
+        from crossray.progress import Progress
 
-        bar = tqdm(total=self.cfg.n_steps, initial=self.step, desc="crosscoder",
-                   disable=not progress or None)
+        bar = Progress("train", self.cfg.n_steps, "steps", initial=self.step, report=report,
+                       every_s=every_s) if progress else None
+
+        def logged(step: int, metrics: dict) -> None:
+            if bar is not None:
+                bar.set(loss=metrics["loss"], l0=metrics["l0"], fve=metrics["fve"])
+            if log is not None:
+                log(step, metrics)
+
         it: Iterator[Tensor] = iter(batches)
         while self.step < self.cfg.n_steps:
             x = next(it, None)
             if x is None:
                 logger.warning("batches ran out at step %d of %d", self.step, self.cfg.n_steps)
                 break
-            self.step_batch(x, log, save)
-            bar.update(1)
-        bar.close()
+            self.step_batch(x, logged, save)
+            if bar is not None:
+                bar.update(1, tokens=x.shape[0])
+        if bar is not None:
+            bar.close()
         return self
 
     def step_batch(self, x: Tensor, log: Callable[[int, dict], None] | None = None,

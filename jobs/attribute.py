@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -28,6 +29,7 @@ from crossray.checkpoints import Family, resolve_family
 from crossray.config import AttributionConfig, LaunchConfig, load_config
 from crossray.models.layer import load_layer_model, load_tokenizer
 from crossray.pipeline.inputs import task_files
+from crossray.progress import Progress
 from crossray.schema import overrides_from
 from crossray.store import load_crosscoder, write_tables
 from crossray.tasks import TaskError, load_tasks
@@ -56,8 +58,8 @@ class AttributionActor:
 
 
 def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[str], out: str | Path,
-                  cfg: AttributionConfig, launch: LaunchConfig | None = None, shard_examples: int = 64
-                  ) -> dict:
+                  cfg: AttributionConfig, launch: LaunchConfig | None = None, shard_examples: int = 64,
+                  on_progress: Callable[[dict], None] | None = None) -> dict:
     crosscoder_dir = Path(crosscoder_dir).resolve()  # actors may run in another working directory
     cc = load_crosscoder(crosscoder_dir)
     revisions = list(cc.cfg.revisions)
@@ -85,8 +87,12 @@ def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[s
                                     AT.for_task(cfg, baselines[ti]), m)
 
     sums: dict[int, AT.EffectSums] = {}
+    progress = Progress("attribute", sum(len(tasks[ti].examples[s:s + shard_examples]) for ti, _, s in units),
+                        "examples", report=on_progress)  # an example counts once per checkpoint
     for (ti, _, _), part in zip(units, pool.map(submit, units), strict=True):  # map keeps the order
         sums[ti] = part if ti not in sums else sums[ti] + part
+        progress.update(part.n_examples)
+    progress.close()
     rows, summary = [], {"crosscoder": str(crosscoder_dir), "revisions": revisions,
                          "layer": cc.cfg.layer, "config": cfg.__dict__, "tasks": {}}
     for ti, task in enumerate(tasks):

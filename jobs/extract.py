@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from crossray import extract as X
 from crossray.config import Config, LaunchConfig, load_config
 from crossray.corpus import load_sequences
 from crossray.models.layer import load_tokenizer
+from crossray.progress import Progress
 from crossray.schema import overrides_from, shallow
 from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging
 
@@ -137,8 +139,10 @@ def _finished_shards(out: Path, plan: list[tuple[int, int, int]]) -> dict[int, d
 
 
 def run_extract(cfg: X.ExtractConfig, out: str | Path, launch: LaunchConfig | None = None,
-                spread: bool = False, prep: Prepared | None = None) -> X.Manifest:
-    """Parquet shards + manifest in `out`; a no-op when a manifest for the same inputs is there."""
+                spread: bool = False, prep: Prepared | None = None,
+                on_progress: Callable[[dict], None] | None = None) -> X.Manifest:
+    """Parquet shards + manifest in `out`; a no-op when a manifest for the same inputs is there.
+    Progress (tokens/s, ETA) as shards finish: a bar or a log line every 30 s, and `on_progress`."""
     out = Path(out).resolve()  # actors may run in another working directory
     launch = launch or LaunchConfig()
     prep = prep or prepare(cfg)  # every input check happens here, before any Ray work
@@ -163,9 +167,14 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, launch: LaunchConfig | No
                             fn_constructor_kwargs={"cfg": cfg, "tokens_ref": [tokens_ref], "out": str(out),
                                                    "num_gpus": launch.gpus_per_actor},
                             **_actor_args(launch, spread))
-        for row in ds.take_all():
+        rows_per_seq = cfg.corpus.seq_len - (1 if cfg.corpus.drop_first_position else 0)
+        progress = Progress("extract", sum(e - s for _, s, e in todo) * rows_per_seq, "tokens",
+                            report=on_progress)
+        for row in ds.iter_rows():
             info = json.loads(row["info"])
             done[info["index"]] = info
+            progress.update(info["rows"], sequences=info["seq_stop"] - info["seq_start"])
+        progress.close()
     shards = [done[i] for i, _, _ in plan]
     manifest = X.Manifest(
         key=prep.key, family=cfg.family, revisions=list(cfg.revisions), weight_hashes=prep.weight_hashes,
@@ -177,19 +186,39 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, launch: LaunchConfig | No
     return manifest
 
 
+def row_dataset(prep: Prepared, launch: LaunchConfig | None = None) -> ray.data.Dataset:
+    """Rows `seq, pos, acts` as a lazily executed Ray Dataset (nothing written to disk): the pool of
+    extraction actors turns blocks of `batch_sequences` sequences into rows as the consumer pulls."""
+    launch = launch or LaunchConfig()
+    tokens_ref = ray.put(prep.tokens)
+    blocks = [{"start": s, "stop": e} for _, s, e in X.shard_plan(len(prep.tokens), prep.cfg.batch_sequences)]
+    ds = ray.data.from_items(blocks, override_num_blocks=min(len(blocks), 64))
+    return ds.map_batches(RowExtractor, batch_size=1,
+                          fn_constructor_kwargs={"cfg": prep.cfg, "tokens_ref": [tokens_ref],
+                                                 "num_gpus": launch.gpus_per_actor},
+                          **_actor_args(launch, False))
+
+
 def stream_dataset(cfg: X.ExtractConfig, launch: LaunchConfig | None = None
                    ) -> tuple[ray.data.Dataset, Prepared, list[float]]:
-    """Rows `seq, pos, acts` as a lazily executed Ray Dataset (nothing written to disk)."""
+    """(row dataset, prepared inputs, normalisation factors) of a streamed extraction."""
     launch = launch or LaunchConfig()
     prep = prepare(cfg)
-    tokens_ref = ray.put(prep.tokens)
-    blocks = [{"start": s, "stop": e} for _, s, e in X.shard_plan(len(prep.tokens), cfg.batch_sequences)]
-    ds = ray.data.from_items(blocks, override_num_blocks=min(len(blocks), 64))
-    ds = ds.map_batches(RowExtractor, batch_size=1,
-                        fn_constructor_kwargs={"cfg": cfg, "tokens_ref": [tokens_ref],
-                                               "num_gpus": launch.gpus_per_actor},
-                        **_actor_args(launch, False))
-    return ds, prep, estimate_norms(prep, launch.cpus_per_actor, launch.gpus_per_actor)
+    return row_dataset(prep, launch), prep, estimate_norms(prep, launch.cpus_per_actor, launch.gpus_per_actor)
+
+
+def stream_manifest(prep: Prepared, launch: LaunchConfig | None = None) -> X.Manifest:
+    """The manifest a streamed extraction stands for: its key and lineage, the normalisation factors
+    (from the first `norm_sequences` sequences) and the row count; no shard."""
+    launch = launch or LaunchConfig()
+    cfg = prep.cfg
+    rows = len(prep.tokens) * (cfg.corpus.seq_len - (1 if cfg.corpus.drop_first_position else 0))
+    return X.Manifest(
+        key=prep.key, family=cfg.family, revisions=list(cfg.revisions), weight_hashes=prep.weight_hashes,
+        layer=cfg.layer, d_model=prep.d_model, corpus_hash=prep.corpus_hash, seq_len=cfg.corpus.seq_len,
+        n_sequences=len(prep.tokens), drop_first_position=cfg.corpus.drop_first_position,
+        storage_dtype=cfg.storage_dtype, token_count=rows, shards=[],
+        norm_factors=estimate_norms(prep, launch.cpus_per_actor, launch.gpus_per_actor))
 
 
 def extract_config(cfg: Config) -> X.ExtractConfig:

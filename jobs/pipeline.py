@@ -59,18 +59,38 @@ class RayBackend:
         except ray.exceptions.RayTaskError as e:
             raise e.as_instanceof_cause() from None
 
+    @staticmethod
+    def _progress():
+        """Progress snapshots as metrics of the stage run that is active now."""
+        import mlflow
+
+        from crossray.tracking import progress_logger
+
+        run = mlflow.active_run()
+        return progress_logger(run.info.run_id) if run is not None else None
+
     def extract(self, cfg: ExtractConfig, out: Path) -> Manifest:
-        return extract_job.run_extract(cfg, out, self.launch)
+        return extract_job.run_extract(cfg, out, self.launch, on_progress=self._progress())
+
+    def stream(self, cfg: ExtractConfig) -> Manifest:
+        return extract_job.stream_manifest(extract_job.prepare(cfg), self.launch)
 
     def train(self, cfg: TrainConfig, storage: Path, name: str, norm_factors: list[float],
-              data: str) -> TrainOutput:
-        result = train_job.run_train(cfg, self.launch, storage, norm_factors, data=data, name=name)
+              data: str | ExtractConfig) -> TrainOutput:
+        if isinstance(data, ExtractConfig):  # stream mode: extraction actors feed the Train workers
+            dataset = extract_job.row_dataset(extract_job.prepare(data), self.launch)
+            result = train_job.run_train(cfg, self.launch, storage, norm_factors, dataset=dataset, name=name,
+                                         on_progress=self._progress())
+        else:
+            result = train_job.run_train(cfg, self.launch, storage, norm_factors, data=data, name=name,
+                                         on_progress=self._progress())
         return TrainOutput(train_job.crosscoder_dir(result), train_job.metric_history(result),
                            dict(result.metrics or {}))
 
     def attribute(self, crosscoder: str, family: Family, tasks: list[str], out: Path,
                   cfg: AttributionConfig) -> dict:
-        return attribute_job.run_attribute(crosscoder, family, tasks, out, cfg, self.launch)
+        return attribute_job.run_attribute(crosscoder, family, tasks, out, cfg, self.launch,
+                                           on_progress=self._progress())
 
 
 def run(cfg: Config, config_name: str = "") -> RunOutcome:

@@ -16,13 +16,15 @@ same `--name` and `--storage` resumes a stopped run. Only rank 0 reports metrics
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import sys
 import tempfile
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ray
@@ -104,6 +106,10 @@ def train_loop_per_worker(config: dict) -> None:
             logger.info("step %d loss %.4f fve %.4f l0 %.1f", step, metrics["loss"], metrics["fve"],
                         metrics["l0"])
 
+    def report(snapshot: dict) -> None:  # rank 0's progress, to the driver's log and MLflow
+        with contextlib.suppress(Exception):  # a full or gone queue never stops training
+            config["progress"].put_nowait(snapshot)
+
     def save(t: Trainer) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -113,16 +119,19 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 ray.train.report({"step": t.step})
 
-    trainer.fit(batches, log=log, save=save, progress=rank == 0)
+    trainer.fit(batches, log=log, save=save, progress=rank == 0,
+                report=report if config.get("progress") is not None else None,
+                every_s=config.get("progress_s"))
 
 
 def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_factors: list[float],
-              data: str | None = None, dataset: ray.data.Dataset | None = None, name: str = ""
-              ) -> ray.train.Result:
+              data: str | None = None, dataset: ray.data.Dataset | None = None, name: str = "",
+              on_progress: Callable[[dict], None] | None = None) -> ray.train.Result:
     """Fit on Parquet shards (`data`, a manifest folder) or a streaming `dataset` of rows.
 
     `name` is the Ray Train run name under `storage`: the name of a stopped run resumes it (empty: a
-    fresh unique name)."""
+    fresh unique name). Rank 0's progress (steps/s, tokens/s, loss, L0, FVE, ETA) comes back through a
+    Ray queue every `CROSSRAY_PROGRESS_SECONDS`: logged here, and handed to `on_progress`."""
     if (data is None) == (dataset is None):
         raise ValueError("give exactly one of data (a manifest folder) or dataset (streaming)")
     if data is not None:
@@ -139,9 +148,15 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_
     resources = {"CPU": launch.cpus_per_worker}
     if launch.gpus_per_worker:
         resources["GPU"] = launch.gpus_per_worker
+    from ray.util.queue import Queue
+
+    from crossray.progress import progress_seconds
+
+    progress = Queue(maxsize=256, actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train_cfg": cfg, "norm_factors": list(norm_factors), "data": data},
+        train_loop_config={"train_cfg": cfg, "norm_factors": list(norm_factors), "data": data,
+                           "progress": progress, "progress_s": progress_seconds()},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name or f"crosscoder-{uuid.uuid4().hex[:8]}",
@@ -150,7 +165,36 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset} if dataset is not None else None,
     )
-    return trainer.fit()
+    stop = threading.Event()
+    relay = threading.Thread(target=_relay_progress, args=(progress, stop, launch.workers, on_progress),
+                             daemon=True)
+    relay.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        relay.join()
+        ray.kill(progress.actor)
+
+
+def _relay_progress(queue, stop: threading.Event, workers: int, on_progress) -> None:
+    """Workers' progress into the driver's log (Ray does not forward worker logs here)."""
+    import queue as queue_module
+
+    from crossray.progress import describe
+
+    while not stop.is_set():
+        try:
+            snap = queue.get(timeout=0.5)
+        except (queue_module.Empty, ray.exceptions.RayError):
+            continue
+        logger.info("%s", describe(f"train (rank 0 of {workers})", "steps", snap, ["tokens"],
+                                   ["loss", "l0", "fve"]))
+        if on_progress is not None:
+            try:
+                on_progress(snap)
+            except Exception:
+                logger.warning("progress could not be recorded", exc_info=True)
 
 
 def metric_history(result: ray.train.Result) -> list[dict]:

@@ -53,8 +53,14 @@ class Backend(Protocol):
 
     def extract(self, cfg: ExtractConfig, out: Path) -> Manifest: ...
 
+    def stream(self, cfg: ExtractConfig) -> Manifest:
+        """What `extract` would record (key, hashes, norm factors, rows), with no shard written."""
+        ...
+
     def train(self, cfg: TrainConfig, storage: Path, name: str, norm_factors: list[float],
-              data: str) -> TrainOutput: ...
+              data: str | ExtractConfig) -> TrainOutput:
+        """Fit on the shards in `data`, or (an ExtractConfig) on the extraction streamed into training."""
+        ...
 
     def attribute(self, crosscoder: str, family: Family, tasks: list[str], out: Path, cfg) -> dict: ...
 
@@ -70,6 +76,16 @@ class Pipeline:
         self.tracker: Tracker | None = None
         self.current: str | None = None
         """The stage running now (for error messages)."""
+        self._plan: dict | None = None
+
+    @property
+    def plan(self) -> dict:
+        """What this configuration will cost (`crossray.plan`); its mode is the extraction mode."""
+        if self._plan is None:
+            from crossray.plan import plan_for
+
+            self._plan = plan_for(self.cfg)
+        return self._plan
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _stage(self, name: str, key: str, body: Callable[[Path], Any]) -> Any:
@@ -125,6 +141,10 @@ class Pipeline:
         existing = next(d for d in [self.out, *self.out.parents] if d.exists())
         if not os.access(existing, os.W_OK):
             raise ValueError(f"cannot write the run folder {self.out}: {existing} is not writable")
+        from crossray.plan import check_fits, plan_text
+
+        logger.info("%s", plan_text(self.plan))
+        check_fits(self.plan, self.out)
 
     def parent_key(self) -> str:
         """The configuration's identity: every section but the launch settings."""
@@ -153,6 +173,7 @@ class Pipeline:
             mlflow.set_tags({"crossray.family": self.family.name, "crossray.layer": str(p.layer),
                              "crossray.config": self.config_name})
             mlflow.log_dict(to_dict(self.cfg), "config.json")
+            mlflow.log_dict(self.plan, "plan.json")
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out / "config.json", to_dict(self.cfg))  # live queries read the family
             k_screen = I.digest("screen", self.family.name, hashes, contents, p.layer, p.screen_examples,
@@ -160,8 +181,10 @@ class Pipeline:
             self._stage("screen", k_screen, lambda f: self.screen(f, screened))
             k = I.digest("select", k_screen, p.n_checkpoints, p.revisions)
             selected = self._stage("select", k, self.select).revisions
+            # the resolved mode, not the budget that chose it, is what the stage's output depends on
+            extract_identity = {**to_dict(self.cfg.extract), "mode": self.plan["mode"], "max_disk_gb": None}
             k = I.digest("extract", [(r, hashes[r]) for r in selected], p.layer,
-                         I.corpus_fingerprint(self.cfg.extract.corpus), self.cfg.extract)
+                         I.corpus_fingerprint(self.cfg.extract.corpus), extract_identity)
             ex = self._stage("extract", k, self.extract)
             mlflow.set_tags({"crossray.revisions": ",".join(selected),
                              "crossray.weight_hashes": ",".join(ex.weight_hashes),
@@ -243,16 +266,17 @@ class Pipeline:
     def extract(self, folder: Path) -> S.ExtractResult:
         import mlflow
 
-        ecfg = self.extract_config()
+        ecfg, mode = self.extract_config(), self.plan["mode"]
         mlflow.log_params(flat_params({"extract": to_dict(ecfg)}))
-        m = self.backend.extract(ecfg, folder / "acts")
+        mlflow.set_tag("crossray.extract_mode", mode)
+        m = self.backend.stream(ecfg) if mode == "stream" else self.backend.extract(ecfg, folder / "acts")
         mlflow.log_metric("token_count", m.token_count)
         corpus = ecfg.corpus
         self.tracker.log_dataset(  # type: ignore[union-attr]
             f"corpus:{Path(corpus.source).name}", corpus.source, m.corpus_hash,
             {"sequences": m.n_sequences, "seq_len": corpus.seq_len, "rows": m.token_count}, "training")
-        return S.ExtractResult(str(folder / "acts"), m.key, m.weight_hashes, m.corpus_hash, m.norm_factors,
-                               m.d_model, m.n_sequences, m.token_count)
+        return S.ExtractResult(str(folder / "acts") if mode == "parquet" else "", m.key, m.weight_hashes,
+                               m.corpus_hash, m.norm_factors, m.d_model, m.n_sequences, m.token_count, mode)
 
     def train_config(self) -> TrainConfig:
         ex, sel = self.outcome.results["extract"], self.outcome.results["select"]
@@ -266,7 +290,7 @@ class Pipeline:
         cfg, ex = self.train_config(), self.outcome.results["extract"]
         mlflow.log_params(flat_params({"train": to_dict(cfg)}))
         out = self.backend.train(cfg, folder / "ray", f"train-{self.outcome.keys['train']}",
-                                 ex.norm_factors, ex.acts)
+                                 ex.norm_factors, ex.acts if ex.mode == "parquet" else self.extract_config())
         self.tracker.log_history(out.history)  # type: ignore[union-attr]
         shutil.copytree(out.crosscoder, folder / "crosscoder", dirs_exist_ok=True)
         shutil.rmtree(folder / "ray", ignore_errors=True)  # checkpoints are not needed once done

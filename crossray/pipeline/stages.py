@@ -56,6 +56,8 @@ class ExtractResult:
     d_model: int
     n_sequences: int
     token_count: int
+    mode: str = "parquet"
+    """parquet (shards in `acts`) or stream (nothing on disk: training read the extraction stream)."""
 
 
 @dataclass(frozen=True)
@@ -255,17 +257,21 @@ def analyse(folder: Path, screen: ScreenResult, select: SelectResult, extract: E
 def context_rows(cc, extract: ExtractResult, ecfg: ExtractConfig, cfg: AnalysisConfig) -> list[dict]:
     """Top-activating contexts per feature (joint and per checkpoint) over the first extracted
     sequences, with each window's tokens and scores."""
-    from crossray.analysis import shard_contexts
+    from crossray.analysis import contexts_table, extracted_batches, shard_batches
     from crossray.corpus import load_sequences
-    from crossray.extract import Manifest
+    from crossray.extract import CheckpointSetExtractor, Manifest
     from crossray.models.layer import load_tokenizer
 
-    manifest = Manifest.read(extract.acts)
-    n_seq = min(cfg.context_sequences, manifest.n_sequences)
-    paths = [p for p, s in zip(manifest.shard_paths(extract.acts), manifest.shards, strict=True)
-             if s["seq_start"] < n_seq]
+    n_seq = min(cfg.context_sequences, extract.n_sequences)
     tokenizer = load_tokenizer(ecfg.family_obj(), ecfg.revisions[0])
     tokens, _ = load_sequences(dataclasses.replace(ecfg.corpus, n_sequences=n_seq), tokenizer)
+    if extract.mode == "stream":  # nothing stored: extract the scanned sequences again (twice: 2 passes)
+        extractor = CheckpointSetExtractor(ecfg)
+        batches = functools.partial(extracted_batches, extractor, tokens, ecfg.corpus.drop_first_position)
+    else:
+        manifest = Manifest.read(extract.acts)
+        paths = [p for p, s in zip(manifest.shard_paths(extract.acts), manifest.shards, strict=True)
+                 if s["seq_start"] < n_seq]
+        batches = functools.partial(shard_batches, paths, n_seq)
     decode = functools.lru_cache(maxsize=None)(lambda t: tokenizer.decode([t]))
-    return shard_contexts(cc, paths, n_seq, tokens, decode, cfg.context_k, cfg.context_before,
-                          cfg.context_after)
+    return contexts_table(cc, batches, tokens, decode, cfg.context_k, cfg.context_before, cfg.context_after)

@@ -80,6 +80,41 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 7
 
 
+def test_stream_mode_writes_no_activation_and_matches_parquet(tracked_run, mlflow_server):
+    """The same data and settings with `extract.mode: stream`: the extraction actors feed the Train
+    workers, no activation shard is written anywhere, and the held-out FVE is the Parquet run's."""
+    parquet, config = tracked_run
+    cfg = load_config(config, {"extract.mode": "stream", "pipeline.name": "tiny-stream",
+                               "extract.batch_sequences": "64"})  # fewer, larger blocks per epoch
+    mlflow.set_tracking_uri(mlflow_server)
+    outcome = run(cfg, config.name)
+    ex = outcome.results["extract"]
+    assert ex.mode == "stream" and ex.acts == "" and ex.token_count == parquet.results["extract"].token_count
+    folder = Path(cfg.pipeline.out) / "tiny-stream"
+    written = [p.relative_to(folder) for p in folder.rglob("*") if p.is_file()]
+    assert not [p for p in written if p.parts[0] == "extract" and p.name not in ("done.json", "started.json")]
+    assert {p.parts[0] for p in written if p.suffix == ".parquet"} <= {"screen", "attribute", "analyse"}
+    for rev in outcome.results["select"].revisions:
+        key = f"fve/{rev}"
+        assert outcome.results["evaluate"].metrics[key] == pytest.approx(
+            parquet.results["evaluate"].metrics[key], abs=0.02)
+    contexts = pd.read_parquet(folder / "analyse" / "tables" / "top_contexts.parquet")
+    assert len(contexts) > 100  # the scanned sequences were extracted again
+    client = MlflowClient()
+    parent = client.get_run(outcome.mlflow_run_id)
+    plan = json.loads(Path(client.download_artifacts(parent.info.run_id, "plan.json")).read_text())
+    assert plan["mode"] == "stream" and plan["disk"]["activations"] == 0
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{outcome.mlflow_run_id}'")
+    assert {c.data.tags["crossray.stage"] for c in children} >= {"extract", "train"}
+    for child in children:  # no activation table and no optimizer state anywhere in MLflow
+        stack = [f for f in client.list_artifacts(child.info.run_id)]
+        while stack:
+            f = stack.pop()
+            assert "acts" not in Path(f.path).parts and not f.path.endswith("train_state.safetensors"), f.path
+            stack += client.list_artifacts(child.info.run_id, f.path) if f.is_dir else []
+
+
 def test_killed_pipeline_resumes_training(tracked_run, tmp_path):
     """A second run on a folder in use is refused at once, naming the holder. SIGKILL the whole
     pipeline during training; the re-run takes over the stale lock, closes the killed MLflow stage

@@ -73,6 +73,23 @@ def test_ddp_run_matches_single_process(parquet_run, toy_acts, heldout):
     assert parquet_run.metrics["step"] == 400 and parquet_run.metrics["resumed_from_step"] == 0
 
 
+def test_train_workers_progress_reaches_the_driver_log(ray_cluster, toy_acts, tmp_path, caplog, monkeypatch):
+    """Without a terminal, rank 0's steps/s, tokens/s, loss, L0 and FVE arrive in the driver's log (and
+    at `on_progress`, what the pipeline records in MLflow) while training runs."""
+    import logging
+
+    monkeypatch.setenv("CROSSRAY_PROGRESS_SECONDS", "0.5")
+    m = Manifest.read(toy_acts)
+    seen = []
+    with caplog.at_level(logging.INFO, "jobs.train"):
+        run_train(_cfg(m, n_steps=300), LAUNCH, tmp_path, m.norm_factors, data=str(toy_acts),
+                  on_progress=seen.append)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train (rank 0 of 2)")]
+    assert lines and all("steps/s" in line and "tokens/s" in line and "ETA" in line for line in lines)
+    assert any("(100%)" not in line for line in lines), lines  # during the run, not only at its end
+    assert seen and seen[-1]["steps_per_s"] > 0 and "fve" in seen[-1] and "loss" in seen[-1]
+
+
 def test_streaming_matches_parquet(ray_cluster, parquet_run, toy_extract_cfg, toy_acts, heldout, tmp_path):
     ds, _, norms = stream_dataset(toy_extract_cfg)
     result = run_train(_cfg(Manifest.read(toy_acts)), LAUNCH, tmp_path, norms, dataset=ds)

@@ -1,0 +1,173 @@
+"""What a configuration will cost before it runs: tokens, bytes, memory, GPU hours (`crossray plan`).
+
+The estimates are arithmetic on the config and the model's shape (read from a checkpoint's
+`config.json`, local or in the hub cache, else from `KNOWN_SHAPES`), so planning never loads or
+downloads weights. Formulas (C checkpoints, D = d_model, L latents, N training rows):
+
+- tokens = n_sequences x (seq_len - 1 if drop_first_position else seq_len): the activation rows;
+- activation_bytes = tokens x C x D x bytes(storage_dtype): the activations if materialised;
+- mode: `auto` picks parquet when activation_bytes <= max_disk_gb, else stream;
+- disk_bytes = activation_bytes (parquet only) + Ray Train checkpoints (2 kept + 1 being written +
+  the final copy, each weights + Adam moments: 4 x 3 bytes per crosscoder parameter) + tables
+  (effects: L x C x tasks rows, contexts: L x (C + 1) x k windows, about 100 bytes a row);
+- crosscoder parameters = 2 L C D + C D + L;
+- peak per extraction actor = C x prefix parameters x bytes(compute_dtype) + a batch's residuals
+  (batch_sequences x seq_len x D x (4 C + 32) bytes: the kept fp32 rows, and the block in flight);
+- peak per Train worker = 16 bytes per crosscoder parameter (weights, gradient, Adam m and v) + its
+  batch (rows x (12 C D + 8 L) bytes) + its shuffle buffer (rows x C x D x 4 bytes);
+- GPU hours = FLOPs / (rate x MFU): extraction 2 x prefix parameters x tokens x C; training
+  6 x crosscoder parameters x n_steps x batch_size; evaluation 4 x model parameters x C x held-out
+  tokens. Rate: the bf16 matmul rate measured on an H100 here (790e12 FLOP/s, benchmarks.md); half of
+  it for the fp32 (TF32) crosscoder; MFU 0.4 for extraction and evaluation, 0.3 for training (the
+  B1/B3 GPU targets). Attribution is left out (minutes at the paper's size). Wall hours divide each
+  stage's GPU hours by its GPU count (actors, Train workers).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from crossray.config import Config
+
+H100_BF16 = 790e12
+MFU = {"extract": 0.4, "train": 0.3, "evaluate": 0.4}
+BYTES = {"bfloat16": 2, "float32": 4}
+TABLE_ROW_BYTES = 100
+
+
+@dataclass(frozen=True)
+class Shape:
+    d_model: int
+    n_layers: int
+    vocab: int
+    d_mlp: int
+
+    def block_params(self) -> int:
+        return 4 * self.d_model**2 + 2 * self.d_model * self.d_mlp
+
+
+KNOWN_SHAPES = {  # (d_model, layers, vocab, d_mlp) of public checkpoint families, for offline planning
+    "pythia-70m": Shape(512, 6, 50304, 2048), "pythia-160m": Shape(768, 12, 50304, 3072),
+    "pythia-410m": Shape(1024, 24, 50304, 4096), "pythia-1b": Shape(2048, 16, 50304, 8192),
+    "pythia-1.4b": Shape(2048, 24, 50304, 8192), "pythia-2.8b": Shape(2560, 32, 50304, 10240),
+    "pythia-6.9b": Shape(4096, 32, 50432, 16384), "pythia-12b": Shape(5120, 36, 50688, 20480),
+    "olmo-1b-hf": Shape(2048, 16, 50304, 16384), "olmo-7b-hf": Shape(4096, 32, 50304, 22016),
+}
+
+
+def _from_config(cfg: dict) -> Shape:
+    d = cfg.get("hidden_size") or cfg.get("d_model") or cfg["n_embd"]
+    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg["n_layers"]
+    d_mlp = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * d
+    return Shape(int(d), int(layers), int(cfg["vocab_size"]), int(d_mlp))
+
+
+def model_shape(family_spec: str, revision: str | None) -> Shape:
+    """The model's shape from a checkpoint's config.json (a local family, or the hub cache), else the
+    table of known families; a ValueError names the family when neither knows it."""
+    from crossray.checkpoints import resolve_family
+
+    try:
+        family = resolve_family(family_spec)
+        src, sub = family.location(revision or family.available_revisions()[0])
+        if Path(src).is_dir():
+            return _from_config(json.loads((Path(src) / "config.json").read_text()))
+        from transformers import AutoConfig
+
+        return _from_config(AutoConfig.from_pretrained(src, revision=sub).to_dict())
+    except Exception:
+        name = family_spec.rstrip("/").split("/")[-1].lower()
+        if name in KNOWN_SHAPES:
+            return KNOWN_SHAPES[name]
+        raise ValueError(f"cannot tell the shape of {family_spec} without its config.json (not local, "
+                         f"not in the hub cache); known offline: {sorted(KNOWN_SHAPES)}") from None
+
+
+def free_bytes(out: str | Path) -> int:
+    """Free space on the file system that will hold `out` (its nearest existing parent)."""
+    path = Path(out).resolve()
+    existing = next(d for d in [path, *path.parents] if d.exists())
+    return shutil.disk_usage(existing).free
+
+
+def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int | None = None) -> dict:
+    """The plan of a configuration (see the module docstring for every formula)."""
+    p, e, t = cfg.pipeline, cfg.extract, cfg.train
+    C, D, L = len(p.revisions) or p.n_checkpoints, shape.d_model, t.crosscoder.n_latents
+    n_seq, seq_len = e.corpus.n_sequences or 0, e.corpus.seq_len
+    tokens = n_seq * (seq_len - 1 if e.corpus.drop_first_position else seq_len)
+    activation_bytes = tokens * C * D * BYTES[e.storage_dtype]
+    mode = e.mode if e.mode != "auto" else \
+        ("parquet" if activation_bytes <= e.max_disk_gb * 1e9 else "stream")
+    cc_params = 2 * L * C * D + C * D + L
+    n_tasks = n_tasks if n_tasks is not None else len(p.tasks)
+    k = cfg.analysis.context_k
+    tables = TABLE_ROW_BYTES * (L * C * max(1, n_tasks) + L * (C + 1) * k * 2)
+    checkpoints = 4 * 12 * cc_params
+    disk = {"activations": activation_bytes if mode == "parquet" else 0, "checkpoints": checkpoints,
+            "tables": tables}
+    prefix = p.layer * shape.block_params()
+    rows = max(1, t.batch_size // cfg.launch.workers)
+    peak_actor = C * (prefix + shape.vocab * D) * BYTES[e.compute_dtype] + \
+        e.batch_sequences * seq_len * D * (4 * C + 32)
+    peak_worker = 16 * cc_params + rows * (12 * C * D + 8 * L) + \
+        (t.shuffle_buffer_rows * C * D * 4 if mode == "stream" else rows * C * D * 4)
+    model_params = shape.n_layers * shape.block_params() + 2 * shape.vocab * D
+    flops = {"extract": 2 * prefix * tokens * C, "train": 6 * cc_params * t.n_steps * t.batch_size,
+             "evaluate": 4 * model_params * C * cfg.evaluate.eval_sequences * seq_len}
+    rate = {"extract": H100_BF16, "train": H100_BF16 / 2, "evaluate": H100_BF16}
+    gpu_hours = {s: f / (rate[s] * MFU[s]) / 3600 for s, f in flops.items()}
+    gpus = {"extract": max(1, cfg.launch.actors), "train": max(1, cfg.launch.workers),
+            "evaluate": 1}
+    plan = {"tokens": tokens, "checkpoints": C, "d_model": D, "n_latents": L,
+            "activation_bytes": activation_bytes, "mode": mode, "disk_bytes": sum(disk.values()),
+            "disk": disk, "crosscoder_params": cc_params, "peak_bytes_per_actor": peak_actor,
+            "peak_bytes_per_worker": peak_worker, "flops": flops,
+            "gpu_hours": sum(gpu_hours.values()), "gpu_hours_by_stage": gpu_hours,
+            "wall_hours": sum(h / gpus[s] for s, h in gpu_hours.items()),
+            "free_bytes": free, "fits": free is None or sum(disk.values()) <= free}
+    return plan
+
+
+def plan_for(cfg: Config) -> dict:
+    """The plan of a configuration, with the free space at its output folder."""
+    p = cfg.pipeline
+    shape = model_shape(p.family, (list(p.revisions) or list(p.screen_revisions) or [None])[0])
+    return make_plan(cfg, shape, free_bytes(Path(p.out) / p.name))
+
+
+def check_fits(plan: dict, out: str | Path) -> None:
+    """Refuse a Parquet plan that does not fit the free space at its output path."""
+    if plan["mode"] == "parquet" and not plan["fits"]:
+        raise ValueError(f"this configuration writes {human(plan['disk_bytes'])} "
+                         f"({human(plan['disk']['activations'])} of activation shards) but {out} has "
+                         f"{human(plan['free_bytes'])} free: set extract.mode: stream, or free space")
+
+
+def human(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"
+
+
+def plan_text(plan: dict) -> str:
+    """The plan as a few lines a person reads at the start of a run."""
+    d = plan["disk"]
+    return "\n".join([
+        f"plan: {plan['tokens']:,} tokens x {plan['checkpoints']} checkpoints x d_model {plan['d_model']}: "
+        f"{human(plan['activation_bytes'])} of activations if materialised; mode {plan['mode']}",
+        f"  disk: {human(plan['disk_bytes'])} (activations {human(d['activations'])}, training checkpoints "
+        f"{human(d['checkpoints'])}, tables {human(d['tables'])}); free at the output: "
+        f"{human(plan['free_bytes'])}",
+        f"  peak memory: {human(plan['peak_bytes_per_actor'])} per extraction actor, "
+        f"{human(plan['peak_bytes_per_worker'])} per Train worker",
+        f"  compute: {plan['gpu_hours']:.3g} GPU hours on H100s (extract "
+        f"{plan['gpu_hours_by_stage']['extract']:.3g}, train {plan['gpu_hours_by_stage']['train']:.3g}), "
+        f"about {plan['wall_hours']:.3g} h on the configured GPUs"])

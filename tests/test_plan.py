@@ -1,0 +1,62 @@
+"""`crossray plan`: the paper's configuration on paper, offline, and a Parquet run refused before any
+compute when its shards would not fit the disk."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crossray.config import load_config
+from crossray.plan import KNOWN_SHAPES, make_plan, model_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def crossray(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "crossray"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_plan_of_the_paper_run_is_about_5_tb_and_streams():
+    proc = crossray("plan", "configs/pythia-1b.yaml", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    # 400,000 sequences x 1,023 rows x 3 checkpoints x 2,048 x 2 bytes (bf16)
+    assert plan["activation_bytes"] == 400_000 * 1023 * 3 * 2048 * 2
+    assert 4.9e12 < plan["activation_bytes"] < 5.2e12
+    assert plan["mode"] == "stream" and plan["disk"]["activations"] == 0
+    assert plan["disk_bytes"] < 200e9
+    assert plan["tokens"] == 409_200_000 and plan["d_model"] == 2048
+    assert 0.5 < plan["gpu_hours"] < 20 and plan["wall_hours"] < plan["gpu_hours"]
+    # the same config forced to Parquet writes the 5 TB
+    proc = crossray("plan", "configs/pythia-1b.yaml", "--json", "--extract.mode", "parquet")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["disk_bytes"] > 5e12
+
+
+def test_plan_text_and_auto_mode_on_the_toy(toy_dir):
+    proc = crossray("plan", "configs/tiny.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "126,000 tokens x 3 checkpoints x d_model 64" in proc.stdout and "mode parquet" in proc.stdout
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", {"extract.max_disk_gb": "0.01"})
+    assert make_plan(cfg, model_shape("toy", "step0"))["mode"] == "stream"  # 48 MB > 10 MB
+
+
+def test_shapes_offline():
+    assert model_shape("EleutherAI/pythia-1b", "step512") == KNOWN_SHAPES["pythia-1b"]
+    with pytest.raises(ValueError, match="cannot tell the shape of someone/unknown-model"):
+        model_shape("someone/unknown-model", "main")
+
+
+def test_parquet_run_that_does_not_fit_is_refused_before_any_compute(tmp_path):
+    """A billion sequences as Parquet: exit 2 with the sizes, no Ray, no run folder."""
+    proc = crossray("run", str(ROOT / "configs" / "tiny.yaml"), "--extract.mode", "parquet",
+                    "--extract.corpus.n_sequences", "1000000000", "--pipeline.out", str(tmp_path / "runs"),
+                    cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("crossray: error: this configuration writes") and "free" in last, last
+    assert "extract.mode: stream" in last
+    assert not (tmp_path / "runs" / "tiny").exists() and "Started a local Ray" not in proc.stderr
