@@ -183,10 +183,12 @@ def _relay_progress(queue, stop: threading.Event, workers: int, on_progress) -> 
 
     from crossray.progress import describe
 
-    while not stop.is_set():
+    while True:
         try:
             snap = queue.get(timeout=0.5)
         except (queue_module.Empty, ray.exceptions.RayError):
+            if stop.is_set():  # training ended and the queue is drained (the final figures included)
+                return
             continue
         logger.info("%s", describe(f"train (rank 0 of {workers})", "steps", snap, ["tokens"],
                                    ["loss", "l0", "fve"]))

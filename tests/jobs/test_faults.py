@@ -61,8 +61,9 @@ def _small(tmp_path, out: Path) -> Path:
 @pytest.mark.ray
 def test_disk_full_during_extraction(toy_dir, tmp_path):
     """Out of space while writing shards: exit 1, one line naming the cause and what to do, the
-    traceback in a log file, no temporary file left. The run folder sits on a 2 MB tmpfs mounted in
-    a private mount namespace (root only)."""
+    traceback in a log file, no temporary file left. The run folder sits on a 40 MB tmpfs mounted in
+    a private mount namespace (root only): room enough for the plan's check before the run, then
+    filled by another writer (all but 256 KB) once the extract stage starts."""
     import shutil
 
     if os.geteuid() != 0 or shutil.which("unshare") is None:
@@ -72,7 +73,10 @@ def test_disk_full_during_extraction(toy_dir, tmp_path):
     config = _small(tmp_path, mnt)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("RAY_ADDRESS", None)
-    script = (f"mount -t tmpfs -o size=2m tmpfs {mnt} || exit 77; "
+    filler = (f"while [ ! -e {mnt}/tiny/extract/started.json ]; do sleep 0.05; done; "
+              f"dd if=/dev/zero of={mnt}/filler bs=1K "
+              f"count=$(( $(df --output=avail -k {mnt} | tail -1) - 256 )) 2>/dev/null")
+    script = (f"mount -t tmpfs -o size=40m tmpfs {mnt} || exit 77; ({filler}) & "
               f"{sys.executable} -m jobs.pipeline --config {config}; echo rc=$?; "
               f"echo temporaries: $(find {mnt} -name '*.tmp*' | wc -l); "
               f"echo in the log: $(grep -c 'No space left on device' {mnt}/tiny/logs/failure-*.log)")

@@ -95,3 +95,22 @@ def served(tracked_run, mlflow_server, tmp_path_factory):
     wait_ready(url)
     yield url, results, folder
     serve.shutdown()
+
+
+@pytest.fixture
+def page(served, tmp_path):
+    """Headless Chromium on the served app's page (skipped where Debian's chromium is missing)."""
+    import shutil
+
+    from tests.helpers import Chromium
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    browser = Chromium(exe, tmp_path / "profile")
+    try:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=f"{served[0]}/")
+        yield browser
+    finally:
+        browser.close()

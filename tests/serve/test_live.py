@@ -3,7 +3,6 @@ pipeline folder), through the Serve app's model deployment: the answers reproduc
 stored, bad input is a 4xx, and the page's "try it" panel works in headless Chromium."""
 
 import json
-import shutil
 
 import httpx
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 
 from crossray.config import load_config
 from crossray.tasks import read_jsonl
-from tests.helpers import ARTIFACTS, Chromium
+from tests.helpers import ARTIFACTS
 
 pytestmark = pytest.mark.ray
 TASK = "simple_agreement"
@@ -134,34 +133,26 @@ def test_live_bad_input_is_4xx(served, task_rows):
     assert c.post("/runs/nope/effects", json={"pairs": [pair]}).status_code == 404
 
 
-def test_try_it_panel_in_headless_chromium(served, tmp_path):
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+def test_try_it_panel_in_headless_chromium(served, page):
     url, results, _ = served
-    browser = Chromium(exe, tmp_path / "profile")
-    try:
-        browser.call("Page.enable")
-        browser.call("Page.navigate", url=f"{url}/")
-        browser.wait_for("document.querySelectorAll('tr.feature-row').length")
-        typed = {"try-prefix": "The boys near the queen", "try-good": "run", "try-bad": "runs"}
-        for field, value in typed.items():
-            browser.eval(f"document.getElementById('{field}').value = {json.dumps(value)}")
-        browser.click("document.getElementById('try-run')")
-        rows = browser.wait_for("document.querySelectorAll('tr.live-row').length", timeout=60)
-        run = browser.eval("document.getElementById('run').value")
-        want = httpx.post(f"{url}/runs/{run}/effects", json={"pairs": [
-            {"clean_prefix": "The boys near the queen", "clean_answer": " run", "patch_answer": " runs"}],
-            "top": 15}, timeout=30).json()
-        shown = browser.eval("[...document.querySelectorAll('tr.live-row')].map(r => +r.dataset.feature)")
-        assert rows == len(want["features"]) > 0 and shown == [f["feature"] for f in want["features"]]
-        browser.click("document.querySelector('tr.live-row')")
-        title = browser.wait_for("(() => { const t = document.getElementById('card-title').textContent;"
-                                 " return t.startsWith('Feature ') && t; })()")
-        assert title == f"Feature {shown[0]}"
-        browser.click("document.getElementById('ablate')")
-        cells = browser.wait_for("document.querySelectorAll('#ablation-table td.num').length", timeout=60)
-        assert cells == 2 * len(want["checkpoints"])  # before and after at every checkpoint
-        assert browser.screenshot(ARTIFACTS / "serve_try_it.png").stat().st_size > 10_000
-    finally:
-        browser.close()
+    browser = page  # on the app's page already
+    browser.wait_for("document.querySelectorAll('tr.feature-row').length")
+    typed = {"try-prefix": "The boys near the queen", "try-good": "run", "try-bad": "runs"}
+    for field, value in typed.items():
+        browser.eval(f"document.getElementById('{field}').value = {json.dumps(value)}")
+    browser.click("document.getElementById('try-run')")
+    rows = browser.wait_for("document.querySelectorAll('tr.live-row').length", timeout=60)
+    run = browser.eval("document.getElementById('run').value")
+    want = httpx.post(f"{url}/runs/{run}/effects", json={"pairs": [
+        {"clean_prefix": "The boys near the queen", "clean_answer": " run", "patch_answer": " runs"}],
+        "top": 15}, timeout=30).json()
+    shown = browser.eval("[...document.querySelectorAll('tr.live-row')].map(r => +r.dataset.feature)")
+    assert rows == len(want["features"]) > 0 and shown == [f["feature"] for f in want["features"]]
+    browser.click("document.querySelector('tr.live-row')")
+    title = browser.wait_for("(() => { const t = document.getElementById('card-title').textContent;"
+                             " return t.startsWith('Feature ') && t; })()")
+    assert title == f"Feature {shown[0]}"
+    browser.click("document.getElementById('ablate')")
+    cells = browser.wait_for("document.querySelectorAll('#ablation-table td.num').length", timeout=60)
+    assert cells == 2 * len(want["checkpoints"])  # before and after at every checkpoint
+    assert browser.screenshot(ARTIFACTS / "serve_try_it.png").stat().st_size > 10_000

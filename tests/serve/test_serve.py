@@ -19,7 +19,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from tests.helpers import ARTIFACTS, Chromium, free_port, replica_pids
+from tests.helpers import ARTIFACTS, free_port, replica_pids
 from tests.serve.conftest import wait_ready
 
 pytestmark = pytest.mark.ray
@@ -130,34 +130,27 @@ def test_schema_fuzz_finds_no_server_error(served, tmp_path):
     print(f"schemathesis: {total} cases, no server error, no schema violation")
 
 
-def test_page_in_headless_chromium(served, tmp_path):
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+def test_page_in_headless_chromium(served, page):
     url, results, _ = served
-    browser = Chromium(exe, tmp_path / "profile")
-    try:
-        browser.call("Page.enable")
-        browser.call("Page.navigate", url=f"{url}/")
-        rows = browser.wait_for("document.querySelectorAll('tr.feature-row').length")
-        task, checkpoint = (browser.eval(f"document.getElementById('{k}').value")
-                            for k in ("task", "checkpoint"))
-        assert checkpoint == results.results["select"].revisions[-1]
-        want = httpx.get(f"{url}/runs/{results.mlflow_run_id}/tasks/{task}/ranking",
-                         params={"checkpoint": checkpoint, "selected": True, "limit": 25}).json()
-        assert rows == len(want["items"]) > 0  # the first page of the ranking, in the API's order
-        shown = browser.eval("[...document.querySelectorAll('tr.feature-row')].map(r => +r.dataset.feature)")
-        assert shown == [i["feature"] for i in want["items"]]
-        assert browser.eval("document.querySelectorAll('#accuracy-chart circle').length") == 5
-        feature = int(browser.eval("document.querySelector('tr.feature-row').dataset.feature"))
-        browser.click("document.querySelector('tr.feature-row')")
-        title = browser.wait_for("(() => { const t = document.getElementById('card-title').textContent;"
-                                 " return t.startsWith('Feature ') && t; })()")
-        assert title == f"Feature {feature}"
-        assert browser.wait_for("document.querySelectorAll('#card-body .context').length") > 0
-        assert browser.screenshot(ARTIFACTS / "serve_page.png").stat().st_size > 10_000
-    finally:
-        browser.close()
+    browser = page  # on the app's page already
+    rows = browser.wait_for("document.querySelectorAll('tr.feature-row').length")
+    task, checkpoint = (browser.eval(f"document.getElementById('{k}').value")
+                        for k in ("task", "checkpoint"))
+    assert checkpoint == results.results["select"].revisions[-1]
+    want = httpx.get(f"{url}/runs/{results.mlflow_run_id}/tasks/{task}/ranking",
+                     params={"checkpoint": checkpoint, "selected": True, "limit": 25}).json()
+    assert rows == len(want["items"]) > 0  # the first page of the ranking, in the API's order
+    shown = browser.eval("[...document.querySelectorAll('tr.feature-row')].map(r => +r.dataset.feature)")
+    assert shown == [i["feature"] for i in want["items"]]
+    assert browser.eval("document.querySelectorAll('#accuracy-chart circle').length") == 5
+    feature = int(browser.eval("document.querySelector('tr.feature-row').dataset.feature"))
+    browser.click("document.querySelector('tr.feature-row')")
+    title = browser.wait_for("(() => { const t = document.getElementById('card-title').textContent;"
+                             " return t.startsWith('Feature ') && t; })()")
+    assert title == f"Feature {feature}"
+    assert browser.wait_for("document.querySelectorAll('#card-body .context').length") > 0
+    assert browser.screenshot(ARTIFACTS / "serve_page.png").stat().st_size > 10_000
+
 
 
 def test_killed_replica_is_replaced_under_load(served):
