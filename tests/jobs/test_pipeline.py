@@ -85,7 +85,8 @@ def test_stream_mode_writes_no_activation_and_matches_parquet(tracked_run, mlflo
     workers, no activation shard is written anywhere, and the held-out FVE is the Parquet run's."""
     parquet, config = tracked_run
     cfg = load_config(config, {"extract.mode": "stream", "pipeline.name": "tiny-stream",
-                               "extract.batch_sequences": "64"})  # fewer, larger blocks per epoch
+                               "extract.batch_sequences": "64",  # fewer, larger blocks per epoch
+                               "launch.register_name": "toy-test-stream"})  # toy-test@champion stays
     mlflow.set_tracking_uri(mlflow_server)
     outcome = run(cfg, config.name)
     ex = outcome.results["extract"]
