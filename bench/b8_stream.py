@@ -11,7 +11,9 @@ A random GPT-NeoX of Pythia-160M width (12 layers, d_model 768; the toy tokenize
 On this machine both stages share the cores, so the reference is their serial combination
 1 / (1/extract + 1/train) (target stream >= 0.85 of it). Then the streamed run again at 4x the tokens:
 peak RSS of the driver, the extraction actors and the Train workers (target: within 20% of 1x), and
-the bytes written under the Ray session and storage folders during the run (target: no activation).
+the bytes written under the Ray session and storage folders during the run, Train checkpoints (the
+crosscoder and its Adam state) apart from the rest (target: the rest is logs, under 1% of the
+activations).
 """
 
 from __future__ import annotations
@@ -75,8 +77,20 @@ def _peaks(peaks: dict, stop: threading.Event) -> None:
         time.sleep(0.5)
 
 
-def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+def _written(*folders: Path) -> dict:
+    """Bytes in files under `folders`: Ray Train checkpoints (the crosscoder and its optimizer state)
+    apart from everything else (logs, spilled objects, anything activation-sized)."""
+    out = {"checkpoints": 0, "other": 0}
+    for folder in folders:
+        for f in folder.rglob("*") if folder.exists() else ():
+            if f.is_file():
+                kind = "checkpoints" if any(part.startswith("checkpoint_") for part in f.parts) else "other"
+                out[kind] += f.stat().st_size
+    return out
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
 
 
 def train_run(cfg, launch, storage: Path, norms, dataset, workers: int) -> dict:
@@ -142,14 +156,14 @@ def main() -> None:
         {"data": "acts"}), 2)
     del acts, parts, batch
     gc.collect()
-    disk_before = _du(session) + _du(tmp)
+    disk_before = _written(session, tmp)
     peaks: dict = {}
     stop = threading.Event()
     watcher = threading.Thread(target=_peaks, args=(peaks, stop), daemon=True)
     watcher.start()
     result["stream"] = train_run(tcfg, launch, tmp / "stream", norms, row_dataset(prep, launch), 2)
     result["stream"]["peak_bytes"] = dict(peaks)
-    result["stream"]["bytes_written"] = _du(session) + _du(tmp) - disk_before - _du(tmp / "train")
+    result["stream"]["bytes_written"] = _delta(_written(session, tmp), disk_before)
     e, t = result["extract"]["tokens_per_s"], result["train"]["tokens_per_s"]
     result["serial_reference_tokens_per_s"] = 1 / (1 / e + 1 / t)
     result["stream_vs_serial"] = result["stream"]["tokens_per_s"] / result["serial_reference_tokens_per_s"]
@@ -157,18 +171,18 @@ def main() -> None:
     # 4x the tokens, streamed: memory flat?
     peaks.clear()
     ecfg4, prep4, tcfg4, rows4 = setup(4 * args.sequences)
-    before = _du(session) + _du(tmp)
+    before = _written(session, tmp)
     result["stream_4x"] = train_run(tcfg4, launch, tmp / "stream4", norms, row_dataset(prep4, launch), 2)
     result["stream_4x"]["peak_bytes"] = dict(peaks)
-    result["stream_4x"]["bytes_written"] = _du(session) + _du(tmp) - before
+    result["stream_4x"]["bytes_written"] = _delta(_written(session, tmp), before)
     stop.set()
     result["activation_bytes_if_materialised"] = {"1x": rows * 3 * 768 * 2, "4x": rows4 * 3 * 768 * 2}
     p1, p4 = result["stream"]["peak_bytes"], result["stream_4x"]["peak_bytes"]
     result["peak_ratio_4x_over_1x"] = {k: p4[k] / p1[k] for k in p1 if k in p4 and p1[k]}
     result["target_met"] = {"throughput": result["stream_vs_serial"] >= 0.85,
                             "memory_flat": all(r <= 1.2 for r in result["peak_ratio_4x_over_1x"].values()),
-                            "no_activation_bytes": result["stream_4x"]["bytes_written"]
-                            < result["activation_bytes_if_materialised"]["4x"] / 10}
+                            "no_activation_bytes": result["stream_4x"]["bytes_written"]["other"]
+                            < result["activation_bytes_if_materialised"]["4x"] / 100}
     shutil.rmtree(tmp, ignore_errors=True)
     ray.shutdown()
     emit(result, args.out)
