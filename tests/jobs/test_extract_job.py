@@ -125,6 +125,28 @@ def test_killed_actor_still_gives_every_row_once(ray_cluster, toy_extract_cfg, t
     assert len(pids) >= 2  # a replacement actor wrote shards after the kill
 
 
+def test_killed_actor_in_a_stream_still_gives_every_row_once(ray_cluster, toy_extract_cfg):
+    """SIGKILL an extraction actor while the stream is consumed (as Ray Train consumes it): it is
+    replaced, its in-flight sequences are extracted again, and every (seq, pos) arrives exactly once."""
+    from jobs.extract import prepare, row_dataset
+
+    cfg = ExtractConfig(**{**toy_extract_cfg.__dict__, "batch_sequences": 4})  # 48 blocks
+    seen, killed = [], []
+    batches = row_dataset(prepare(cfg)).iter_batches(batch_size=63 * 4, batch_format="numpy")
+    for i, batch in enumerate(batches):
+        seen.append(batch["seq"] * 1000 + batch["pos"])
+        if i == 3 and not killed:
+            import psutil
+
+            actors = [q for q in psutil.process_iter(["cmdline"])
+                      if any("RowExtractor" in part for part in (q.info["cmdline"] or []))]
+            assert actors, "no extraction actor to kill"
+            actors[0].kill()
+            killed.append(actors[0].pid)
+    keys = np.concatenate(seen)
+    assert killed and len(keys) == len(np.unique(keys)) == 192 * 63  # none twice, none missing
+
+
 def test_bad_inputs_fail_before_any_work(tmp_path, toy_extract_cfg, toy_acts):
     from transformers import AutoModelForCausalLM
 

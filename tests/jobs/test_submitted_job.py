@@ -58,8 +58,14 @@ for n in a b; do  # each node its own temp dir, as on separate machines (runtime
       --temp-dir={temp}/$n >/dev/null
 done
 set +e
-{bin_}/ray job submit --address http://127.0.0.1:{dash} --working-dir {ROOT} -- \\
-    {sys.executable} -m jobs.pipeline --config {config} --json
+export RAY_ADDRESS=http://127.0.0.1:{dash}
+for try in $(seq 60); do  # the job agent answers a few seconds after `ray start` returns
+  {bin_}/ray job submit --submission-id rehearsal --no-wait --working-dir {ROOT} -- \\
+      {sys.executable} -m jobs.pipeline --config {config} --json >/dev/null 2>&1 && break
+  sleep 1
+done
+{bin_}/ray job logs --follow rehearsal
+{bin_}/ray job status rehearsal 2>&1 | grep -qi succeeded
 echo "JOB_RC $?"
 tail -n 40 $(ls -t {temp}/session_*/runtime_resources/working_dir_files/*/runs/multinode/logs/failure-*.log \
     2>/dev/null | head -1) 2>/dev/null || true
