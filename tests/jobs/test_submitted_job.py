@@ -49,14 +49,20 @@ def test_streamed_pipeline_submitted_to_a_three_node_cluster(mlflow_server, toy_
     temp = tempfile.mkdtemp(prefix="crj", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash = free_port(), free_port()
     bin_ = Path(sys.executable).parent
+
+    def own_ports() -> str:  # every node's agents on free ports: the session's own Ray holds the defaults
+        return (f"--dashboard-agent-listen-port={free_port()} --dashboard-agent-grpc-port={free_port()} "
+                f"--runtime-env-agent-port={free_port()} --metrics-export-port={free_port()} "
+                f"--ray-client-server-port={free_port()}")
+
+    workers = "\n".join(  # each node its own temp dir, as on separate machines (runtime envs unpack there)
+        f"{bin_}/ray start --address=127.0.0.1:{gcs} --num-cpus=1 --resources='{{\"node_{n}\": 1}}' "
+        f"--temp-dir={temp}/{n} {own_ports()} >/dev/null" for n in "ab")
     script = f"""
 set -e
 {bin_}/ray start --head --port={gcs} --num-cpus=1 --resources='{{"node_head": 1}}' --temp-dir={temp} \\
-    --dashboard-host=127.0.0.1 --dashboard-port={dash} --disable-usage-stats >/dev/null
-for n in a b; do  # each node its own temp dir, as on separate machines (runtime envs unpack there)
-  {bin_}/ray start --address=127.0.0.1:{gcs} --num-cpus=1 --resources="{{\\"node_$n\\": 1}}" \\
-      --temp-dir={temp}/$n >/dev/null
-done
+    --dashboard-host=127.0.0.1 --dashboard-port={dash} --disable-usage-stats {own_ports()} >/dev/null
+{workers}
 set +e
 export RAY_ADDRESS=http://127.0.0.1:{dash}
 for try in $(seq 60); do  # the job agent answers a few seconds after `ray start` returns
