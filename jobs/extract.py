@@ -176,12 +176,8 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, launch: LaunchConfig | No
             progress.update(info["rows"], sequences=info["seq_stop"] - info["seq_start"])
         progress.close()
     shards = [done[i] for i, _, _ in plan]
-    manifest = X.Manifest(
-        key=prep.key, family=cfg.family, revisions=list(cfg.revisions), weight_hashes=prep.weight_hashes,
-        layer=cfg.layer, d_model=prep.d_model, corpus_hash=prep.corpus_hash, seq_len=cfg.corpus.seq_len,
-        n_sequences=len(prep.tokens), drop_first_position=cfg.corpus.drop_first_position,
-        storage_dtype=cfg.storage_dtype, norm_factors=X.factors_from_shards(shards, prep.d_model),
-        token_count=sum(s["rows"] for s in shards), shards=shards)
+    manifest = _manifest(prep, X.factors_from_shards(shards, prep.d_model), sum(s["rows"] for s in shards),
+                         shards)
     manifest.write(out)
     return manifest
 
@@ -211,14 +207,19 @@ def stream_manifest(prep: Prepared, launch: LaunchConfig | None = None) -> X.Man
     """The manifest a streamed extraction stands for: its key and lineage, the normalisation factors
     (from the first `norm_sequences` sequences) and the row count; no shard."""
     launch = launch or LaunchConfig()
+    corpus = prep.cfg.corpus
+    rows = len(prep.tokens) * (corpus.seq_len - (1 if corpus.drop_first_position else 0))
+    return _manifest(prep, estimate_norms(prep, launch.cpus_per_actor, launch.gpus_per_actor), rows, [])
+
+
+def _manifest(prep: Prepared, norm_factors: list[float], token_count: int, shards: list[dict]) -> X.Manifest:
+    """The manifest of an extraction: its key and lineage from `prep`, with what the run measured."""
     cfg = prep.cfg
-    rows = len(prep.tokens) * (cfg.corpus.seq_len - (1 if cfg.corpus.drop_first_position else 0))
     return X.Manifest(
         key=prep.key, family=cfg.family, revisions=list(cfg.revisions), weight_hashes=prep.weight_hashes,
         layer=cfg.layer, d_model=prep.d_model, corpus_hash=prep.corpus_hash, seq_len=cfg.corpus.seq_len,
         n_sequences=len(prep.tokens), drop_first_position=cfg.corpus.drop_first_position,
-        storage_dtype=cfg.storage_dtype, token_count=rows, shards=[],
-        norm_factors=estimate_norms(prep, launch.cpus_per_actor, launch.gpus_per_actor))
+        storage_dtype=cfg.storage_dtype, norm_factors=norm_factors, token_count=token_count, shards=shards)
 
 
 def extract_config(cfg: Config) -> X.ExtractConfig:

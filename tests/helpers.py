@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -185,3 +186,22 @@ class Chromium:
         self.ws.close()
         os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def chromium_page(url: str, profile: Path):
+    """Headless Chromium opened on `url` (the test is skipped where Debian's chromium is missing)."""
+    import shutil
+
+    import pytest
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    browser = Chromium(exe, profile)
+    try:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=url)
+        yield browser
+    finally:
+        browser.close()

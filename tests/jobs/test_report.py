@@ -1,12 +1,11 @@
 """The findings report of the tiny run: one HTML page per run, every task in it, opened in Chromium."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.helpers import ARTIFACTS, Chromium
+from tests.helpers import ARTIFACTS, chromium_page
 
 pytestmark = pytest.mark.ray
 
@@ -26,20 +25,12 @@ def test_report_shows_every_task(tracked_run, mlflow_server, tmp_path):
                                             "tags.`crossray.stage` = 'analyse'")
     assert "analyse/report.html" in [f.path for f in client.list_artifacts(runs[0].info.run_id, "analyse")]
     assert "report.html" in [f.path for f in client.list_artifacts(results.mlflow_run_id)]
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    browser = Chromium(exe, tmp_path / "profile")
-    try:
-        browser.call("Page.enable")
-        browser.call("Page.navigate", url=report.as_uri())
+    with chromium_page(report.as_uri(), tmp_path / "profile") as browser:
         browser.wait_for("document.querySelectorAll('h2').length > 1")
         shown = browser.eval("[...document.querySelectorAll('h2')].map(h => h.innerText)")
         assert set(tasks) <= set(shown)
         assert browser.eval("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
         browser.screenshot(ARTIFACTS / "report.png")
-    finally:
-        browser.close()
 
 
 def test_tiny_config_finds_the_dip_and_agrees_with_ablation(toy_dir, tmp_path):

@@ -100,17 +100,7 @@ def served(tracked_run, mlflow_server, tmp_path_factory):
 @pytest.fixture
 def page(served, tmp_path):
     """Headless Chromium on the served app's page (skipped where Debian's chromium is missing)."""
-    import shutil
+    from tests.helpers import chromium_page
 
-    from tests.helpers import Chromium
-
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    browser = Chromium(exe, tmp_path / "profile")
-    try:
-        browser.call("Page.enable")
-        browser.call("Page.navigate", url=f"{served[0]}/")
+    with chromium_page(f"{served[0]}/", tmp_path / "profile") as browser:
         yield browser
-    finally:
-        browser.close()
