@@ -1,9 +1,9 @@
 """B6: Ray overhead, extraction of the toy corpus in one process vs the Ray Data job on the same cores.
 
-Both do the same work: read and hash the inputs (`prepare`), load the checkpoints, extract every
-shard and write it (`crossray.extract.extract_shard`). In-process: one process, torch on every core.
-Ray: `jobs.extract.run_extract` with 2 actors x 0.5 CPU on a local 2-CPU cluster (actor start-up
-and model loading included). Interleaved repeats.
+Both do the same work: hash the checkpoints, read and tokenise the corpus, load the checkpoints,
+extract every shard and write it (`crossray.extract.extract_shard`). In-process: one process, torch
+on every core. Ray: `jobs.extract.run_extract` (the corpus read by Ray Data tasks, then 2 actors x
+0.5 CPU) on a local 2-CPU cluster, actor start-up and model loading included. Interleaved repeats.
 Target: Ray path >= 0.8x the in-process throughput.
 
     python bench/b6_ray_overhead.py [--sequences 1024]   (run inside scripts/offline)
@@ -30,10 +30,17 @@ def main() -> None:
     import ray
 
     from crossray.config import LaunchConfig
-    from crossray.corpus import CorpusConfig
-    from crossray.extract import CheckpointSetExtractor, ExtractConfig, extract_shard, shard_plan
+    from crossray.corpus import CorpusConfig, load_sequences
+    from crossray.extract import (
+        CheckpointSetExtractor,
+        ExtractConfig,
+        extract_shard,
+        resolve_hashes,
+        shard_plan,
+    )
+    from crossray.models.layer import load_tokenizer
     from crossray.toy.build import ToyConfig, build_toy_family
-    from jobs.extract import prepare, run_extract
+    from jobs.extract import run_extract
 
     fam = build_toy_family(None, ToyConfig())
     cfg = ExtractConfig(family=str(fam), revisions=("step0", "step128", "step1000"), layer=2,
@@ -43,10 +50,11 @@ def main() -> None:
 
     def in_process():
         out = Path(tempfile.mkdtemp())
-        prep = prepare(cfg)
+        resolve_hashes(cfg)
+        tokens, _ = load_sequences(cfg.corpus, load_tokenizer(cfg.family_obj(), cfg.revisions[0]))
         extractor = CheckpointSetExtractor(cfg)
-        for i, start, stop in shard_plan(len(prep.tokens), cfg.shard_sequences):
-            extract_shard(extractor, prep.tokens, i, start, stop, out)
+        for i, start, stop in shard_plan(len(tokens), cfg.shard_sequences):
+            extract_shard(extractor, tokens[start:stop].numpy(), i, start, out)
         shutil.rmtree(out)
 
     def with_ray():

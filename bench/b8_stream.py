@@ -93,12 +93,12 @@ def _delta(after: dict, before: dict) -> dict:
     return {k: after[k] - before[k] for k in after}
 
 
-def train_run(cfg, launch, storage: Path, norms, dataset, workers: int) -> dict:
+def train_run(cfg, launch, storage: Path, norms, stream, workers: int) -> dict:
     from jobs.train import run_train
 
     seen: list[dict] = []
     start = time.perf_counter()
-    run_train(cfg, launch, storage, norms, dataset=dataset, on_progress=seen.append)
+    run_train(cfg, launch, storage, norms, stream=stream, on_progress=seen.append)
     wall = time.perf_counter() - start
     last = seen[-1]
     return {"tokens_per_s": last["tokens_per_s"] * workers, "steps": last["done"], "wall_s": round(wall, 1),
@@ -111,15 +111,17 @@ def main() -> None:
     p.add_argument("--family-dir", default=str(Path(tempfile.gettempdir()) / "crossray-b8-family"))
     args = p.parse_args()
     os.environ["CROSSRAY_PROGRESS_SECONDS"] = "2"
+    import dataclasses
     import gc
 
     import numpy as np
+    import pyarrow as pa
     import ray
 
     from crossray.config import CrosscoderSettings, LaunchConfig, TrainSettings, resolve_train
     from crossray.corpus import CorpusConfig
     from crossray.extract import ExtractConfig
-    from jobs.extract import estimate_norms, prepare, row_dataset
+    from jobs.extract import DataPosition, RowStream, estimate_norms, prepare, row_stream, stream_plan
 
     fam = family(Path(args.family_dir))
     launch = LaunchConfig(actors=2, workers=2)
@@ -132,10 +134,10 @@ def main() -> None:
                              corpus=CorpusConfig(source=f"toy:11:{n_seq * 4}", seq_len=64, n_sequences=n_seq),
                              batch_sequences=8, norm_sequences=8)
         prep = prepare(ecfg)
-        rows = len(prep.tokens) * 63
-        tcfg = resolve_train(TrainSettings(crosscoder=CrosscoderSettings(n_latents=2048), n_steps=rows // 128,
-                                           batch_size=128, metrics_every=5, checkpoint_every=10**6,
-                                           shuffle_buffer_rows=1024), 3, 768)
+        rows = prep.n_sequences * 63
+        tcfg = resolve_train(TrainSettings(crosscoder=CrosscoderSettings(n_latents=2048),
+                                           n_steps=rows // 128 - 2, batch_size=128, metrics_every=5,
+                                           checkpoint_every=10**6, shuffle_buffer_rows=1024), 3, 768)
         return ecfg, prep, tcfg, rows
 
     result = {"benchmark": "B8 streamed extraction into training", "cpus": os.cpu_count(),
@@ -143,25 +145,30 @@ def main() -> None:
               "crosscoder_latents": 2048, "actors": 2, "workers": 2}
     ecfg, prep, tcfg, rows = setup(args.sequences)
     norms = estimate_norms(prep)
-    # extraction alone: the row dataset drained by the driver (its rows kept for training alone)
+    # extraction alone: one epoch of the row stream drained by the driver (kept for training alone)
+    one_epoch = dataclasses.replace(stream_plan(prep, rows), epochs=1)
     start, parts = time.perf_counter(), []
-    for batch in row_dataset(prep, launch).iter_batches(batch_size=1024, batch_format="numpy"):
-        parts.append(batch["acts"])
+    epoch_rows = row_stream(prep, one_epoch, launch).dataset
+    for batch in epoch_rows.iter_batches(batch_size=1024, batch_format="numpy"):
+        parts.append({k: batch[k] for k in ("item", "row", "acts")})
     extract_s = time.perf_counter() - start
-    acts = np.concatenate(parts)
-    result["extract"] = {"rows": int(len(acts)), "wall_s": round(extract_s, 1),
-                         "tokens_per_s": len(acts) / extract_s}
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in ("item", "row", "acts")}
+    result["extract"] = {"rows": int(len(cols["acts"])), "wall_s": round(extract_s, 1),
+                         "tokens_per_s": len(cols["acts"]) / extract_s}
     tmp = Path(tempfile.mkdtemp(prefix="b8-"))
-    result["train"] = train_run(tcfg, launch, tmp / "train", norms, ray.data.from_numpy(acts).rename_columns(
-        {"data": "acts"}), 2)
-    del acts, parts, batch
+    acts = pa.FixedShapeTensorArray.from_numpy_ndarray(cols["acts"])
+    in_memory = ray.data.from_arrow(pa.table({"item": cols["item"], "row": cols["row"], "acts": acts}))
+    result["train"] = train_run(tcfg, launch, tmp / "train", norms,
+                                RowStream(in_memory, one_epoch, DataPosition.remote()), 2)
+    del cols, parts, batch, in_memory, acts
     gc.collect()
     disk_before = _written(session, tmp)
     peaks: dict = {}
     stop = threading.Event()
     watcher = threading.Thread(target=_peaks, args=(peaks, stop), daemon=True)
     watcher.start()
-    result["stream"] = train_run(tcfg, launch, tmp / "stream", norms, row_dataset(prep, launch), 2)
+    result["stream"] = train_run(tcfg, launch, tmp / "stream", norms,
+                                 row_stream(prep, stream_plan(prep, rows), launch), 2)
     result["stream"]["peak_bytes"] = dict(peaks)
     result["stream"]["bytes_written"] = _delta(_written(session, tmp), disk_before)
     e, t = result["extract"]["tokens_per_s"], result["train"]["tokens_per_s"]
@@ -172,7 +179,8 @@ def main() -> None:
     peaks.clear()
     ecfg4, prep4, tcfg4, rows4 = setup(4 * args.sequences)
     before = _written(session, tmp)
-    result["stream_4x"] = train_run(tcfg4, launch, tmp / "stream4", norms, row_dataset(prep4, launch), 2)
+    result["stream_4x"] = train_run(tcfg4, launch, tmp / "stream4", norms,
+                                    row_stream(prep4, stream_plan(prep4, rows4), launch), 2)
     result["stream_4x"]["peak_bytes"] = dict(peaks)
     result["stream_4x"]["bytes_written"] = _delta(_written(session, tmp), before)
     stop.set()

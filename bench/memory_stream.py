@@ -1,8 +1,9 @@
 """Peak memory of streaming extraction: the default toy corpus vs 10x it, rows consumed and dropped.
 
-Streams `jobs.extract.stream_dataset` through `iter_torch_batches` (what Ray Train does) and records
-the peak RSS of the driver and of each extraction actor (VmHWM, polled), next to the size the
-activations would take if materialised. Bounded memory means the peaks barely move with 10x data.
+Reads the corpus with Ray Data (`jobs.extract.prepare`), streams one epoch of `jobs.extract.row_stream`
+through `iter_torch_batches` (what Ray Train does) and records the peak RSS of the driver and of each
+extraction actor (VmHWM, polled), next to the size the activations would take if materialised.
+Bounded memory means the peaks barely move with 10x data (the driver holds no token either).
 
     python bench/memory_stream.py [--factor 10]   (run inside scripts/offline)
 """
@@ -37,10 +38,12 @@ def _actor_peaks(peaks: dict, stop: threading.Event) -> None:
 
 
 def run(n_docs: int) -> dict:
+    import dataclasses
+
     from crossray.corpus import CorpusConfig
     from crossray.extract import ExtractConfig
     from crossray.toy.build import ToyConfig, build_toy_family
-    from jobs.extract import stream_dataset
+    from jobs.extract import prepare, row_stream, stream_plan
 
     fam = build_toy_family(None, ToyConfig())
     cfg = ExtractConfig(family=str(fam), revisions=("step0", "step128", "step1000"), layer=2,
@@ -50,9 +53,11 @@ def run(n_docs: int) -> dict:
     watcher = threading.Thread(target=_actor_peaks, args=(peaks, stop), daemon=True)
     watcher.start()
     t0 = time.time()
-    ds, prep, _ = stream_dataset(cfg)
+    prep = prepare(cfg)
+    plan = dataclasses.replace(stream_plan(prep, 1), epochs=1)
     rows = 0
-    for batch in ds.iter_torch_batches(batch_size=4096, local_shuffle_buffer_size=16384):
+    stream = row_stream(prep, plan).dataset
+    for batch in stream.iter_torch_batches(batch_size=4096, local_shuffle_buffer_size=16384):
         rows += len(batch["acts"])
     stop.set()
     watcher.join()

@@ -192,6 +192,9 @@ class CorpusConfig:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.n_sequences is not None and self.n_sequences < 1:
             raise ValueError("n_sequences must be positive")
+        if self.n_sequences is None and (self.source == "toy" or self.source.count(":") == 1
+                                         and self.source.startswith("toy:")):
+            raise ValueError(f"corpus {self.source} never ends: set n_sequences, or toy:SEED:N_DOCS")
 
 
 @dataclass(frozen=True, kw_only=True)

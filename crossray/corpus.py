@@ -1,73 +1,161 @@
-"""Token sequences of fixed length for activation extraction, with a corpus hash.
+"""Token sequences of fixed length for activation extraction, and the corpus hash.
 
 Like the paper (method.md §2): each sequence is the first `seq_len` tokens of one document at least that
 long (shorter documents are dropped, longer ones truncated), no BOS prepended, in a deterministic order.
-Sources:
-- local files: `.jsonl` (field `text_field`), `.parquet` (column `text_field`), `.txt` (one document
-  per blank-line-separated block), or a folder of them (sorted by name);
+
+Sources (`CorpusConfig.source`):
+- a local file or folder, or a path on any pyarrow file system (`s3://bucket/pile/`, `gs://...`,
+  `file:///...`): `.jsonl` (field `text_field`; also `.jsonl.gz`, `.jsonl.zst`), `.parquet` (column
+  `text_field`), `.txt` (documents separated by blank lines); a folder's files of these kinds are read in
+  the order of their names;
 - `toy:SEED` / `toy:SEED:N_DOCS`: documents from the toy grammar, generated on the fly;
-- anything else is a Hugging Face data set name (`datasets.load_dataset`, needs the network).
-The hash covers the token ids, so the same tokens from any source give the same hash.
+- anything else is a Hugging Face data set name, streamed (`datasets.load_dataset(..., streaming=True)`).
+
+The corpus is a list of *parts* read in order (`parts`: a source's files, or the one toy or hub stream),
+each yielding its documents (`part_documents`), cut into sequences a batch of documents at a time
+(`pack`). One process (`load_sequences`) and Ray Data (`jobs/corpus.py`: a read task per part,
+tokenisation in parallel, the order preserved) run these same functions.
+
+The corpus hash is SHA-256 over a header (sequence count and length) and every sequence's own SHA-256
+(`sequence_digests`), in order. A block of sequences is digested wherever it lies and only the 32-byte
+digests are combined (`combine_digests`), so the hash is the same whether the corpus was read in one
+process or in many blocks on many nodes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from crossray.config import CorpusConfig
-from crossray.models.layer import encode
 
 logger = logging.getLogger(__name__)
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
+DIGEST_BYTES = 32
+DOCS_PER_BATCH = 256
+"""Documents tokenised together (one call into the fast tokenizer)."""
 
 
 class CorpusError(ValueError):
     """A corpus that cannot be read or yields no usable sequence."""
 
 
-def _local_documents(path: Path, text_field: str) -> Iterator[str]:
-    files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet", ".txt")) \
-        if path.is_dir() else [path]
-    if not files:
-        raise CorpusError(f"corpus folder {path} holds no .jsonl, .parquet or .txt files")
-    for f in files:
-        match f.suffix:
-            case ".jsonl":
-                with open(f, "rb") as fh:
-                    for i, raw in enumerate(fh, 1):
-                        try:
-                            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-                            row = json.loads(line) if line.strip() else None
-                        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                            raise CorpusError(f"{f}:{i}: not a UTF-8 JSON line ({e})") from e
-                        if row is not None:
-                            if text_field not in row:
-                                raise CorpusError(f"{f}:{i}: no field {text_field!r}")
-                            yield row[text_field]
-            case ".parquet":
-                import pyarrow.parquet as pq
+# -- parts and their documents ----------------------------------------------------------------------
 
-                table = pq.read_table(f)
-                if text_field not in table.column_names:
-                    raise CorpusError(f"{f}: no column {text_field!r} (has {table.column_names})")
-                yield from table.column(text_field).to_pylist()
-            case ".txt":
-                yield from (d.strip() for d in f.read_text().split("\n\n") if d.strip())
-            case other:
-                raise CorpusError(f"{f}: unsupported corpus file type {other!r}")
+def is_toy(source: str) -> bool:
+    return source == "toy" or source.startswith("toy:")
+
+
+def _filesystem(source: str):
+    """(pyarrow file system, path on it) of a local path or a file system URI; None for neither."""
+    import pyarrow.fs as pafs
+
+    if "://" in source:
+        try:
+            return pafs.FileSystem.from_uri(source)
+        except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a bad URI)
+            raise CorpusError(f"cannot open corpus {source}: {e}") from e
+    path = Path(source).expanduser()
+    return (pafs.LocalFileSystem(), str(path.resolve())) if path.exists() else None
+
+
+def is_files(source: str) -> bool:
+    """A local path that exists, or a file system URI (the hub and the toy are neither)."""
+    return not is_toy(source) and ("://" in source or Path(source).expanduser().exists())
+
+
+def _uri(source: str, path: str) -> str:
+    return path if "://" not in source else f"{source.split('://', 1)[0]}://{path}"
+
+
+def parts(cfg: CorpusConfig) -> list[str]:
+    """The corpus's parts in reading order: its files (paths or URIs), or the one toy / hub stream.
+    Raises CorpusError for a local path that does not exist or a folder with no corpus file."""
+    source = cfg.source
+    if is_toy(source):
+        return [source]
+    if not is_files(source):
+        if source.startswith(("/", ".", "~")) or Path(source).suffix in SUFFIXES:
+            raise CorpusError(f"corpus path {source} does not exist")
+        return [f"hub:{source}"]
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(source)  # type: ignore[misc]
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise CorpusError(f"corpus path {source} does not exist")
+    if info.type == pafs.FileType.File:
+        return [_uri(source, path)]
+    found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                   if i.type == pafs.FileType.File and i.path.endswith(SUFFIXES))
+    if not found:
+        raise CorpusError(f"corpus folder {source} holds no {', '.join(SUFFIXES)} files")
+    return [_uri(source, p) for p in found]
+
+
+def _jsonl_documents(lines: Iterable[bytes], name: str, text_field: str) -> Iterator[str]:
+    for i, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            row = json.loads(line) if line.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorpusError(f"{name}:{i}: not a UTF-8 JSON line ({e})") from e
+        if row is not None:
+            if not isinstance(row, dict) or text_field not in row:
+                raise CorpusError(f"{name}:{i}: no field {text_field!r}")
+            yield row[text_field]
+
+
+def _txt_documents(lines: Iterable[bytes], name: str) -> Iterator[str]:
+    doc: list[str] = []
+    for i, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{name}:{i}: not UTF-8 ({e})") from e
+        if line.strip():
+            doc.append(line)
+        elif doc:
+            yield "".join(doc).strip()
+            doc = []
+    if doc:
+        yield "".join(doc).strip()
+
+
+def _file_documents(part: str, text_field: str) -> Iterator[str]:
+    fs, path = _filesystem(part)  # type: ignore[misc]
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if text_field not in pf.schema_arrow.names:
+                raise CorpusError(f"{part}: no column {text_field!r} (has {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(batch_size=DOCS_PER_BATCH, columns=[text_field]):
+                yield from batch.column(0).to_pylist()
+        return
+    with fs.open_input_stream(path, compression="detect") as f:
+        lines = io.BufferedReader(f, buffer_size=1 << 20)  # type: ignore[arg-type]
+        if path.endswith(".txt"):
+            yield from _txt_documents(lines, part)
+        else:
+            yield from _jsonl_documents(lines, part, text_field)
 
 
 def _toy_documents(spec: str) -> Iterator[str]:
     from crossray.toy.grammar import Grammar
 
-    parts = spec.split(":")
-    seed = int(parts[1]) if len(parts) > 1 and parts[1] else 0
-    n_docs = int(parts[2]) if len(parts) > 2 else None
+    fields = spec.split(":")
+    seed = int(fields[1]) if len(fields) > 1 and fields[1] else 0
+    n_docs = int(fields[2]) if len(fields) > 2 else None
     grammar = Grammar(seed)
     i = 0
     while n_docs is None or i < n_docs:
@@ -75,44 +163,95 @@ def _toy_documents(spec: str) -> Iterator[str]:
         i += 1
 
 
-def documents(cfg: CorpusConfig) -> Iterator[str]:
-    if cfg.source.startswith("toy:") or cfg.source == "toy":
-        return _toy_documents(cfg.source)
-    path = Path(cfg.source)
-    if path.exists():
-        return _local_documents(path, cfg.text_field)
-    if cfg.source.startswith(("/", ".", "~")) or path.suffix:
-        raise CorpusError(f"corpus path {cfg.source} does not exist")
+def hub_documents(cfg: CorpusConfig) -> Iterator[str]:
+    """A Hugging Face data set's documents, streamed in its order (needs the network or its cache)."""
     import datasets
 
     try:
         ds = datasets.load_dataset(cfg.source, cfg.hub_config, split=cfg.split, streaming=True)
     except Exception as e:  # noqa: BLE001 (datasets raises many types; all mean "not loadable")
         raise CorpusError(f"cannot load corpus {cfg.source!r}: {e}") from e
-    return (row[cfg.text_field] for row in ds)
+    for row in ds:
+        if cfg.text_field not in row:
+            raise CorpusError(f"corpus {cfg.source}: no field {cfg.text_field!r} (has {sorted(row)})")
+        yield row[cfg.text_field]
 
 
-def load_sequences(cfg: CorpusConfig, tokenizer, max_documents: int | None = None
-                   ) -> tuple[torch.Tensor, str]:
-    """(token ids (N, seq_len), corpus hash); documents shorter than seq_len are dropped."""
-    rows: list[list[int]] = []
-    for n_docs, doc in enumerate(documents(cfg), 1):
-        ids = encode(tokenizer, doc)
-        if len(ids) >= cfg.seq_len:
-            rows.append(ids[: cfg.seq_len])
-            if cfg.n_sequences is not None and len(rows) >= cfg.n_sequences:
-                break
-        if max_documents is not None and n_docs >= max_documents:
+def part_documents(part: str, cfg: CorpusConfig) -> Iterator[str]:
+    """The documents of one part (from `parts`), in order."""
+    if is_toy(part):
+        return _toy_documents(part)
+    if part.startswith("hub:"):
+        return hub_documents(cfg)
+    return _file_documents(part, cfg.text_field)
+
+
+def documents(cfg: CorpusConfig) -> Iterator[str]:
+    """Every document of the corpus, in order (one process)."""
+    for part in parts(cfg):
+        yield from part_documents(part, cfg)
+
+
+def batched(docs: Iterable[str], size: int = DOCS_PER_BATCH) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# -- sequences --------------------------------------------------------------------------------------
+
+def pack(tokenizer, docs: list[str], seq_len: int) -> np.ndarray:
+    """(n, seq_len) int32: the first `seq_len` tokens of each document with at least that many, in
+    order (no special tokens; truncating while encoding gives the same ids as encoding in full)."""
+    if not docs:
+        return np.zeros((0, seq_len), np.int32)
+    ids = tokenizer(docs, add_special_tokens=False, truncation=True, max_length=seq_len)["input_ids"]
+    rows = [x for x in ids if len(x) == seq_len]
+    return np.asarray(rows, dtype=np.int32).reshape(len(rows), seq_len)
+
+
+def load_sequences(cfg: CorpusConfig, tokenizer) -> tuple[torch.Tensor, str]:
+    """(token ids (N, seq_len), corpus hash) in one process; documents shorter than seq_len are dropped."""
+    blocks, n = [], 0
+    for docs in batched(documents(cfg)):
+        block = pack(tokenizer, docs, cfg.seq_len)
+        if cfg.n_sequences is not None:
+            block = block[: cfg.n_sequences - n]
+        blocks.append(block)
+        n += len(block)
+        if cfg.n_sequences is not None and n >= cfg.n_sequences:
             break
-    if not rows:
-        raise CorpusError(f"corpus {cfg.source} has no document of {cfg.seq_len} tokens")
-    if cfg.n_sequences is not None and len(rows) < cfg.n_sequences:
-        logger.warning("corpus %s gave %d sequences of %d asked", cfg.source, len(rows), cfg.n_sequences)
-    tokens = torch.tensor(rows, dtype=torch.long)
+    check_count(cfg, n)
+    tokens = torch.from_numpy(np.concatenate(blocks)).long()
     return tokens, tokens_hash(tokens)
 
 
-def tokens_hash(tokens: torch.Tensor) -> str:
-    h = hashlib.sha256(f"{tuple(tokens.shape)}".encode())
-    h.update(tokens.to(torch.int64).numpy().tobytes())
+def check_count(cfg: CorpusConfig, n: int) -> None:
+    """Refuse a corpus with no usable sequence; warn when it has fewer than asked."""
+    if n == 0:
+        raise CorpusError(f"corpus {cfg.source} has no document of {cfg.seq_len} tokens")
+    if cfg.n_sequences is not None and n < cfg.n_sequences:
+        logger.warning("corpus %s gave %d sequences of %d asked", cfg.source, n, cfg.n_sequences)
+
+
+def sequence_digests(tokens_NS: np.ndarray | torch.Tensor) -> bytes:
+    """Each sequence's SHA-256 (of its ids as little-endian int64), concatenated: 32 bytes a sequence."""
+    ids = np.asarray(tokens_NS, dtype="<i8")
+    return b"".join(hashlib.sha256(row.tobytes()).digest() for row in ids)
+
+
+def combine_digests(digests: bytes, seq_len: int) -> str:
+    """The corpus hash of sequences given by their digests, in order."""
+    n = len(digests) // DIGEST_BYTES
+    h = hashlib.sha256(f"crossray corpus: {n} sequences of {seq_len} tokens\n".encode())
+    h.update(digests)
     return h.hexdigest()
+
+
+def tokens_hash(tokens_NS: np.ndarray | torch.Tensor) -> str:
+    return combine_digests(sequence_digests(tokens_NS), int(tokens_NS.shape[1]))

@@ -65,7 +65,7 @@ class CheckpointSetExtractor:
 
     def __init__(self, cfg: ExtractConfig, device: str | torch.device = "cpu"):
         family = cfg.family_obj()
-        check_same_width(family, cfg.revisions)
+        self.d_model = check_same_width(family, cfg.revisions)
         dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
         self.cfg = cfg
         self.device = torch.device(device)
@@ -157,15 +157,17 @@ def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
 
 
 def extract_shard(extractor: CheckpointSetExtractor, tokens_NS: np.ndarray, index: int, start: int,
-                  stop: int, out: Path) -> dict:
-    """Extract sequences [start, stop) and write them as shard `index`, with a JSON sidecar.
+                  out: Path) -> dict:
+    """Extract sequences start.. (their tokens `tokens_NS`) and write them as shard `index`, with a
+    JSON sidecar.
 
     Returns the shard's manifest entry plus its normalisation statistics (rows of sequences below
     `norm_sequences`). The Parquet file and then the sidecar are each replaced atomically, so a shard
     with a matching sidecar is complete.
     """
     cfg = extractor.cfg
-    acts = extractor(torch.from_numpy(np.asarray(tokens_NS[start:stop])).long())
+    stop = start + len(tokens_NS)
+    acts = extractor(torch.from_numpy(np.asarray(tokens_NS)).long())
     rows = to_rows(np.arange(start, stop), acts, cfg.corpus.drop_first_position)
     info = write_shard(out / shard_name(index), rows, cfg.storage_dtype)
     norm_sum, norm_count = norm_stats(rows, cfg.norm_sequences)

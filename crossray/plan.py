@@ -10,6 +10,9 @@ downloads weights. Formulas (C checkpoints, D = d_model, L latents, N training r
 - disk_bytes = activation_bytes (parquet only) + Ray Train checkpoints (2 kept + 1 being written +
   the final copy, each weights + Adam moments: 4 x 3 bytes per crosscoder parameter) + tables
   (effects: L x C x tasks rows, contexts: L x (C + 1) x k windows, about 100 bytes a row);
+- corpus_bytes = (n_sequences + eval_sequences) x seq_len x 4: the token ids, read by Ray Data and
+  kept in the object store (spread over the nodes, spilled to disk by Ray past its share of memory);
+  the driver holds 32 bytes of digest per sequence;
 - crosscoder parameters = 2 L C D + C D + L;
 - peak per extraction actor = C x prefix parameters x bytes(compute_dtype) + a batch's residuals
   (batch_sequences x seq_len x D x (4 C + 32) bytes: the kept fp32 rows, and the block in flight);
@@ -124,6 +127,7 @@ def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int |
             "evaluate": 1}
     plan = {"tokens": tokens, "checkpoints": C, "d_model": D, "n_latents": L,
             "activation_bytes": activation_bytes, "mode": mode, "disk_bytes": sum(disk.values()),
+            "corpus_bytes": (n_seq + cfg.evaluate.eval_sequences) * seq_len * 4,
             "disk": disk, "crosscoder_params": cc_params, "peak_bytes_per_actor": peak_actor,
             "peak_bytes_per_worker": peak_worker, "flops": flops,
             "gpu_hours": sum(gpu_hours.values()), "gpu_hours_by_stage": gpu_hours,
@@ -167,7 +171,8 @@ def plan_text(plan: dict) -> str:
         f"{human(d['checkpoints'])}, tables {human(d['tables'])}); free at the output: "
         f"{human(plan['free_bytes'])}",
         f"  peak memory: {human(plan['peak_bytes_per_actor'])} per extraction actor, "
-        f"{human(plan['peak_bytes_per_worker'])} per Train worker",
+        f"{human(plan['peak_bytes_per_worker'])} per Train worker; the corpus's tokens "
+        f"{human(plan['corpus_bytes'])} in Ray's object store",
         f"  compute: {plan['gpu_hours']:.3g} GPU hours on H100s (extract "
         f"{plan['gpu_hours_by_stage']['extract']:.3g}, train {plan['gpu_hours_by_stage']['train']:.3g}), "
         f"about {plan['wall_hours']:.3g} h on the configured GPUs"])

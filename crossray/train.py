@@ -231,6 +231,8 @@ class Trainer:
             x = next(it, None)
             if x is None:
                 logger.warning("batches ran out at step %d of %d", self.step, self.cfg.n_steps)
+                if save is not None and self.step % self.cfg.checkpoint_every:
+                    save(self)  # the final state, as a finished run has it
                 break
             self.step_batch(x, logged, save)
             if bar is not None:

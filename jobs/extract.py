@@ -6,11 +6,14 @@
 
 Any field of the run config can be overridden with a flag (`--launch.actors 4`).
 
-Sequences go to a pool of actors; each actor loads every checkpoint of the set once (in `__init__`)
-and runs them to the hooked block. Parquet mode: one task per shard (a fixed range of sequences),
-written atomically by name with a JSON sidecar, so retries after an actor dies and re-runs after an
-interruption never duplicate or lose rows; a complete extraction (manifest present, same inputs) is a
-no-op. Streaming mode (`stream_dataset`) returns a Ray Dataset of rows for Ray Train, with no disk.
+The corpus is read and tokenised by Ray Data first (`jobs.corpus`: its sequences stay in the object
+store, the driver never holds them). Sequences then go to a pool of actors; each actor loads every
+checkpoint of the set once (in `__init__`) and runs them to the hooked block. Parquet mode: one task
+per shard (a fixed range of sequences), written atomically by name with a JSON sidecar, so retries
+after an actor dies and re-runs after an interruption never duplicate or lose rows; a complete
+extraction (manifest present, same inputs) is a no-op. Stream mode (`row_stream`): a Ray Dataset of
+rows that Ray Train pulls, item by item (a block of sequences in one epoch), with no disk; a restored
+training run leaves out the items its checkpoint had consumed (`crossray.position`).
 
 Tiny CPU example: `python -m jobs.extract --config configs/tiny.yaml --pipeline.revisions
 step0,step128,step1000 --out runs/acts`.
@@ -31,35 +34,56 @@ import torch
 
 from crossray import extract as X
 from crossray.config import Config, LaunchConfig, load_config
-from crossray.corpus import load_sequences
-from crossray.models.layer import load_tokenizer
+from crossray.position import StreamPlan, from_ranges, unpack_bits
 from crossray.progress import Progress
 from crossray.schema import overrides_from, shallow
 from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging
+from jobs.corpus import Corpus, TokenStore, read_corpus
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Checked:
+    """What is known about an extraction before Ray starts: the set is valid, its width and hashes."""
+
+    d_model: int
+    weight_hashes: list[str]
+
+
+def check(cfg: X.ExtractConfig) -> Checked:
+    """The checkpoint set (revisions exist, same width, the layer, distinct weights) and the corpus
+    source (a local path exists), from configs and files only: no Ray, no weights loaded."""
+    from crossray.corpus import parts
+
+    d_model = X.check_same_width(cfg.family_obj(), cfg.revisions, cfg.layer)
+    hashes = X.resolve_hashes(cfg)
+    parts(cfg.corpus)  # a missing path or an empty folder is a CorpusError now
+    return Checked(d_model, hashes)
+
+
+@dataclass(frozen=True)
 class Prepared:
-    """Everything validated and resolved before any Ray work starts."""
+    """Everything resolved before the extraction: the checked set and the corpus in Ray's store."""
 
     cfg: X.ExtractConfig
-    tokens: np.ndarray  # (N, S) int32
-    corpus_hash: str
+    corpus: Corpus
     weight_hashes: list[str]
     d_model: int
     key: str
 
+    @property
+    def n_sequences(self) -> int:
+        return self.corpus.n_train
 
-def prepare(cfg: X.ExtractConfig) -> Prepared:
-    """Check the checkpoint set (revisions exist, same width, distinct weights) and read the corpus."""
-    family = cfg.family_obj()
-    d_model = X.check_same_width(family, cfg.revisions, cfg.layer)
-    hashes = X.resolve_hashes(cfg)
-    tokens, corpus_hash = load_sequences(cfg.corpus, load_tokenizer(family, cfg.revisions[0]))
-    key = X.extraction_key(cfg, hashes, corpus_hash)
-    return Prepared(cfg, tokens.to(torch.int32).numpy(), corpus_hash, hashes, d_model, key)
+
+def prepare(cfg: X.ExtractConfig, launch: LaunchConfig | None = None, extra: int = 0,
+            checked: Checked | None = None) -> Prepared:
+    """Check the set and read the corpus with Ray Data (its first `n_sequences`, plus `extra`)."""
+    checked = checked or check(cfg)
+    corpus = read_corpus(cfg, launch, extra)
+    key = X.extraction_key(cfg, checked.weight_hashes, corpus.corpus_hash)
+    return Prepared(cfg, corpus, checked.weight_hashes, checked.d_model, key)
 
 
 def _device(num_gpus: float) -> str:
@@ -69,47 +93,65 @@ def _device(num_gpus: float) -> str:
 class ShardWriter:
     """Ray Data actor: extracts and writes whole shards; returns one metadata row per shard."""
 
-    def __init__(self, cfg: X.ExtractConfig, tokens_ref, out: str, num_gpus: float = 0):
-        self.cfg, self.out = cfg, Path(out)
-        self.tokens = ray.get(tokens_ref[0])
+    def __init__(self, cfg: X.ExtractConfig, store: TokenStore, out: str, num_gpus: float = 0):
+        self.cfg, self.store, self.out = cfg, store, Path(out)
         self.extractor = X.CheckpointSetExtractor(cfg, _device(num_gpus))
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
         infos = []
         for i, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
-            info = X.extract_shard(self.extractor, self.tokens, int(i), int(start), int(stop), self.out)
+            tokens = self.store.get(int(start), int(stop))
+            info = X.extract_shard(self.extractor, tokens, int(i), int(start), self.out)
             infos.append({**info, "node": self.node})
         return {"info": np.array([json.dumps(i) for i in infos])}
 
 
 class RowExtractor:
-    """Ray Data actor for streaming mode: sequence blocks in, activation rows out."""
+    """Ray Data actor for stream mode: stream items in, their activation rows out. It reads the
+    resume point once (the pool is created after Train rank 0 set it): items trained on whole are
+    left out, and of a partly trained item only the rows not trained yet come."""
 
-    def __init__(self, cfg: X.ExtractConfig, tokens_ref, num_gpus: float = 0):
-        self.cfg = cfg
-        self.tokens = ray.get(tokens_ref[0])
+    def __init__(self, cfg: X.ExtractConfig, store: TokenStore, plan: StreamPlan, position=None,
+                 num_gpus: float = 0):
+        self.cfg, self.store, self.plan = cfg, store, plan
+        resume = ray.get(position.get.remote()) if position is not None else {"done": [], "partial": {}}
+        self.done, self.trained = from_ranges(resume["done"]), resume["partial"]
         self.extractor = X.CheckpointSetExtractor(cfg, _device(num_gpus))
 
     def __call__(self, batch: dict) -> dict:
         parts = []
-        for start, stop in zip(batch["start"], batch["stop"], strict=True):
-            acts = self.extractor(torch.from_numpy(self.tokens[start:stop]).long())
-            parts.append(X.to_rows(np.arange(start, stop), acts, self.cfg.corpus.drop_first_position))
-        return {k: np.concatenate([p[k] for p in parts]) for k in ("seq", "pos", "acts")}
+        for item in (int(i) for i in batch["item"]):
+            if item in self.done:
+                continue
+            start, stop = self.plan.block(item)
+            acts = self.extractor(torch.from_numpy(self.store.get(start, stop)).long())
+            rows = X.to_rows(np.arange(start, stop), acts, self.cfg.corpus.drop_first_position)
+            n = len(rows["seq"])
+            rows.update(item=np.full(n, item, np.int64), row=np.arange(n, dtype=np.int32))
+            if item in self.trained:
+                keep = ~unpack_bits(self.trained[item], n)
+                rows = {k: v[keep] for k, v in rows.items()}
+            parts.append(rows)
+        if not parts:
+            C, D = len(self.cfg.revisions), self.extractor.d_model
+            return {"item": np.zeros(0, np.int64), "row": np.zeros(0, np.int32), "seq": np.zeros(0, np.int64),
+                    "pos": np.zeros(0, np.int32), "acts": np.zeros((0, C, D), np.float32)}
+        return {k: np.concatenate([p[k] for p in parts]) for k in ("item", "row", "seq", "pos", "acts")}
 
 
 def estimate_norms(prep: Prepared, num_cpus: float = 0.5, num_gpus: float = 0) -> list[float]:
     """Normalisation factors from the first `norm_sequences` sequences, computed once in a Ray task."""
-    n = min(prep.cfg.norm_sequences, len(prep.tokens))
+    n = min(prep.cfg.norm_sequences, prep.n_sequences)
 
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)
-    def task(cfg, tokens):
+    def task(cfg, store):
+        tokens = store.get(0, n)
         acts = X.CheckpointSetExtractor(cfg, _device(num_gpus))(torch.from_numpy(tokens).long())
-        rows = X.to_rows(np.arange(len(tokens)), acts, cfg.corpus.drop_first_position)
-        return X.norm_stats(rows, len(tokens))
+        rows = X.to_rows(np.arange(n), acts, cfg.corpus.drop_first_position)
+        return X.norm_stats(rows, n)
 
-    norm_sum, count = ray.get(task.remote(prep.cfg, prep.tokens[:n]))
+    norm_sum, count = ray.get(task.remote(prep.cfg, prep.corpus.store))
     return X.norm_factors(norm_sum, count, prep.d_model)
 
 
@@ -145,7 +187,7 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, launch: LaunchConfig | No
     Progress (tokens/s, ETA) as shards finish: a bar or a log line every 30 s, and `on_progress`."""
     out = Path(out).resolve()  # actors may run in another working directory
     launch = launch or LaunchConfig()
-    prep = prep or prepare(cfg)  # every input check happens here, before any Ray work
+    prep = prep or prepare(cfg, launch)
     if (out / X.MANIFEST).exists():
         manifest = X.Manifest.read(out)
         if manifest.key == prep.key:
@@ -155,20 +197,18 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, launch: LaunchConfig | No
         raise X.ManifestError(f"{out} holds another extraction (key {manifest.key}, wanted {prep.key}); "
                               "choose another folder")
     out.mkdir(parents=True, exist_ok=True)
-    plan = X.shard_plan(len(prep.tokens), cfg.shard_sequences)
+    plan = X.shard_plan(prep.n_sequences, cfg.shard_sequences)
     done = _finished_shards(out, plan)
     todo = [p for p in plan if p[0] not in done]
     logger.info("extracting %d shards (%d already done) with %d actors", len(todo), len(done), launch.actors)
     if todo:
-        tokens_ref = ray.put(prep.tokens)
         ds = ray.data.from_items([{"shard": i, "start": s, "stop": e} for i, s, e in todo],
                                  override_num_blocks=len(todo))
         ds = ds.map_batches(ShardWriter, batch_size=1,
-                            fn_constructor_kwargs={"cfg": cfg, "tokens_ref": [tokens_ref], "out": str(out),
+                            fn_constructor_kwargs={"cfg": cfg, "store": prep.corpus.store, "out": str(out),
                                                    "num_gpus": launch.gpus_per_actor},
                             **_actor_args(launch, spread))
-        rows_per_seq = cfg.corpus.seq_len - (1 if cfg.corpus.drop_first_position else 0)
-        progress = Progress("extract", sum(e - s for _, s, e in todo) * rows_per_seq, "tokens",
+        progress = Progress("extract", sum(e - s for _, s, e in todo) * _rows_per_sequence(cfg), "tokens",
                             report=on_progress)
         for row in ds.iter_rows():
             info = json.loads(row["info"])
@@ -182,33 +222,64 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, launch: LaunchConfig | No
     return manifest
 
 
-def row_dataset(prep: Prepared, launch: LaunchConfig | None = None) -> ray.data.Dataset:
-    """Rows `seq, pos, acts` as a lazily executed Ray Dataset (nothing written to disk): the pool of
-    extraction actors turns blocks of `batch_sequences` sequences into rows as the consumer pulls."""
-    launch = launch or LaunchConfig()
-    tokens_ref = ray.put(prep.tokens)
-    blocks = [{"start": s, "stop": e} for _, s, e in X.shard_plan(len(prep.tokens), prep.cfg.batch_sequences)]
-    ds = ray.data.from_items(blocks, override_num_blocks=min(len(blocks), 64))
-    return ds.map_batches(RowExtractor, batch_size=1,
-                          fn_constructor_kwargs={"cfg": prep.cfg, "tokens_ref": [tokens_ref],
-                                                 "num_gpus": launch.gpus_per_actor},
-                          **_actor_args(launch, False))
+def _rows_per_sequence(cfg: X.ExtractConfig) -> int:
+    return cfg.corpus.seq_len - (1 if cfg.corpus.drop_first_position else 0)
 
 
-def stream_dataset(cfg: X.ExtractConfig, launch: LaunchConfig | None = None
-                   ) -> tuple[ray.data.Dataset, Prepared, list[float]]:
-    """(row dataset, prepared inputs, normalisation factors) of a streamed extraction."""
+@ray.remote(num_cpus=0)
+class DataPosition:
+    """The stream's resume point (`StreamPosition.resume`), set by Train rank 0 from the checkpoint it
+    restores before any worker pulls from the stream; the extraction actors read it when they start."""
+
+    def __init__(self) -> None:
+        self.resume: dict = {"done": [], "partial": {}}
+
+    def set(self, resume: dict) -> None:
+        self.resume = resume
+
+    def get(self) -> dict:
+        return self.resume
+
+
+@dataclass
+class RowStream:
+    """A stream mode training source: rows `item, seq, pos, acts` extracted as the Train workers pull
+    them, the plan of its items, and the position actor a restore sets."""
+
+    dataset: ray.data.Dataset
+    plan: StreamPlan
+    position: ray.actor.ActorHandle
+
+
+def row_stream(prep: Prepared, plan: StreamPlan, launch: LaunchConfig | None = None) -> RowStream:
+    """The extraction actor pool as a lazily executed Ray Dataset of rows (nothing written to disk):
+    each item of `plan` (a block of sequences in one epoch) is extracted when the consumer pulls it,
+    minus the items the position actor says were trained on already."""
     launch = launch or LaunchConfig()
-    prep = prepare(cfg)
-    return row_dataset(prep, launch), prep, estimate_norms(prep, launch.cpus_per_actor, launch.gpus_per_actor)
+    position = DataPosition.remote()
+    items = plan.items()
+    ds = ray.data.from_items([{"item": i} for i in items], override_num_blocks=min(len(items), 4096))
+    # one item a block: the unit the Train workers pull, retry and resume by
+    row_bytes = (len(prep.cfg.revisions) * prep.d_model + 6) * 4
+    ds.context.target_max_block_size = int(plan.item_rows(0) * row_bytes * 1.25)
+    ds = ds.map_batches(RowExtractor, batch_size=1,
+                        fn_constructor_kwargs={"cfg": prep.cfg, "store": prep.corpus.store, "plan": plan,
+                                               "position": position, "num_gpus": launch.gpus_per_actor},
+                        **_actor_args(launch, False))
+    return RowStream(ds, plan, position)
+
+
+def stream_plan(prep: Prepared, rows: int, seed: int = 0) -> StreamPlan:
+    """Items for `rows` trained rows over the prepared sequences, in blocks of `batch_sequences`."""
+    return StreamPlan.for_rows(rows, prep.n_sequences, prep.cfg.batch_sequences, _rows_per_sequence(prep.cfg),
+                               seed)
 
 
 def stream_manifest(prep: Prepared, launch: LaunchConfig | None = None) -> X.Manifest:
     """The manifest a streamed extraction stands for: its key and lineage, the normalisation factors
     (from the first `norm_sequences` sequences) and the row count; no shard."""
     launch = launch or LaunchConfig()
-    corpus = prep.cfg.corpus
-    rows = len(prep.tokens) * (corpus.seq_len - (1 if corpus.drop_first_position else 0))
+    rows = prep.n_sequences * _rows_per_sequence(prep.cfg)
     return _manifest(prep, estimate_norms(prep, launch.cpus_per_actor, launch.gpus_per_actor), rows, [])
 
 
@@ -217,9 +288,10 @@ def _manifest(prep: Prepared, norm_factors: list[float], token_count: int, shard
     cfg = prep.cfg
     return X.Manifest(
         key=prep.key, family=cfg.family, revisions=list(cfg.revisions), weight_hashes=prep.weight_hashes,
-        layer=cfg.layer, d_model=prep.d_model, corpus_hash=prep.corpus_hash, seq_len=cfg.corpus.seq_len,
-        n_sequences=len(prep.tokens), drop_first_position=cfg.corpus.drop_first_position,
-        storage_dtype=cfg.storage_dtype, norm_factors=norm_factors, token_count=token_count, shards=shards)
+        layer=cfg.layer, d_model=prep.d_model, corpus_hash=prep.corpus.corpus_hash,
+        seq_len=cfg.corpus.seq_len, n_sequences=prep.n_sequences,
+        drop_first_position=cfg.corpus.drop_first_position, storage_dtype=cfg.storage_dtype,
+        norm_factors=norm_factors, token_count=token_count, shards=shards)
 
 
 def extract_config(cfg: Config) -> X.ExtractConfig:
@@ -239,13 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides_from(args))
         ecfg = extract_config(cfg)
-        prep = prepare(ecfg)  # fail on bad input before Ray starts
+        checked = check(ecfg)  # fail on bad input before Ray starts
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
+
     def work() -> X.Manifest:
         init_ray(args.address)
-        return run_extract(ecfg, args.out, cfg.launch, prep=prep)
+        return run_extract(ecfg, args.out, cfg.launch, prep=prepare(ecfg, cfg.launch, checked=checked))
 
     code, manifest = guarded(work, local_folder(args.out), "extract")
     if manifest is None:

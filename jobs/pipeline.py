@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from crossray.checkpoints import Family
@@ -51,6 +52,19 @@ class RayBackend:
 
     def __init__(self, cfg: Config):
         self.launch = cfg.launch
+        self.held_out = cfg.evaluate.eval_sequences
+        self._prepared: dict[ExtractConfig, extract_job.Prepared] = {}
+
+    def _prepare(self, cfg: ExtractConfig) -> extract_job.Prepared:
+        """The checked set and its corpus in Ray's object store (the training sequences and the
+        held-out ones after them), read once per run whichever stages need it."""
+        if cfg not in self._prepared:
+            self._prepared[cfg] = extract_job.prepare(cfg, self.launch, extra=self.held_out)
+        return self._prepared[cfg]
+
+    def sequences(self, cfg: ExtractConfig, start: int, stop: int) -> np.ndarray:
+        store = self._prepare(cfg).corpus.store
+        return store.get(min(start, store.n), min(stop, store.n))
 
     def map(self, fn: Callable, args: list[tuple]) -> list:
         task = ray.remote(num_cpus=self.launch.cpus_per_actor, num_gpus=self.launch.gpus_per_actor)(fn)
@@ -70,22 +84,27 @@ class RayBackend:
         return progress_logger(run.info.run_id) if run is not None else None
 
     def extract(self, cfg: ExtractConfig, out: Path) -> Manifest:
-        return extract_job.run_extract(cfg, out, self.launch, on_progress=self._progress())
+        return extract_job.run_extract(cfg, out, self.launch, prep=self._prepare(cfg),
+                                       on_progress=self._progress())
 
     def stream(self, cfg: ExtractConfig) -> Manifest:
-        return extract_job.stream_manifest(extract_job.prepare(cfg), self.launch)
+        return extract_job.stream_manifest(self._prepare(cfg), self.launch)
 
     def train(self, cfg: TrainConfig, storage: Path, name: str, norm_factors: list[float],
               data: str | ExtractConfig) -> TrainOutput:
+        progress = self._progress()
         if isinstance(data, ExtractConfig):  # stream mode: extraction actors feed the Train workers
-            dataset = extract_job.row_dataset(extract_job.prepare(data), self.launch)
-            result = train_job.run_train(cfg, self.launch, storage, norm_factors, dataset=dataset, name=name,
-                                         on_progress=self._progress())
+            prep = self._prepare(data)
+            plan = extract_job.stream_plan(prep, cfg.n_steps * cfg.batch_size, cfg.data_seed)
+            result = train_job.run_train(cfg, self.launch, storage, norm_factors, name=name,
+                                         stream=extract_job.row_stream(prep, plan, self.launch),
+                                         on_progress=progress)
         else:
             result = train_job.run_train(cfg, self.launch, storage, norm_factors, data=data, name=name,
-                                         on_progress=self._progress())
+                                         on_progress=progress)
+        position = train_job.stream_position(result)
         return TrainOutput(train_job.crosscoder_dir(result), train_job.metric_history(result),
-                           dict(result.metrics or {}))
+                           dict(result.metrics or {}), position.to_json() if position else None)
 
     def attribute(self, crosscoder: str, family: Family, tasks: list[str], out: Path,
                   cfg: AttributionConfig) -> dict:

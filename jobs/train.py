@@ -42,14 +42,18 @@ from crossray.config import (
 )
 from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
+from crossray.position import RowMarks, StreamPlan, StreamPosition
 from crossray.schema import overrides_from
 from crossray.train import Trainer
 from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging
+from jobs.extract import RowStream
 
 logger = logging.getLogger(__name__)
 CROSSCODER_DIR = "crosscoder"
 HISTORY = "metrics.json"
 """Every metrics row rank 0 logged, kept in each checkpoint (Ray keeps only a few checkpoints)."""
+POSITION = "stream_position.json"
+"""Stream mode: the rows trained per stream item (`crossray.position`), kept in each checkpoint."""
 
 
 def _parquet_batches(folder: str, world: int, rank: int, batch: int, buffer: int, seed: int
@@ -61,42 +65,82 @@ def _parquet_batches(folder: str, world: int, rank: int, batch: int, buffer: int
         yield from shuffled_batches(paths, batch, buffer, seed + 1000 * epoch + rank)
 
 
-def _stream_batches(batch: int, buffer: int, seed: int) -> Iterator[torch.Tensor]:
+def _stream_batches(batch: int, buffer: int, seed: int, marks: RowMarks) -> Iterator[torch.Tensor]:
+    """The worker's split of the stream (every epoch in one pass), each batch's rows marked."""
     shard = ray.train.get_dataset_shard("train")
-    for epoch in itertools.count():
-        for b in shard.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=buffer,
-                                          local_shuffle_seed=seed + 1000 * epoch, drop_last=True):
-            yield b["acts"]
+    for b in shard.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=buffer,
+                                      local_shuffle_seed=seed, drop_last=True):
+        marks.add(b["item"].numpy(), b["row"].numpy())
+        yield b["acts"]
 
 
-def _make_trainer(cfg: TrainConfig, norm_factors: list[float], device: torch.device
-                  ) -> tuple[Trainer, list[dict]]:
-    """A fresh trainer, or the one in the latest Ray Train checkpoint with its metric history."""
+def _restore_position(folder: Path | None, plan: StreamPlan, position_actor) -> StreamPosition:
+    """Rank 0: the stream position of the restored checkpoint (a fresh one without), handed to the
+    position actor before any worker pulls from the stream, so the stream leaves out what is done."""
+    saved = folder / POSITION if folder is not None else None
+    if saved is not None and saved.exists():
+        position = StreamPosition.from_json(json.loads(saved.read_text()))
+        position.restores += 1
+        logger.info("stream resumes: %d items done, %d partly (%d of their rows to come), %d rows trained",
+                    len(position.done), len(position.partial), position.pending_rows(), position.rows)
+    else:
+        position = StreamPosition(plan)
+    ray.get(position_actor.set.remote(position.resume()))
+    return position
+
+
+def _gather(marks: dict, world: int) -> list[dict]:
+    """Every worker's row marks (a collective: every rank calls it at the same step)."""
+    if world == 1:
+        return [marks]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, marks)
+    return out
+
+
+def _make_trainer(cfg: TrainConfig, norm_factors: list[float], device: torch.device,
+                  restore: Callable[[Path | None], None] = lambda _: None) -> tuple[Trainer, list[dict]]:
+    """A fresh trainer, or the one in the latest Ray Train checkpoint with its metric history;
+    `restore` reads anything else from the checkpoint folder (None for a fresh start)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer = Trainer.resume(Path(folder) / CROSSCODER_DIR, cfg, device)
             history = json.loads((Path(folder) / HISTORY).read_text())
+            restore(Path(folder))
         logger.info("resumed from step %d", trainer.step)
         return trainer, history
+    restore(None)
     cc = Crosscoder(cfg.crosscoder)
     cc.norm_factors_C.copy_(torch.tensor(norm_factors))
     return Trainer(cc, cfg, device), []
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """About 20 lines of glue: data shard -> crossray Trainer -> ray.train.report."""
+    """Glue: data shard -> crossray Trainer -> ray.train.report. The data position on a restore:
+    Parquet batches skip the consumed ones; a stream leaves out the items already trained on."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg: TrainConfig = config["train_cfg"]
     device = ray.train.torch.get_device()
-    trainer, history = _make_trainer(cfg, config["norm_factors"], device)
+    stream = config.get("plan")
+    marks = RowMarks(stream) if stream is not None else None
+    restored: list[StreamPosition] = []
+
+    def restore(folder: Path | None) -> None:
+        if stream is not None and rank == 0:
+            restored.append(_restore_position(folder, stream, config["position"]))
+
+    trainer, history = _make_trainer(cfg, config["norm_factors"], device, restore)
+    position = restored[0] if restored else None
     if world > 1:
         trainer.forward_module = ray.train.torch.prepare_model(trainer.cc, move_to_device=False)
     batch, buffer, seed = cfg.batch_size // world, cfg.shuffle_buffer_rows, cfg.data_seed
-    batches = (_parquet_batches(config["data"], world, rank, batch, buffer, seed)
-               if config["data"] else _stream_batches(batch, buffer, seed + rank))
-    batches = itertools.islice(batches, trainer.batches_consumed, None)  # data position on resume
+    if stream is None:
+        batches = _parquet_batches(config["data"], world, rank, batch, buffer, seed)
+        batches = itertools.islice(batches, trainer.batches_consumed, None)
+    else:
+        batches = _stream_batches(batch, buffer, seed + 1000 * trainer.step + rank, marks)
     latest: dict = {"resumed_from_step": trainer.step}
 
     def log(step: int, metrics: dict) -> None:
@@ -111,10 +155,15 @@ def train_loop_per_worker(config: dict) -> None:
             config["progress"].put_nowait(snapshot)
 
     def save(t: Trainer) -> None:
+        counts = _gather(marks.take(), world) if marks is not None else []
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 t.save(Path(tmp) / CROSSCODER_DIR)
                 (Path(tmp) / HISTORY).write_text(json.dumps(history))
+                if position is not None:
+                    for c in counts:
+                        position.add(c)
+                    (Path(tmp) / POSITION).write_text(json.dumps(position.to_json()))
                 ray.train.report({**latest, "step": t.step}, checkpoint=Checkpoint.from_directory(tmp))
             else:
                 ray.train.report({"step": t.step})
@@ -125,15 +174,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_factors: list[float],
-              data: str | None = None, dataset: ray.data.Dataset | None = None, name: str = "",
+              data: str | None = None, stream: RowStream | None = None, name: str = "",
               on_progress: Callable[[dict], None] | None = None) -> ray.train.Result:
-    """Fit on Parquet shards (`data`, a manifest folder) or a streaming `dataset` of rows.
+    """Fit on Parquet shards (`data`, a manifest folder) or a `stream` of rows from the extraction
+    actors (`jobs.extract.row_stream`).
 
     `name` is the Ray Train run name under `storage`: the name of a stopped run resumes it (empty: a
     fresh unique name). Rank 0's progress (steps/s, tokens/s, loss, L0, FVE, ETA) comes back through a
     Ray queue every `CROSSRAY_PROGRESS_SECONDS`: logged here, and handed to `on_progress`."""
-    if (data is None) == (dataset is None):
-        raise ValueError("give exactly one of data (a manifest folder) or dataset (streaming)")
+    if (data is None) == (stream is None):
+        raise ValueError("give exactly one of data (a manifest folder) or stream (jobs.extract.row_stream)")
     if data is not None:
         data = str(Path(data).resolve())  # Train workers run in their own working directory
         manifest = Manifest.read(data)
@@ -156,14 +206,16 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train_cfg": cfg, "norm_factors": list(norm_factors), "data": data,
-                           "progress": progress, "progress_s": progress_seconds()},
+                           "progress": progress, "progress_s": progress_seconds(),
+                           "plan": stream.plan if stream else None,
+                           "position": stream.position if stream else None},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name or f"crosscoder-{uuid.uuid4().hex[:8]}",
                              storage_path=str(Path(storage).resolve()),
                              failure_config=FailureConfig(max_failures=launch.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": dataset} if dataset is not None else None,
+        datasets={"train": stream.dataset} if stream is not None else None,
     )
     stop = threading.Event()
     relay = threading.Thread(target=_relay_progress, args=(progress, stop, launch.workers, on_progress),
@@ -202,6 +254,12 @@ def _relay_progress(queue, stop: threading.Event, workers: int, on_progress) -> 
 def metric_history(result: ray.train.Result) -> list[dict]:
     """Every metrics row of a finished run (rank 0's, every metrics_every steps)."""
     return json.loads((crosscoder_dir(result).parent / HISTORY).read_text())
+
+
+def stream_position(result: ray.train.Result) -> StreamPosition | None:
+    """Where a stream mode run ended in its data (None for a run on Parquet shards)."""
+    path = crosscoder_dir(result).parent / POSITION
+    return StreamPosition.from_json(json.loads(path.read_text())) if path.exists() else None
 
 
 def crosscoder_dir(result: ray.train.Result) -> Path:

@@ -2,6 +2,7 @@
 compute when its shards would not fit the disk."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def crossray(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The installed command with a bare environment (no Ray address, no tracking URI), sharing the
+    session's toy family cache (`toy_dir` builds it there; another cache would build it again)."""
     exe = Path(sys.executable).parent / "crossray"
+    cache = {k: os.environ[k] for k in ("CROSSRAY_CACHE", "HOME") if k in os.environ}
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=120,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **cache})
 
 
 def test_plan_of_the_paper_run_is_about_5_tb_and_streams():
@@ -30,6 +34,7 @@ def test_plan_of_the_paper_run_is_about_5_tb_and_streams():
     assert plan["mode"] == "stream" and plan["disk"]["activations"] == 0
     assert plan["disk_bytes"] < 200e9
     assert plan["tokens"] == 409_200_000 and plan["d_model"] == 2048
+    assert plan["corpus_bytes"] == 400_240 * 1024 * 4  # the token ids, in Ray's object store
     assert 0.5 < plan["gpu_hours"] < 20 and plan["wall_hours"] < plan["gpu_hours"]
     # the same config forced to Parquet writes the 5 TB
     proc = crossray("plan", "configs/pythia-1b.yaml", "--json", "--extract.mode", "parquet")

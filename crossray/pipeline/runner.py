@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from crossray.checkpoints import Family, resolve_family
 from crossray.config import Config, ExtractConfig, TrainConfig, resolve_train
 from crossray.extract import Manifest
@@ -44,6 +46,8 @@ class TrainOutput:
     history: list[dict]
     """Every metrics row of the run (rank 0's, every `metrics_every` steps)."""
     final: dict
+    stream_position: dict | None = None
+    """Stream mode: the rows trained per stream item at the end (`crossray.position`)."""
 
 
 class Backend(Protocol):
@@ -63,6 +67,11 @@ class Backend(Protocol):
         ...
 
     def attribute(self, crosscoder: str, family: Family, tasks: list[str], out: Path, cfg) -> dict: ...
+
+    def sequences(self, cfg: ExtractConfig, start: int, stop: int) -> np.ndarray:
+        """Corpus sequences start..stop-1 as (n, seq_len) token ids (fewer at the corpus's end): the
+        held-out ones for evaluation, the first ones for the context scan."""
+        ...
 
 
 class Pipeline:
@@ -292,6 +301,10 @@ class Pipeline:
         out = self.backend.train(cfg, folder / "ray", f"train-{self.outcome.keys['train']}",
                                  ex.norm_factors, ex.acts if ex.mode == "parquet" else self.extract_config())
         self.tracker.log_history(out.history)  # type: ignore[union-attr]
+        if out.stream_position is not None:  # what a restore re-trained, for the record
+            write_json_atomic(folder / "stream_position.json", out.stream_position)
+            mlflow.log_metrics({f"stream/{k}": out.stream_position[k]
+                                for k in ("rows", "duplicate_rows", "restores")})
         shutil.copytree(out.crosscoder, folder / "crosscoder", dirs_exist_ok=True)
         shutil.rmtree(folder / "ray", ignore_errors=True)  # checkpoints are not needed once done
         model = log_crosscoder(folder / "crosscoder")
@@ -300,9 +313,11 @@ class Pipeline:
     def evaluate(self, folder: Path) -> S.EvaluateResult:
         import mlflow
 
-        res = self.outcome.results
-        [result] = self.backend.map(S.evaluate, [(self.extract_config(), res["train"].crosscoder,
-                                                  res["extract"].n_sequences, self.cfg.evaluate)])
+        res, ecfg = self.outcome.results, self.extract_config()
+        n_train = res["extract"].n_sequences
+        held_out = self.backend.sequences(ecfg, n_train, n_train + self.cfg.evaluate.eval_sequences)
+        [result] = self.backend.map(S.evaluate, [(ecfg, res["train"].crosscoder, held_out,
+                                                  self.cfg.evaluate)])
         mlflow.log_metrics(result.metrics)
         write_json_atomic(folder / "metrics.json", result.metrics)
         return result
@@ -323,8 +338,12 @@ class Pipeline:
         res = self.outcome.results
         revisions = ", ".join(res["select"].revisions)
         title = f"{self.p.name}: {self.family.name} at layer {self.p.layer}, {revisions}"
-        return S.analyse(folder, res["screen"], res["select"], res["extract"], res["train"], res["attribute"],
-                         self.extract_config(), self.cfg.analysis, title)
+        ecfg, cfg = self.extract_config(), self.cfg.analysis
+        tokens = self.backend.sequences(ecfg, 0, min(cfg.context_sequences, res["extract"].n_sequences))
+        [contexts] = self.backend.map(S.top_contexts, [(res["train"].crosscoder, res["extract"], ecfg, cfg,
+                                                        tokens)])  # next to the models (stream: re-extracts)
+        return S.analyse(folder, res["screen"], res["select"], res["train"], res["attribute"], contexts,
+                         title)
 
 
 def _sparsity(train) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from crossray.checkpoints import Family
@@ -174,23 +175,20 @@ def select(screen: ScreenResult, cfg: PipelineConfig) -> SelectResult:
 
 # -- evaluate -------------------------------------------------------------------------------------
 
-def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, n_train: int, cfg: EvaluateConfig) -> EvaluateResult:
-    """FVE, L0, dead latents and spliced ΔCE / CE recovered on the sequences after the training ones:
-    `delta_ce/<rev>` with position 0 left real (the training convention), `delta_ce_pos0/<rev>` with
-    it spliced too (the paper's evaluation)."""
-    from crossray.corpus import load_sequences
+def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, cfg: EvaluateConfig
+             ) -> EvaluateResult:
+    """FVE, L0, dead latents and spliced ΔCE / CE recovered on `held_out_NS`, the sequences after the
+    training ones: `delta_ce/<rev>` with position 0 left real (the training convention),
+    `delta_ce_pos0/<rev>` with it spliced too (the paper's evaluation)."""
     from crossray.extract import CheckpointSetExtractor
     from crossray.metrics import evaluate as evaluate_rows
     from crossray.metrics import spliced_ce_policies
-    from crossray.models.layer import load_tokenizer
     from crossray.store import load_crosscoder
 
-    corpus = dataclasses.replace(ecfg.corpus, n_sequences=n_train + cfg.eval_sequences)
-    tokens, _ = load_sequences(corpus, load_tokenizer(ecfg.family_obj(), ecfg.revisions[0]))
-    held_out = tokens[n_train:]
-    if len(held_out) == 0:
-        raise ValueError(f"corpus {ecfg.corpus.source} has no sequence left after the {n_train} training "
-                         "ones for evaluation")
+    if len(held_out_NS) == 0:
+        raise ValueError(f"corpus {ecfg.corpus.source} has no sequence left after the training ones for "
+                         f"evaluation (evaluate.eval_sequences {cfg.eval_sequences})")
+    held_out = torch.from_numpy(np.asarray(held_out_NS)).long()
     extractor = CheckpointSetExtractor(ecfg)
     start = 1 if ecfg.corpus.drop_first_position else 0
     cc = load_crosscoder(crosscoder_dir)
@@ -211,11 +209,10 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, n_train: int, cfg: Evalua
 
 # -- analyse --------------------------------------------------------------------------------------
 
-def analyse(folder: Path, screen: ScreenResult, select: SelectResult, extract: ExtractResult,
-            train: TrainResult, attribute: AttributeResult, ecfg: ExtractConfig, cfg: AnalysisConfig,
-            title: str = "crossray run") -> AnalyseResult:
-    """Feature table, top contexts, plots, the findings report, and feature groups by decoder norm
-    and by RelIE."""
+def analyse(folder: Path, screen: ScreenResult, select: SelectResult, train: TrainResult,
+            attribute: AttributeResult, contexts: list[dict], title: str = "crossray run") -> AnalyseResult:
+    """Feature table, plots, the findings report, and feature groups by decoder norm and by RelIE;
+    `contexts` are the top contexts (`top_contexts`, computed next to the models)."""
     import pandas as pd
 
     from crossray import analysis as A
@@ -227,7 +224,6 @@ def analyse(folder: Path, screen: ScreenResult, select: SelectResult, extract: E
     revisions = list(cc.cfg.revisions)
     rows = A.feature_rows(cc)
     reldec = torch.tensor([[row[f"reldec/{r}"] for r in revisions] for row in rows])
-    contexts = context_rows(cc, extract, ecfg, cfg)
     write_tables(folder / "tables", {"features": rows, "top_contexts": contexts})
     plots.accuracy_curves(screen.revisions, screen.accuracy, revisions, folder / "accuracy_curves.png")
     plots.reldec_histogram(reldec, revisions, folder / "reldec_histogram.png")
@@ -254,17 +250,19 @@ def analyse(folder: Path, screen: ScreenResult, select: SelectResult, extract: E
     return AnalyseResult(groups, counts)
 
 
-def context_rows(cc, extract: ExtractResult, ecfg: ExtractConfig, cfg: AnalysisConfig) -> list[dict]:
+def top_contexts(crosscoder_dir: str, extract: ExtractResult, ecfg: ExtractConfig, cfg: AnalysisConfig,
+                 tokens_NS: np.ndarray) -> list[dict]:
     """Top-activating contexts per feature (joint and per checkpoint) over the first extracted
-    sequences, with each window's tokens and scores."""
+    sequences (`tokens_NS`), with each window's tokens and scores."""
     from crossray.analysis import contexts_table, extracted_batches, shard_batches
-    from crossray.corpus import load_sequences
     from crossray.extract import CheckpointSetExtractor, Manifest
     from crossray.models.layer import load_tokenizer
+    from crossray.store import load_crosscoder
 
-    n_seq = min(cfg.context_sequences, extract.n_sequences)
+    cc = load_crosscoder(crosscoder_dir)
+    tokens = torch.from_numpy(np.asarray(tokens_NS)).long()
+    n_seq = len(tokens)
     tokenizer = load_tokenizer(ecfg.family_obj(), ecfg.revisions[0])
-    tokens, _ = load_sequences(dataclasses.replace(ecfg.corpus, n_sequences=n_seq), tokenizer)
     if extract.mode == "stream":  # nothing stored: extract the scanned sequences again (twice: 2 passes)
         extractor = CheckpointSetExtractor(ecfg)
         batches = functools.partial(extracted_batches, extractor, tokens, ecfg.corpus.drop_first_position)

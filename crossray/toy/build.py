@@ -210,11 +210,12 @@ def _model_config(cfg: ToyConfig, vocab_size: int, tokenizer):
 
 def tokenize_documents(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
     """First `seq_len` tokens of every document at least that long, like the paper's corpus."""
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    rows = [x[:seq_len] for x in ids if len(x) >= seq_len]
-    if not rows:
+    from crossray.corpus import pack
+
+    rows = pack(tokenizer, docs, seq_len)
+    if not len(rows):
         raise ValueError(f"no document has {seq_len} tokens")
-    return torch.tensor(rows, dtype=torch.long)
+    return torch.from_numpy(rows).long()
 
 
 def _lr_at(step: int, cfg: ToyConfig) -> float:

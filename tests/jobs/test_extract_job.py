@@ -1,5 +1,6 @@
 """Ray Data extraction: exactly-once rows, manifest, idempotence, resume, streaming, faults, bad input."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from crossray.extract import (
     ManifestError,
     read_shard,
 )
-from jobs.extract import run_extract, stream_dataset
+from jobs.extract import estimate_norms, prepare, row_stream, run_extract, stream_plan
 from tests.conftest import save_tiny_family
 
 pytestmark = pytest.mark.ray
@@ -59,7 +60,8 @@ def test_parquet_extraction(toy_acts, toy_extract_cfg):
     from crossray.models.layer import load_tokenizer
 
     family = toy_extract_cfg.family_obj()
-    tokens, _ = load_sequences(toy_extract_cfg.corpus, load_tokenizer(family, "step0"))
+    tokens, corpus_hash = load_sequences(toy_extract_cfg.corpus, load_tokenizer(family, "step0"))
+    assert m.corpus_hash == corpus_hash  # Ray Data's tokenisation = one process's
     direct = CheckpointSetExtractor(toy_extract_cfg)(tokens[5:6])[0, 1:]  # (63, C, D)
     got = acts[seq == 5][np.argsort(pos[seq == 5])]
     torch.testing.assert_close(got, direct, rtol=1e-2, atol=1e-2)
@@ -88,9 +90,14 @@ def test_interrupted_extraction_resumes(toy_acts, toy_extract_cfg, tmp_path):
 
 
 def test_streaming_gives_the_same_rows(ray_cluster, toy_acts, toy_extract_cfg):
-    ds, prep, norms = stream_dataset(toy_extract_cfg)
-    assert norms == pytest.approx(Manifest.read(toy_acts).norm_factors)
-    rows = ds.take_all()
+    prep = prepare(toy_extract_cfg)
+    assert estimate_norms(prep) == pytest.approx(Manifest.read(toy_acts).norm_factors)
+    assert prep.key == Manifest.read(toy_acts).key  # the same extraction, streamed
+    plan = stream_plan(prep, rows=1)  # the fewest epochs: 2 (one more for what buffers hold back)
+    rows = row_stream(prep, plan).dataset.take_all()
+    assert len(rows) == 2 * 192 * 63
+    rows = [r for r in rows if r["item"] < plan.n_blocks]  # the first epoch
+    assert all(plan.block(r["item"])[0] <= r["seq"] < plan.block(r["item"])[1] for r in rows)
     seq = np.array([r["seq"] for r in rows])
     pos = np.array([r["pos"] for r in rows])
     acts = torch.from_numpy(np.stack([r["acts"] for r in rows]))
@@ -128,11 +135,11 @@ def test_killed_actor_still_gives_every_row_once(ray_cluster, toy_extract_cfg, t
 def test_killed_actor_in_a_stream_still_gives_every_row_once(ray_cluster, toy_extract_cfg):
     """SIGKILL an extraction actor while the stream is consumed (as Ray Train consumes it): it is
     replaced, its in-flight sequences are extracted again, and every (seq, pos) arrives exactly once."""
-    from jobs.extract import prepare, row_dataset
-
-    cfg = ExtractConfig(**{**toy_extract_cfg.__dict__, "batch_sequences": 4})  # 48 blocks
+    cfg = ExtractConfig(**{**toy_extract_cfg.__dict__, "batch_sequences": 4})  # 48 items an epoch
     seen, killed = [], []
-    batches = row_dataset(prepare(cfg)).iter_batches(batch_size=63 * 4, batch_format="numpy")
+    prep = prepare(cfg)
+    stream = row_stream(prep, dataclasses.replace(stream_plan(prep, rows=1), epochs=1))
+    batches = stream.dataset.iter_batches(batch_size=63 * 4, batch_format="numpy")
     for i, batch in enumerate(batches):
         seen.append(batch["seq"] * 1000 + batch["pos"])
         if i == 3 and not killed:

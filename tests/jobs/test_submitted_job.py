@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from tests.helpers import free_port, small_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.rehearsal]
 
 NODES = """
 import json, sys
