@@ -27,6 +27,7 @@ import ray
 
 from crossray import corpus as K
 from crossray.config import ExtractConfig, LaunchConfig
+from crossray.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +141,18 @@ def read_corpus(ecfg: ExtractConfig, launch: LaunchConfig | None = None, extra: 
     corpus = ecfg.corpus
     wanted = None if corpus.n_sequences is None else corpus.n_sequences + extra
     indexed, seen = [], 0
+    progress = Progress("corpus", wanted or 0, "sequences")
     try:
         bundles = sequence_dataset(ecfg, launch).iter_internal_ref_bundles()
         for bundle in bundles:
             indexed += [_index_block.remote(ref, corpus.seq_len) for ref in bundle.block_refs]
-            seen += bundle.num_rows() or 0
+            rows = bundle.num_rows() or 0
+            seen += rows
+            progress.update(rows, tokens=rows * corpus.seq_len)
             if wanted is not None and seen >= wanted:
                 break
         del bundles  # stops the reading
+        progress.close()
         digests = ray.get([d for _, d in indexed])
     except Exception as e:
         cause = _cause(e)

@@ -94,10 +94,42 @@ def small_pipeline_config(tmp_path: Path) -> Path:
     cfg["extract"]["corpus"]["n_sequences"] = 128
     cfg["extract"]["shard_sequences"] = 64
     cfg["train"].update(n_steps=600, batch_size=256, checkpoint_every=50, metrics_every=50)
-    cfg["attribution"].update(steps=4)
+    cfg["attribution"].update(steps=4, top_k=10)  # plumbing, not the science: tiny.yaml's top 20 is slower
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def light_pipeline_config(tmp_path: Path, toy_dir: Path, out: Path | None = None) -> Path:
+    """The smallest whole pipeline, for tests of failure and resume: one task, the checkpoint set
+    pinned (screening still runs on it), 96 sequences, 100 steps of a 128-latent crosscoder."""
+    import yaml
+
+    config = small_pipeline_config(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["pipeline"].update(out=str(out or tmp_path / "runs"), revisions=["step0", "step128", "step1000"],
+                           screen_revisions=["step0", "step128", "step1000"],
+                           tasks=[str(toy_dir / "tasks" / "simple_agreement.jsonl")])
+    cfg["extract"]["corpus"]["n_sequences"] = 96
+    cfg["extract"].update(shard_sequences=48, norm_sequences=48)
+    cfg["train"].update(n_steps=100, checkpoint_every=20, metrics_every=20)
+    cfg["train"]["crosscoder"]["n_latents"] = 128
+    cfg["attribution"].update(steps=2)
+    cfg["analysis"] = {"context_sequences": 16}
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def same_training(reference, toy_dir: Path) -> dict[str, str]:
+    """Overrides that keep a small pipeline's extraction and training those of `reference` (a
+    RunOutcome of `small_pipeline_config`: its selected checkpoints pinned) while screening and
+    attribution take one task: for tests that compare a second run's crosscoder with the reference's."""
+    return {"pipeline.revisions": ",".join(reference.results["select"].revisions),
+            "pipeline.tasks": str(toy_dir / "tasks" / "simple_agreement.jsonl")}
+
+
+def as_flags(overrides: dict[str, str]) -> list[str]:
+    return [x for k, v in overrides.items() for x in (f"--{k}", v)]
 
 
 def replica_pids(deployment: str = "ServeReplica:crossray:CrosscoderService") -> list[int]:

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 
 from crossray.config import CorpusConfig
-from crossray.corpus import combine_digests, documents, pack, sequence_digests, tokens_hash
+from crossray.corpus import (
+    combine_digests,
+    documents,
+    hub_documents,
+    pack,
+    parts,
+    sequence_digests,
+    tokens_hash,
+)
 
 
 def test_pack_keeps_the_first_tokens_of_long_enough_documents(toy_tokenizer):
@@ -38,3 +46,16 @@ def test_a_toy_stream_without_an_end_is_refused():
     with pytest.raises(ValueError, match="never ends"):
         CorpusConfig(source="toy:3", seq_len=8)
     CorpusConfig(source="toy:3:100", seq_len=8)  # a bounded stream needs no count
+
+
+def test_a_hub_data_set_is_streamed_through_datasets(tmp_path):
+    """A name that is not a local path is a hub data set, streamed by `datasets.load_dataset`; offline,
+    the same call reads a local data set folder (the hub's JSON builder), in order."""
+    pile = "monology/pile-uncopyrighted"
+    assert parts(CorpusConfig(source=pile, seq_len=8)) == [f"hub:{pile}"]
+    folder = tmp_path / "hub-like"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(f'{{"text": "doc {i}", "meta": {i}}}\n' for i in range(5)))
+    assert list(hub_documents(CorpusConfig(source=str(folder), seq_len=8))) == [f"doc {i}" for i in range(5)]
+    with pytest.raises(ValueError, match="no field 'body'"):
+        list(hub_documents(CorpusConfig(source=str(folder), seq_len=8, text_field="body")))

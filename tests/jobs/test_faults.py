@@ -49,13 +49,10 @@ def test_empty_task_file_fails_before_any_compute(toy_dir, tmp_path):
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
-def _small(tmp_path, out: Path) -> Path:
-    from tests.helpers import small_pipeline_config
+def _small(tmp_path, out: Path, toy_dir: Path) -> Path:
+    from tests.helpers import light_pipeline_config
 
-    config = small_pipeline_config(tmp_path)
-    text = config.read_text().replace(str(tmp_path / "runs"), str(out))
-    config.write_text(text)
-    return config
+    return light_pipeline_config(tmp_path, toy_dir, out)
 
 
 @pytest.mark.ray
@@ -70,7 +67,7 @@ def test_disk_full_during_extraction(toy_dir, tmp_path):
         pytest.skip("needs root for a private tmpfs")
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
-    config = _small(tmp_path, mnt)
+    config = _small(tmp_path, mnt, toy_dir)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("RAY_ADDRESS", None)
     filler = (f"while [ ! -e {mnt}/tiny/extract/started.json ]; do sleep 0.05; done; "
@@ -95,74 +92,111 @@ def test_disk_full_during_extraction(toy_dir, tmp_path):
     assert "in the log: 0" not in proc.stdout and "in the log: " in proc.stdout  # the real error, kept
 
 
+def _mlflow_server(port: int, root: Path) -> subprocess.Popen:
+    """A tracking server on 127.0.0.1 (sqlite), started here; the caller stops it by its PID."""
+    import httpx
+
+    root.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise AssertionError("mlflow server did not start")
+
+
+def _wait(condition, proc: subprocess.Popen, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.1)
+    assert condition(), f"{what} did not happen (the run ended with {proc.poll()})"
+
+
 @pytest.mark.ray
-def test_tracking_server_dies_mid_run(toy_dir, tmp_path):
-    """The MLflow server stops after screening: exit 1 with one line saying so; after a restart the
-    same command resumes, and the interrupted stage's run is closed as KILLED."""
+def test_interrupted_runs_resume(tracked_run, toy_dir, tmp_path):
+    """One run folder through the interruptions a user meets, each followed by the same command:
+    1. a second run of the folder while the first holds it is refused at once, naming the holder;
+    2. the MLflow server stops after screening: exit 1 with one line saying so;
+    3. after a restart, the run is SIGKILLed during training;
+    4. the next run takes over the stale lock, closes the killed stage run as KILLED, resumes from
+       the last Ray Train checkpoint, and its crosscoder is as good as the uninterrupted one's."""
+    import json
     import signal
 
     from mlflow import MlflowClient
 
-    from tests.helpers import free_port
+    from tests.helpers import (
+        as_flags,
+        free_port,
+        registered_checkpoints,
+        same_training,
+        small_pipeline_config,
+    )
 
+    reference, _ = tracked_run
     port, root = free_port(), tmp_path / "mlflow"
-    server_cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                  "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
-                  str(root / "artifacts"), "--workers", "1"]
-
-    def start_server():
-        import httpx
-
-        root.mkdir(exist_ok=True)
-        proc = subprocess.Popen(server_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True,
-                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise AssertionError("mlflow server did not start")
-
-    server = start_server()
-    out = tmp_path / "runs"
-    config = _small(tmp_path, out)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    config, folder = small_pipeline_config(tmp_path), tmp_path / "runs" / "tiny"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config)]
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config),
+           *as_flags(same_training(reference, toy_dir))]  # the reference's training, one task
+    server = _mlflow_server(port, root)
     run = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and run.poll() is None and \
-                not (out / "tiny" / "select" / "done.json").exists():
-            time.sleep(0.1)
-        os.killpg(server.pid, signal.SIGTERM)
+        _wait(lambda: (folder.parent / "tiny.lock").exists(), run, 120, "the lock")
+        t0 = time.time()  # 1. the same command while the first run holds the folder
+        second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and time.time() - t0 < 30
+        [line] = [x for x in second.stderr.splitlines() if x.startswith("crossray: error:")]
+        assert f"is in use by pid {run.pid}" in line and "--wait" in line
+        _wait(lambda: (folder / "select" / "done.json").exists(), run, 300, "screening")
+        os.killpg(server.pid, signal.SIGTERM)  # 2. the tracking server goes away
         server.wait(timeout=30)
         t0 = time.time()
         _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 1, stderr[-3000:]
+        errors = [x for x in stderr.splitlines() if x.startswith("crossray: error:")]
+        assert len(errors) == 1 and "MLflow tracking server" in errors[0] and "restart it" in errors[0], \
+            stderr[-3000:]
+        assert "Traceback" not in stderr and time.time() - t0 < 120
+        server = _mlflow_server(port, root)  # 3. back; the same command, SIGKILLed while training
+        run = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+        _wait(lambda: registered_checkpoints(folder / "train" / "ray") >= 1, run, 400, "a checkpoint")
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        assert not (folder / "train" / "done.json").exists()
+        again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)  # 4.
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "taking over the stale lock" in again.stderr and "FVE" in again.stdout
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert not [r for r in runs if r.info.status == "RUNNING"]  # every run ended
+        stages = {}
+        for r in runs:
+            stages.setdefault(r.data.tags.get("crossray.stage"), []).append(r.info.status)
+        assert sorted(stages["train"]) == ["FINISHED", "KILLED"], stages  # closed by the last run
+        assert stages["extract"].count("FINISHED") == 1, stages
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 1, stderr[-3000:]
-    errors = [x for x in stderr.splitlines() if x.startswith("crossray: error:")]
-    assert len(errors) == 1 and "MLflow tracking server" in errors[0] and "restart it" in errors[0], \
-        stderr[-3000:]
-    assert "Traceback" not in stderr and time.time() - t0 < 120
-    server = start_server()
-    try:
-        again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert again.returncode == 0, again.stderr[-3000:]
-        client = MlflowClient(f"http://127.0.0.1:{port}")
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        assert not [r for r in runs if r.info.status == "RUNNING"]
-        assert [r.info.status for r in runs if r.data.tags.get("crossray.stage") == "extract"].count(
-            "FINISHED") == 1
-    finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+    train = json.loads((folder / "train" / "done.json").read_text())["result"]["final"]
+    assert train["step"] == 600 and 50 <= train["resumed_from_step"] < 600
+    evaluate = json.loads((folder / "evaluate" / "done.json").read_text())["result"]
+    for name, value in reference.results["evaluate"].metrics.items():
+        if name.startswith("fve/"):
+            assert evaluate["metrics"][name] == pytest.approx(value, abs=0.01)
 
 
 def test_a_submitted_job_does_not_lose_its_results(tmp_path):

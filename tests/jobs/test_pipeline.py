@@ -2,10 +2,6 @@
 registry, lineage; a second run skips every stage; configs and bad input."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +16,7 @@ from crossray.pipeline.runner import Pipeline
 from crossray.pipeline.summary import summary_text
 from crossray.tracking import check_tracking
 from jobs.pipeline import run
-from tests.helpers import free_port, registered_checkpoints, small_pipeline_config
+from tests.helpers import free_port, same_training
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.ray
@@ -80,13 +76,13 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 7
 
 
-def test_stream_mode_writes_no_activation_and_matches_parquet(tracked_run, mlflow_server):
+def test_stream_mode_writes_no_activation_and_matches_parquet(tracked_run, mlflow_server, toy_dir):
     """The same data and settings with `extract.mode: stream`: the extraction actors feed the Train
     workers, no activation shard is written anywhere, and the held-out FVE is the Parquet run's."""
     parquet, config = tracked_run
     cfg = load_config(config, {"extract.mode": "stream", "pipeline.name": "tiny-stream",
-                               "extract.batch_sequences": "64",  # fewer, larger blocks per epoch
-                               "launch.register_name": "toy-test-stream"})  # toy-test@champion stays
+                               "launch.register_name": "toy-test-stream",  # toy-test@champion stays
+                               **same_training(parquet, toy_dir)})  # the same extraction and training
     mlflow.set_tracking_uri(mlflow_server)
     outcome = run(cfg, config.name)
     ex = outcome.results["extract"]
@@ -114,54 +110,6 @@ def test_stream_mode_writes_no_activation_and_matches_parquet(tracked_run, mlflo
             f = stack.pop()
             assert "acts" not in Path(f.path).parts and not f.path.endswith("train_state.safetensors"), f.path
             stack += client.list_artifacts(child.info.run_id, f.path) if f.is_dir else []
-
-
-def test_killed_pipeline_resumes_training(tracked_run, tmp_path):
-    """A second run on a folder in use is refused at once, naming the holder. SIGKILL the whole
-    pipeline during training; the re-run takes over the stale lock, closes the killed MLflow stage
-    run as KILLED and resumes from the last checkpoint."""
-    import json
-
-    reference, _ = tracked_run
-    config = small_pipeline_config(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    train_dir = tmp_path / "runs" / "tiny" / "train"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (tmp_path / "runs" / "tiny.lock").exists():
-        time.sleep(0.1)
-    t0 = time.time()  # a second run of the same config, while the first holds the folder
-    second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2 and time.time() - t0 < 30
-    [line] = [x for x in second.stderr.splitlines() if x.startswith("crossray: error:")]
-    assert f"is in use by pid {proc.pid}" in line and "--wait" in line
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and registered_checkpoints(train_dir / "ray") < 1:
-        time.sleep(0.1)
-    assert proc.poll() is None, "the pipeline ended before training reached a checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (train_dir / "done.json").exists()
-    again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "taking over the stale lock" in again.stderr
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert not [r for r in runs if r.info.status == "RUNNING"]  # every run ended
-    killed = [r.data.tags.get("crossray.stage") for r in runs if r.info.status == "KILLED"]
-    assert killed == ["train"], killed  # the killed stage run, closed by the re-run
-    assert len([r for r in runs if r.data.tags.get("crossray.stage") == "train"]) == 2
-    train = json.loads((train_dir / "done.json").read_text())["result"]["final"]
-    assert train["step"] == 600 and 50 <= train["resumed_from_step"] < 600
-    evaluate = json.loads((tmp_path / "runs" / "tiny" / "evaluate" / "done.json").read_text())["result"]
-    for name, value in reference.results["evaluate"].metrics.items():
-        if name.startswith("fve/"):
-            assert evaluate["metrics"][name] == pytest.approx(value, abs=0.01)
-    assert "FVE" in again.stdout
 
 
 def test_configs_parse_and_resolve():

@@ -36,7 +36,8 @@ def test_report_shows_every_task(tracked_run, mlflow_server, tmp_path):
 def test_tiny_config_finds_the_dip_and_agrees_with_ablation(toy_dir, tmp_path):
     """`crossray run configs/tiny.yaml --json`, as the demo runs it: the checkpoint set holds the
     nearest-noun dip of agreement across a prepositional phrase and the phase where it is learned,
-    and the ablation check agrees with RelIE on every toy task."""
+    the ablation check agrees with RelIE on every toy task, and the MLflow artifact store stays lean:
+    no activation shard, no training state, a few MB in all."""
     import json
     import os
     import subprocess
@@ -57,3 +58,8 @@ def test_tiny_config_finds_the_dip_and_agrees_with_ablation(toy_dir, tmp_path):
     assert min(chosen) <= 0.25 and max(chosen) >= 0.9
     assert len(summary["tasks"]) == 6
     assert all(info["ablation_rho"] >= 0.8 for info in summary["tasks"].values()), summary["tasks"]
+    store = [p for p in (tmp_path / "runs" / "mlartifacts").rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in store)
+    print(f"MLflow artifact store: {len(store)} files, {total / 1e6:.1f} MB")
+    assert store and total < 25e6
+    assert not [p for p in store if p.name.startswith("shard-") or p.name == "train_state.safetensors"]
