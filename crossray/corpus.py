@@ -30,14 +30,12 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch  # NOTE: at import, not lazily: a Ray worker importing torch inside a task while it loads
 
+#               another remote function's module (which imports torch) hits a partially initialised torch
 from crossray.config import CorpusConfig
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +218,6 @@ def pack(tokenizer, docs: list[str], seq_len: int) -> np.ndarray:
 
 def load_sequences(cfg: CorpusConfig, tokenizer) -> tuple[torch.Tensor, str]:
     """(token ids (N, seq_len), corpus hash) in one process; documents shorter than seq_len are dropped."""
-    import torch
-
     blocks, n = [], 0
     for docs in batched(documents(cfg)):
         block = pack(tokenizer, docs, cfg.seq_len)

@@ -61,6 +61,21 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+WORKER_SETUP = "jobs._ray.import_torch"
+"""Runtime env `worker_process_setup_hook` of every crossray job (merged with a submitted job's own)."""
+
+
+def import_torch() -> None:
+    """Worker setup hook: import torch once, before any task runs.
+
+    NOTE: a Ray worker imports the remote functions and classes it is sent in a background thread
+    while its main thread runs a task; two threads importing torch at once leave one of them with a
+    partially initialised torch ("module 'torch' has no attribute 'distributed'"), which failed a
+    fresh cluster's extraction when a task imported torch lazily.
+    """
+    import torch  # noqa: F401
+
+
 def init_ray(address: str | None) -> None:
     """Join `address` or $RAY_ADDRESS (set by `ray job submit`); otherwise start a fresh local Ray.
 
@@ -68,4 +83,5 @@ def init_ray(address: str | None) -> None:
     another network namespace, and then waits minutes for it.
     """
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-             log_to_driver=False, ignore_reinit_error=True)
+             log_to_driver=False, ignore_reinit_error=True,
+             runtime_env={"worker_process_setup_hook": WORKER_SETUP})
