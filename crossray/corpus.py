@@ -102,6 +102,15 @@ def parts(cfg: CorpusConfig) -> list[str]:
     return [_uri(source, p) for p in found]
 
 
+def part_stats(cfg: CorpusConfig) -> list[tuple[str, int, int | None]]:
+    """(part, size, modification time in ns) of each file of a file corpus, from its file system's
+    listing: what identifies a remote corpus without reading it."""
+    fs, _ = _filesystem(cfg.source)  # type: ignore[misc]
+    found = parts(cfg)
+    infos = fs.get_file_info([p.split("://", 1)[-1] for p in found])
+    return [(p, i.size, i.mtime_ns) for p, i in zip(found, infos, strict=True)]
+
+
 def _jsonl_documents(lines: Iterable[bytes], name: str, text_field: str) -> Iterator[str]:
     for i, raw in enumerate(lines, 1):
         try:

@@ -33,7 +33,7 @@ from crossray.progress import Progress
 from crossray.schema import overrides_from
 from crossray.store import load_crosscoder, write_tables
 from crossray.tasks import TaskError, load_tasks
-from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging
+from jobs._ray import compute_device, guarded, init_ray, job_parser, local_folder, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class AttributionActor:
 
     def __init__(self, crosscoder_dir: str, family: Family, revisions: list[str], layer: int,
                  num_gpus: float = 0, dtype: str = "float32"):
-        device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = compute_device(num_gpus)
         self.cc = load_crosscoder(crosscoder_dir, device)
         self.models = [load_layer_model(family, r, layer, dtype=dtype, device=device) for r in revisions]
         self.tokenizer = load_tokenizer(family, revisions[0])

@@ -37,7 +37,7 @@ from crossray.config import Config, LaunchConfig, load_config
 from crossray.position import StreamPlan, from_ranges, unpack_bits
 from crossray.progress import Progress
 from crossray.schema import overrides_from, shallow
-from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging
+from jobs._ray import compute_device, guarded, init_ray, job_parser, local_folder, setup_logging
 from jobs.corpus import Corpus, TokenStore, read_corpus
 
 logger = logging.getLogger(__name__)
@@ -86,16 +86,12 @@ def prepare(cfg: X.ExtractConfig, launch: LaunchConfig | None = None, extra: int
     return Prepared(cfg, corpus, checked.weight_hashes, checked.d_model, key)
 
 
-def _device(num_gpus: float) -> str:
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
 class ShardWriter:
     """Ray Data actor: extracts and writes whole shards; returns one metadata row per shard."""
 
     def __init__(self, cfg: X.ExtractConfig, store: TokenStore, out: str, num_gpus: float = 0):
         self.cfg, self.store, self.out = cfg, store, Path(out)
-        self.extractor = X.CheckpointSetExtractor(cfg, _device(num_gpus))
+        self.extractor = X.CheckpointSetExtractor(cfg, compute_device(num_gpus))
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
@@ -117,7 +113,7 @@ class RowExtractor:
         self.cfg, self.store, self.plan = cfg, store, plan
         resume = ray.get(position.get.remote()) if position is not None else {"done": [], "partial": {}}
         self.done, self.trained = from_ranges(resume["done"]), resume["partial"]
-        self.extractor = X.CheckpointSetExtractor(cfg, _device(num_gpus))
+        self.extractor = X.CheckpointSetExtractor(cfg, compute_device(num_gpus))
 
     def __call__(self, batch: dict) -> dict:
         parts = []
@@ -147,7 +143,7 @@ def estimate_norms(prep: Prepared, num_cpus: float = 0.5, num_gpus: float = 0) -
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)
     def task(cfg, store):
         tokens = store.get(0, n)
-        acts = X.CheckpointSetExtractor(cfg, _device(num_gpus))(torch.from_numpy(tokens).long())
+        acts = X.CheckpointSetExtractor(cfg, compute_device(num_gpus))(torch.from_numpy(tokens).long())
         rows = X.to_rows(np.arange(n), acts, cfg.corpus.drop_first_position)
         return X.norm_stats(rows, n)
 

@@ -42,9 +42,15 @@ from crossray.tracking import check_tracking, experiment_link
 from jobs import attribute as attribute_job
 from jobs import extract as extract_job
 from jobs import train as train_job
-from jobs._ray import guarded, init_ray, job_parser, setup_logging
+from jobs._ray import guarded, init_ray, job_parser, setup_logging, use_assigned_cpus
 
 logger = logging.getLogger(__name__)
+
+
+def _call(fn: Callable, *args):
+    """`fn(*args)` in a Ray task, torch on the task's CPUs."""
+    use_assigned_cpus()
+    return fn(*args)
 
 
 class RayBackend:
@@ -67,9 +73,9 @@ class RayBackend:
         return store.get(min(start, store.n), min(stop, store.n))
 
     def map(self, fn: Callable, args: list[tuple]) -> list:
-        task = ray.remote(num_cpus=self.launch.cpus_per_actor, num_gpus=self.launch.gpus_per_actor)(fn)
+        task = ray.remote(num_cpus=self.launch.cpus_per_actor, num_gpus=self.launch.gpus_per_actor)(_call)
         try:
-            return ray.get([task.remote(*a) for a in args])
+            return ray.get([task.remote(fn, *a) for a in args])
         except ray.exceptions.RayTaskError as e:
             raise e.as_instanceof_cause() from None
 

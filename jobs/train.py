@@ -30,6 +30,7 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
+from ray.data import ExecutionOptions
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -45,7 +46,7 @@ from crossray.models.crosscoder import Crosscoder
 from crossray.position import RowMarks, StreamPlan, StreamPosition
 from crossray.schema import overrides_from
 from crossray.train import Trainer
-from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging
+from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging, use_assigned_cpus
 from jobs.extract import RowStream
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def _make_trainer(cfg: TrainConfig, norm_factors: list[float], device: torch.dev
 def train_loop_per_worker(config: dict) -> None:
     """Glue: data shard -> crossray Trainer -> ray.train.report. The data position on a restore:
     Parquet batches skip the consumed ones; a stream leaves out the items already trained on."""
+    use_assigned_cpus()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg: TrainConfig = config["train_cfg"]
@@ -216,6 +218,10 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_
                              failure_config=FailureConfig(max_failures=launch.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": stream.dataset} if stream is not None else None,
+        # items reach the workers in the plan's order: an item re-extracted after its actor died comes
+        # before any later one, so a run trains the plan's leading rows (less what its shuffle buffers
+        # hold at the end) and a late retry is never cut off by the end of training
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     stop = threading.Event()
     relay = threading.Thread(target=_relay_progress, args=(progress, stop, launch.workers, on_progress),

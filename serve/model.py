@@ -58,8 +58,10 @@ class LiveModel:
         import torch
 
         from crossray.live import open_run
+        from jobs._ray import use_assigned_cpus
         from serve.app import DEFAULT_CACHE
 
+        use_assigned_cpus()
         logging.basicConfig(level=logging.INFO)
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri

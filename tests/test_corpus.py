@@ -59,3 +59,22 @@ def test_a_hub_data_set_is_streamed_through_datasets(tmp_path):
     assert list(hub_documents(CorpusConfig(source=str(folder), seq_len=8))) == [f"doc {i}" for i in range(5)]
     with pytest.raises(ValueError, match="no field 'body'"):
         list(hub_documents(CorpusConfig(source=str(folder), seq_len=8, text_field="body")))
+
+
+def test_a_uri_corpus_is_fingerprinted_by_its_listing(tmp_path):
+    """A corpus on a file system URI enters the extraction key by each file's size and modification
+    time (never read for it): an edited file changes the key, an untouched one keeps it, and a file
+    of another type in the folder does not count."""
+    import os
+
+    from crossray.pipeline.inputs import corpus_fingerprint
+
+    (tmp_path / "a.jsonl").write_text('{"text": "the man waits"}\n')
+    (tmp_path / "notes.md").write_text("not a corpus file")
+    cfg = CorpusConfig(source=f"file://{tmp_path}", seq_len=8, n_sequences=1)
+    before = corpus_fingerprint(cfg)
+    (tmp_path / "notes.md").write_text("edited, still not a corpus file")
+    assert corpus_fingerprint(cfg) == before
+    (tmp_path / "a.jsonl").write_text('{"text": "the men wait"}\n')  # same size: the time tells
+    os.utime(tmp_path / "a.jsonl", ns=(1, 10**18))
+    assert corpus_fingerprint(cfg) != before

@@ -28,6 +28,7 @@ from typing import Any
 
 from crossray.checkpoints import Family, checkpoint_hash
 from crossray.config import CorpusConfig
+from crossray.corpus import part_stats
 from crossray.extract import sha256_file
 from crossray.schema import schema_dict
 
@@ -67,11 +68,15 @@ def task_contents(specs: Sequence[str]) -> dict[str, str]:
 
 
 def corpus_fingerprint(corpus: CorpusConfig) -> str:
-    """The corpus's settings plus its content: local files by their bytes, the toy generator by its
-    spec, a hub data set by its name, config and split (the token hash goes in the manifest)."""
+    """The corpus's settings plus its content: local files by their bytes, files on a file system URI
+    (s3://, gs://, ...) by their listing (size and modification time: reading a remote corpus at
+    every run would cost as much as tokenising it), the toy generator by its spec, a hub data set
+    by its name, config and split (the token hash goes in the manifest)."""
     path = Path(corpus.source)
     if corpus.source.startswith("toy"):
         content: Any = corpus.source
+    elif "://" in corpus.source:
+        content = part_stats(corpus)
     elif path.is_dir():
         content = {f.name: file_sha256(f) for f in sorted(path.iterdir()) if f.is_file()}
     elif path.is_file():

@@ -4,6 +4,7 @@ import json
 import sys
 
 import ray
+import ray.data
 from ray.cluster_utils import Cluster
 
 from crossray.config import LaunchConfig
@@ -20,6 +21,9 @@ def main(family: str, out: str) -> None:
     cfg = ExtractConfig(family=family, revisions=("step0", "step1000"), layer=1,
                         corpus=CorpusConfig(source=f"{family}/corpus/train.jsonl", seq_len=32,
                                             n_sequences=64), shard_sequences=4, norm_sequences=8)
+    # both actors up before the first shard: a fast toy extraction is otherwise done by whichever
+    # actor started first, on one node
+    ray.data.DataContext.get_current().wait_for_min_actors_s = 120
     manifest = run_extract(cfg, out, LaunchConfig(actors=2, cpus_per_actor=0.5), spread=True)
     nodes = sorted({s["node"] for s in Manifest.read(out).shards})
     print(json.dumps({"nodes": nodes, "shards": len(manifest.shards), "worker_nodes": [
