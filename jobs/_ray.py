@@ -61,8 +61,17 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-WORKER_SETUP = "jobs._ray.import_torch"
-"""Runtime env `worker_process_setup_hook` of every crossray job (merged with a submitted job's own)."""
+def runtime_env(env_vars: dict[str, str] | None = None) -> dict:
+    """The runtime env of every crossray job (merged with a submitted job's own): the worker setup
+    hook, and Ray Train's controller polling its workers every 0.25 s unless
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S says otherwise.
+
+    NOTE: a Train worker's report with a checkpoint waits for the controller's next poll (every 2 s
+    by default): 15 checkpoints of a 400-step toy run cost 28 s of 49.
+    """
+    interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    return {"worker_process_setup_hook": "jobs._ray.import_torch",
+            "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval, **(env_vars or {})}}
 
 
 def import_torch() -> None:
@@ -108,4 +117,4 @@ def init_ray(address: str | None) -> None:
     """
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
              log_to_driver=False, ignore_reinit_error=True,
-             runtime_env={"worker_process_setup_hook": WORKER_SETUP})
+             runtime_env=runtime_env())

@@ -92,14 +92,12 @@ def save_tiny_family(root: Path, arch: str, revisions=("step1", "step2"), seed: 
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session (2 CPUs; actors and workers take 0.5 CPU)."""
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     import ray
 
-    from jobs._ray import WORKER_SETUP
+    from jobs._ray import runtime_env
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                          "worker_process_setup_hook": WORKER_SETUP})
+             runtime_env=runtime_env({"PYTHONPATH": str(Path(__file__).resolve().parents[1])}))
     yield ray
     ray.shutdown()
 

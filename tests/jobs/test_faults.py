@@ -143,8 +143,7 @@ def test_interrupted_runs_resume(tracked_run, toy_dir, tmp_path):
     reference, _ = tracked_run
     port, root = free_port(), tmp_path / "mlflow"
     config, folder = small_pipeline_config(tmp_path), tmp_path / "runs" / "tiny"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config),
            *as_flags(same_training(reference, toy_dir))]  # the reference's training, one task
