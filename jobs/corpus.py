@@ -18,6 +18,7 @@ object stores (Ray spills them to disk if they do not fit).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -92,6 +93,21 @@ def _read(batch: dict, cfg) -> dict:
 def _tokenize(batch: dict, ecfg: ExtractConfig) -> dict:
     tok = _tokenizer(ecfg.family, ecfg.revisions[0], ecfg.naming, ecfg.tokenizer)
     return {"ids": K.pack(tok, [str(t) for t in batch["text"]], ecfg.corpus.seq_len)}
+
+
+HEAD_BYTES = 64 << 20
+"""The most token bytes `head_sequences` reads in the driver (16M tokens, seconds to tokenise in one
+process; the context scan of an analysis is a few MB)."""
+
+
+def head_sequences(ecfg: ExtractConfig, stop: int) -> np.ndarray | None:
+    """The corpus's first `stop` sequences (fewer at its end), read in this process with the same
+    rules, when they are at most HEAD_BYTES of tokens; None when they are more (read with Ray Data)."""
+    if stop * ecfg.corpus.seq_len * 4 > HEAD_BYTES:
+        return None
+    tok = _tokenizer(ecfg.family, ecfg.revisions[0], ecfg.naming, ecfg.tokenizer)
+    tokens, _ = K.load_sequences(dataclasses.replace(ecfg.corpus, n_sequences=stop), tok)
+    return tokens.numpy().astype(np.int32)
 
 
 @ray.remote(num_returns=2)

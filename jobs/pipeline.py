@@ -43,6 +43,7 @@ from jobs import attribute as attribute_job
 from jobs import extract as extract_job
 from jobs import train as train_job
 from jobs._ray import guarded, init_ray, job_parser, setup_logging, use_assigned_cpus
+from jobs.corpus import head_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ class RayBackend:
         return self._prepared[cfg]
 
     def sequences(self, cfg: ExtractConfig, start: int, stop: int) -> np.ndarray:
+        """From the corpus this run read for its extraction; else, for a reused extraction, a head of
+        the corpus read here when small (the context scan's first sequences: not the whole corpus
+        through Ray Data), or the corpus read with Ray Data."""
+        if cfg not in self._prepared and (head := head_sequences(cfg, stop)) is not None:
+            return head[min(start, len(head)):stop]
         store = self._prepare(cfg).corpus.store
         return store.get(min(start, store.n), min(stop, store.n))
 

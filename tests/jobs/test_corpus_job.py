@@ -67,6 +67,9 @@ def test_first_sequences_and_the_held_out_tail(ray_cluster, toy_dir, toy_tokeniz
     assert np.array_equal(got.store.get(0, 200), tokens.numpy())
     everything, _ = load_sequences(CorpusConfig(source=str(corpus_folder), seq_len=32), toy_tokenizer)
     assert np.array_equal(got.store.get(200, 216), everything[200:216].numpy())
+    # a small head (a reused extraction's context scan) is read in the driver, the same sequences
+    assert np.array_equal(corpus_job.head_sequences(ecfg, 216), got.store.get(0, 216))
+    assert corpus_job.head_sequences(ecfg, corpus_job.HEAD_BYTES // (32 * 4) + 1) is None
 
 
 def test_bad_corpus_files_name_file_and_line(ray_cluster, toy_dir, tmp_path):
