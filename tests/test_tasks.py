@@ -111,15 +111,14 @@ def test_real_blimp_files_load_and_score(toy_family, toy_tokenizer):
         assert len(t.sentences) == 1000
         if f.stem.endswith("_2") and "irregular_plural" not in f.stem and "adj_irregular_1" not in f.stem:
             assert t.skipped.get("two_prefix") == 1000
-    revisions = toy_family.available_revisions()
-    rows, tasks = accuracy_curves(toy_family, files, [revisions[0], revisions[-1]], batch_size=256)
+    rows, tasks = accuracy_curves(toy_family, files, [toy_family.available_revisions()[-1]], batch_size=256)
     print("\nreal BLiMP on the toy family (kept/skipped, prefix and sentence accuracy):")
     for t in tasks:
         print(f"  {t.name:50s} kept {len(t.examples):4d} skipped {dict(t.skipped)}")
     for r in rows:
         print(f"  {r['revision']:9s} {r['task']:50s} prefix {r['prefix_accuracy']:.3f} "
               f"sentence {r['sentence_accuracy']:.3f}")
-    assert len(rows) == 30 and all(0 <= r["sentence_accuracy"] <= 1 for r in rows)
+    assert len(rows) == 15 and all(0 <= r["sentence_accuracy"] <= 1 for r in rows)
 
 
 def test_sentence_scores_do_not_depend_on_the_batch(tmp_path):

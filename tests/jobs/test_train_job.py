@@ -48,13 +48,36 @@ def heldout(toy_extract_cfg, toy_dir):
 
 @pytest.fixture(scope="module")
 def parquet_run(ray_cluster, toy_acts, tmp_path_factory):
+    """400 steps on the Parquet shards, as a pipeline runs them without a terminal, rank 0's progress
+    every 0.5 s: (result, the driver's progress log lines, the snapshots handed to `on_progress`)."""
+    import logging
+
     m = Manifest.read(toy_acts)
-    return run_train(_cfg(m), LAUNCH, tmp_path_factory.mktemp("train"), m.norm_factors, data=str(toy_acts))
+    records, seen = [], []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    log, level = logging.getLogger("jobs.train"), logging.getLogger("jobs.train").level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    old = os.environ.get("CROSSRAY_PROGRESS_SECONDS")
+    os.environ["CROSSRAY_PROGRESS_SECONDS"] = "0.5"
+    try:
+        result = run_train(_cfg(m), LAUNCH, tmp_path_factory.mktemp("train"), m.norm_factors,
+                           data=str(toy_acts), on_progress=seen.append)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        if old is None:
+            del os.environ["CROSSRAY_PROGRESS_SECONDS"]
+        else:
+            os.environ["CROSSRAY_PROGRESS_SECONDS"] = old
+    lines = [r.getMessage() for r in records if r.getMessage().startswith("train (rank 0 of 2)")]
+    return result, lines, seen
 
 
 def test_ddp_run_matches_single_process(parquet_run, toy_acts, heldout):
     m = Manifest.read(toy_acts)
-    ray_cc = load_crosscoder(crosscoder_dir(parquet_run))
+    ray_cc = load_crosscoder(crosscoder_dir(parquet_run[0]))
     assert ray_cc.cfg.revisions == ("step0", "step128", "step1000") and ray_cc.cfg.layer == 2
     assert tuple(ray_cc.cfg.weight_hashes) == tuple(m.weight_hashes)
     cfg = _cfg(m)
@@ -70,21 +93,13 @@ def test_ddp_run_matches_single_process(parquet_run, toy_acts, heldout):
     for r in REVS:
         assert ray_eval[f"fve/{r}"] == pytest.approx(local_eval[f"fve/{r}"], abs=0.03)
     assert local_eval["fve"] > 0.5
-    assert parquet_run.metrics["step"] == 400 and parquet_run.metrics["resumed_from_step"] == 0
+    assert parquet_run[0].metrics["step"] == 400 and parquet_run[0].metrics["resumed_from_step"] == 0
 
 
-def test_train_workers_progress_reaches_the_driver_log(ray_cluster, toy_acts, tmp_path, caplog, monkeypatch):
+def test_train_workers_progress_reaches_the_driver_log(parquet_run):
     """Without a terminal, rank 0's steps/s, tokens/s, loss, L0 and FVE arrive in the driver's log (and
     at `on_progress`, what the pipeline records in MLflow) while training runs."""
-    import logging
-
-    monkeypatch.setenv("CROSSRAY_PROGRESS_SECONDS", "0.5")
-    m = Manifest.read(toy_acts)
-    seen = []
-    with caplog.at_level(logging.INFO, "jobs.train"):
-        run_train(_cfg(m, n_steps=300), LAUNCH, tmp_path, m.norm_factors, data=str(toy_acts),
-                  on_progress=seen.append)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train (rank 0 of 2)")]
+    _, lines, seen = parquet_run
     assert lines and all("steps/s" in line and "tokens/s" in line and "ETA" in line for line in lines)
     assert any("(100%)" not in line for line in lines), lines  # during the run, not only at its end
     assert seen and seen[-1]["steps_per_s"] > 0 and "fve" in seen[-1] and "loss" in seen[-1]
@@ -98,7 +113,7 @@ def test_streaming_matches_parquet(ray_cluster, parquet_run, toy_extract_cfg, to
     stream = row_stream(prep, stream_plan(prep, cfg.n_steps * cfg.batch_size))
     result = run_train(cfg, LAUNCH, tmp_path, estimate_norms(prep), stream=stream)
     stream_eval = evaluate(load_crosscoder(crosscoder_dir(result)), heldout)
-    parquet_eval = evaluate(load_crosscoder(crosscoder_dir(parquet_run)), heldout)
+    parquet_eval = evaluate(load_crosscoder(crosscoder_dir(parquet_run[0])), heldout)
     for r in REVS:
         assert stream_eval[f"fve/{r}"] == pytest.approx(parquet_eval[f"fve/{r}"], abs=0.03)
     position = stream_position(result)
@@ -192,36 +207,28 @@ def _kill_a_worker_after_a_checkpoint(storage: Path, killed: list, timeout: floa
         time.sleep(0.02)
 
 
-def _run_with_a_kill(cfg, launch, storage, norms, data, name=""):
-    killed: list = []
-    thread = threading.Thread(target=_kill_a_worker_after_a_checkpoint, args=(Path(storage), killed))
-    thread.start()
-    try:
-        return run_train(cfg, launch, storage, norms, data=data, name=name), killed
-    finally:
-        thread.join()
-
-
-def test_killed_worker_restores_from_checkpoint(ray_cluster, parquet_run, toy_acts, heldout, tmp_path):
-    m = Manifest.read(toy_acts)
-    launch = LaunchConfig(workers=2, max_failures=2)
-    result, killed = _run_with_a_kill(_cfg(m), launch, tmp_path, m.norm_factors, str(toy_acts))
-    assert killed, "no worker was killed: training finished too fast"
-    assert result.metrics["step"] == 400 and result.metrics["resumed_from_step"] > 0
-    restored = evaluate(load_crosscoder(crosscoder_dir(result)), heldout)["l2"]
-    uninterrupted = evaluate(load_crosscoder(crosscoder_dir(parquet_run)), heldout)["l2"]
-    print(f"\nheld-out loss: uninterrupted {uninterrupted:.4f}, killed and restored {restored:.4f}")
-    assert restored == pytest.approx(uninterrupted, rel=0.02)
-
-
-def test_stopped_run_resumes_by_name(ray_cluster, toy_acts, tmp_path):
+def test_killed_run_resumes_by_name_from_its_checkpoint(ray_cluster, parquet_run, toy_acts, heldout,
+                                                       tmp_path):
+    """A worker SIGKILLed after a checkpoint, no failure allowed: the run stops. The same name resumes
+    it from that checkpoint (the Parquet batches it had consumed skipped), and the crosscoder is as
+    good as the uninterrupted run's. (In-group restarts: the stream test below.)"""
     m = Manifest.read(toy_acts)
     launch = LaunchConfig(workers=2, max_failures=0)
-    with pytest.raises(Exception):  # noqa: B017 (Ray's failure type differs across versions)
-        _run_with_a_kill(_cfg(m), launch, tmp_path, m.norm_factors, str(toy_acts), name="stopped")
-    again = run_train(_cfg(m), dataclasses.replace(launch, max_failures=1), tmp_path, m.norm_factors,
-                      data=str(toy_acts), name="stopped")
-    assert again.metrics["step"] == 400 and again.metrics["resumed_from_step"] > 0
+    killed: list = []
+    thread = threading.Thread(target=_kill_a_worker_after_a_checkpoint, args=(tmp_path, killed))
+    thread.start()
+    try:
+        with pytest.raises(Exception):  # noqa: B017 (Ray's failure type differs across versions)
+            run_train(_cfg(m), launch, tmp_path, m.norm_factors, data=str(toy_acts), name="stopped")
+    finally:
+        thread.join()
+    assert killed, "no worker was killed: training finished too fast"
+    result = run_train(_cfg(m), launch, tmp_path, m.norm_factors, data=str(toy_acts), name="stopped")
+    assert result.metrics["step"] == 400 and result.metrics["resumed_from_step"] > 0
+    restored = evaluate(load_crosscoder(crosscoder_dir(result)), heldout)["l2"]
+    uninterrupted = evaluate(load_crosscoder(crosscoder_dir(parquet_run[0])), heldout)["l2"]
+    print(f"\nheld-out loss: uninterrupted {uninterrupted:.4f}, killed and resumed {restored:.4f}")
+    assert restored == pytest.approx(uninterrupted, rel=0.02)
 
 
 def test_bad_training_inputs(ray_cluster, toy_acts, tmp_path):
