@@ -50,7 +50,11 @@ def test_tiny_config_finds_the_dip_and_agrees_with_ablation(toy_dir, tmp_path):
                            "--pipeline.out", str(tmp_path / "runs"), "--json"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line is the summary
+    assert set(summary) == {"run", "mlflow_run_id", "registered", "revisions", "stages", "screen",
+                            "checkpoints", "l0", "dead_latents", "tasks"}
+    assert set(summary["checkpoints"][0]) == {"revision", "tokens_seen", "fve", "delta_ce", "ce_recovered"}
+    assert set(summary["tasks"]["agreement_across_pp"]) == {"examples", "ablation_rho", "selected"}
     pp = summary["screen"]["agreement_across_pp"]
     chosen = [pp[r] for r in summary["revisions"]]
     print(f"\ntiny: {summary['revisions']}, across-PP accuracy {chosen}, ablation rho "
