@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # On a GPU machine, set TORCH_SPEC to the build you want (e.g. TORCH_SPEC=torch==2.13.0).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test check
+.PHONY: install demo test test-all check
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,9 @@ demo: install
 
 test: install
 	scripts/offline $(BIN)/python -m pytest -q
+
+test-all: install   # with the tests marked slow (their substance is covered by faster ones)
+	scripts/offline $(BIN)/python -m pytest -q -m "slow or not slow"
 
 check: install
 	$(BIN)/ruff check .

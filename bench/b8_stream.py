@@ -125,8 +125,10 @@ def main() -> None:
 
     fam = family(Path(args.family_dir))
     launch = LaunchConfig(actors=2, workers=2)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "CROSSRAY_PROGRESS_SECONDS": "2"}})
+    from jobs._ray import runtime_env
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,  # as the jobs start Ray
+             runtime_env=runtime_env({"PYTHONPATH": str(ROOT), "CROSSRAY_PROGRESS_SECONDS": "2"}))
     session = Path(ray._private.worker._global_node.get_session_dir_path())
 
     def setup(n_seq: int):

@@ -74,7 +74,9 @@ def main() -> None:
     args = p.parse_args()
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from jobs._ray import runtime_env
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
     base = run(args.base_docs)
     big = run(args.base_docs * args.factor)
     emit({"benchmark": "streaming extraction memory", "machine": machine(), "default": base,

@@ -32,6 +32,7 @@ def test_cluster_yaml_is_valid_for_the_ray_launcher():
         validate_config(prepare_config(bad))
 
 
+@pytest.mark.slow  # the multi-node rehearsal (test_submitted_job.py) runs actors on several nodes
 @pytest.mark.ray
 def test_extraction_on_three_nodes(toy_dir, tmp_path):
     out = tmp_path / "acts"

@@ -131,6 +131,7 @@ def test_corpus_change_reextracts(chain):
     assert outcome.results["extract"].n_sequences == 112
 
 
+@pytest.mark.slow  # the layer in every key: the corpus change shows extract onward, this adds screen
 def test_layer_change_reruns_everything(chain):
     run_it, _, _ = chain
     summary, outcome = run_it(pipeline__layer=1)

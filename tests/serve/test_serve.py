@@ -201,6 +201,7 @@ def test_killed_replica_is_replaced_under_load(served):
     wait_ready(url, timeout=30)
 
 
+@pytest.mark.slow  # the same app as the in-process Serve tests, through its command line
 def test_crossray_serve_command(tmp_path):
     """`crossray serve` starts its own local Ray and Serve, answers, and stops cleanly on SIGTERM."""
     from tests.serve.conftest import write_fake_run
