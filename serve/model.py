@@ -55,17 +55,15 @@ class LiveModel:
     def __init__(self, runs: list[str], cache_dir: str | None = None, tracking_uri: str | None = None,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.02):
         import ray
-        import torch
 
         from crossray.live import open_run
-        from jobs._ray import use_assigned_cpus
+        from jobs._ray import compute_device
         from serve.app import DEFAULT_CACHE
 
-        use_assigned_cpus()
         logging.basicConfig(level=logging.INFO)
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        device = compute_device(len(ray.get_gpu_ids()))
         self.runs, self.problems = {}, {}
         for source in runs:
             try:
