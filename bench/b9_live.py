@@ -8,9 +8,11 @@ Phases on one local Ray with the Serve app deployed (table replicas + one model 
 1. idle: table lookups (feature cards, ranking pages) paced at `--table-rate` for 20 s: their p99;
 2. paced: /effects at `--rate` requests/s for `--duration` s, the same table lookups alongside:
    /effects p50/p99 and errors, and the table p99 under that load;
-3. saturation, batching on: /effects as fast as 64 connections go for 20 s (pairs/s), and the model
-   deployment alone: 640 queries through its handle, 64 in flight;
-4. saturation, batching off (the app redeployed with batch_size 1): the same.
+3. saturation: a second copy of the app with batching off (batch_size 1) is deployed under /off, and
+   /effects goes as fast as 64 connections go, `--rounds` times 15 s batching on then 15 s off
+   (interleaved, so the machine's drift hits both alike): pairs/s of each, and the median of the
+   rounds' ratios; then the model deployments alone, the same way: 640 queries through each one's
+   handle, 64 in flight.
 Targets (issue 13): p99 <= 250 ms at 10 requests/s with 0 errors; batching on >= 3x the pairs/s of
 batching off; table p99 under load within 2x of idle.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -37,27 +40,28 @@ from tests.helpers import free_port  # noqa: E402
 PAIR = {"clean_prefix": "The man near the queens", "clean_answer": " waits", "patch_answer": " wait"}
 
 
-def deploy(run: str, port: int, replicas: int, batch_size: int) -> str:
+def deploy(run: str, port: int, replicas: int, batch_size: int, name: str = "crossray", prefix: str = "/"
+           ) -> str:
     from ray import serve
 
     from serve.app import make_app
 
-    serve.run(make_app({"runs": [run], "batch_size": batch_size}, num_replicas=replicas), name="crossray",
-              route_prefix="/")
+    serve.run(make_app({"runs": [run], "batch_size": batch_size}, num_replicas=replicas), name=name,
+              route_prefix=prefix)
     url = f"http://127.0.0.1:{port}"
-    while httpx.get(f"{url}/health", timeout=5).status_code != 200:
+    while httpx.get(f"{url}{prefix.rstrip('/')}/health", timeout=5).status_code != 200:
         time.sleep(0.5)
     return url
 
 
-def handle_rate(run: str, n: int = 640, in_flight: int = 64) -> float:
+def handle_rate(run: str, app: str, n: int = 640, in_flight: int = 64) -> float:
     """Queries/s of the model deployment alone (no HTTP): `n` one-pair /effects queries through its
     deployment handle, `in_flight` at a time."""
     import asyncio
 
     from ray import serve
 
-    handle = serve.get_deployment_handle("LiveModel", app_name="crossray")
+    handle = serve.get_deployment_handle("LiveModel", app_name=app)
 
     async def go() -> float:
         gate = asyncio.Semaphore(in_flight)
@@ -83,6 +87,7 @@ def main() -> None:
     p.add_argument("--table-rate", type=float, default=50)
     p.add_argument("--duration", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved on/off saturation rounds")
     p.add_argument("--out")
     args = p.parse_args()
     import ray
@@ -114,17 +119,23 @@ def main() -> None:
     result["effects_paced"] = run_wrk(url, effects, args.duration, 2, delay, body)
     side.join()
     result["table_under_load"] = under_load
-    result["saturation_batched"] = run_wrk(url, effects, 20, 64, 0, body)
-    result["handle_batched_qps"] = handle_rate(run)
-
-    url = deploy(args.run, port, args.replicas, 1)
-    run_wrk(url, effects, 3, 64, 0, body)  # warm-up of the fresh model replica
-    result["saturation_unbatched"] = run_wrk(url, effects, 20, 64, 0, body)
-    result["handle_unbatched_qps"] = handle_rate(run)
-
+    deploy(args.run, port, args.replicas, 1, "crossray-off", "/off")
+    off = ["/off" + effects[0]]
+    run_wrk(url, effects, 3, 64, 0, body)  # warm-up of both
+    run_wrk(url, off, 3, 64, 0, body)
+    rounds = []
+    for _ in range(args.rounds):
+        on_round, off_round = run_wrk(url, effects, 15, 64, 0, body), run_wrk(url, off, 15, 64, 0, body)
+        rounds.append({"on": on_round, "off": off_round, "ratio": on_round["rps"] / off_round["rps"]})
+    handles = [{"on": handle_rate(run, "crossray"), "off": handle_rate(run, "crossray-off")}
+               for _ in range(args.rounds)]
+    for h in handles:
+        h["ratio"] = h["on"] / h["off"]
+    result["saturation_rounds"] = rounds
+    result["handle_rounds"] = handles
     paced, idle, loaded = result["effects_paced"], result["table_idle"], result["table_under_load"]
-    result["batching_speedup"] = result["saturation_batched"]["rps"] / result["saturation_unbatched"]["rps"]
-    result["batching_speedup_model"] = result["handle_batched_qps"] / result["handle_unbatched_qps"]
+    result["batching_speedup"] = statistics.median(r["ratio"] for r in rounds)
+    result["batching_speedup_model"] = statistics.median(h["ratio"] for h in handles)
     result["table_p99_ratio"] = loaded["p99_ms"] / idle["p99_ms"]
     result["target_met"] = {"p99": paced["p99_ms"] <= 250 and paced["errors"] == 0
                             and paced["rps"] >= 0.95 * args.rate,

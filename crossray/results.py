@@ -186,17 +186,18 @@ def load_run(source: str, cache_dir: str | Path) -> RunResults:
 
 # -- queries ---------------------------------------------------------------------------------------
 
-def _num(x) -> float | None:
+def num(x) -> float | None:
+    """A float for JSON: NaN and infinities become null."""
     x = float(x)
     return x if math.isfinite(x) else None
 
 
-def _nums(xs) -> list[float | None]:
-    return [_num(x) for x in xs]
+def nums(xs) -> list[float | None]:
+    return [num(x) for x in xs]
 
 
 def _pairs(names: list[str], values) -> list[dict]:
-    return [{"pair": p, "share": _num(v)} for p, v in zip(names, values, strict=True)]
+    return [{"pair": p, "share": num(v)} for p, v in zip(names, values, strict=True)]
 
 
 class RunIndex:
@@ -262,18 +263,18 @@ class RunIndex:
     def info(self) -> dict:
         r = self.run
         per_checkpoint = [{"index": c, "revision": rev, "step": r.steps[c], "tokens_seen": r.tokens_seen[c],
-                           "fve": _num(r.metrics.get(metric_name("fve", rev), "nan")),
-                           "delta_ce": _num(r.metrics.get(metric_name("delta_ce", rev), "nan")),
-                           "ce_recovered": _num(r.metrics.get(metric_name("ce_recovered", rev), "nan"))}
+                           "fve": num(r.metrics.get(metric_name("fve", rev), "nan")),
+                           "delta_ce": num(r.metrics.get(metric_name("delta_ce", rev), "nan")),
+                           "ce_recovered": num(r.metrics.get(metric_name("ce_recovered", rev), "nan"))}
                           for c, rev in enumerate(r.revisions)]
         tasks = [{"name": t, "examples": int(r.tasks.get(t, {}).get("examples", 0)),
                   "selected": len(r.tasks.get(t, {}).get("selected", [])),
-                  "ablation_rho_relie": _num(r.tasks.get(t, {}).get("ablation", {}).get("mean_rho_relie",
+                  "ablation_rho_relie": num(r.tasks.get(t, {}).get("ablation", {}).get("mean_rho_relie",
                                                                                         "nan"))}
                  for t in self.tasks]
         return {"id": r.id, "name": r.name, "family": r.family, "layer": r.layer, "n_latents": r.n_latents,
                 "checkpoints": per_checkpoint, "tasks": tasks, "registered_model": r.registered,
-                "metrics": {k: _num(r.metrics[k]) for k in ("fve", "l0", "dead") if k in r.metrics}}
+                "metrics": {k: num(r.metrics[k]) for k in ("fve", "l0", "dead") if k in r.metrics}}
 
     def card(self, feature: int, contexts: bool = True) -> dict:
         i = self.feature_id(feature)
@@ -284,16 +285,16 @@ class RunIndex:
             rows = self.contexts.get(i)
             for row in rows.itertuples() if rows is not None else ():
                 ctx.setdefault(str(row.view), []).append(
-                    {"rank": int(row.rank), "value": _num(row.value), "seq": int(row.seq),
+                    {"rank": int(row.rank), "value": num(row.value), "seq": int(row.seq),
                      "pos": int(row.pos), "target": int(row.target), "tokens": list(row.tokens),
-                     "scores": _nums(row.scores)})
+                     "scores": nums(row.scores)})
         return {"run": self.run.id, "feature": i, "checkpoints": revs,
-                "decoder_norm": _nums(self.dec_norm_LC[i]), "relative_norm": _nums(self.reldec_LC[i]),
+                "decoder_norm": nums(self.dec_norm_LC[i]), "relative_norm": nums(self.reldec_LC[i]),
                 "relative_norm_pairs": _pairs(self.pair_cols, self.reldec_pair_LP[i]),
                 "trajectory": str(self.trajectory_L[i]), "group": str(self.group_L[i]),
-                "cosine": [{"pair": p, "value": _num(v)} for p, v in zip(self.cos_cols, self.cos_LP[i],
+                "cosine": [{"pair": p, "value": num(v)} for p, v in zip(self.cos_cols, self.cos_LP[i],
                                                                          strict=True)],
-                "effects": {t: {"ie": _nums(a["ie"][i]), "relie": _nums(a["relie"][i]),
+                "effects": {t: {"ie": nums(a["ie"][i]), "relie": nums(a["relie"][i]),
                                 "relie_pairs": _pairs(a["pairs"], a["relie_pairs"][i]),
                                 "group": str(a["group"][i])} for t, a in self.tasks.items()},
                 "contexts": ctx}
@@ -328,9 +329,9 @@ class RunIndex:
             keep &= np.abs(t["ie"][order, c]) >= min_abs_ie
         hits = order[keep]
         page = hits[offset: offset + limit]
-        items = [{"feature": int(i), "ie": _num(t["ie"][i, c]), "relie": _num(t["relie"][i, c]),
-                  "relie_by_checkpoint": _nums(t["relie"][i]), "ie_by_checkpoint": _nums(t["ie"][i]),
-                  "decoder_norm": _nums(self.dec_norm_LC[i]), "trajectory": str(self.trajectory_L[i]),
+        items = [{"feature": int(i), "ie": num(t["ie"][i, c]), "relie": num(t["relie"][i, c]),
+                  "relie_by_checkpoint": nums(t["relie"][i]), "ie_by_checkpoint": nums(t["ie"][i]),
+                  "decoder_norm": nums(self.dec_norm_LC[i]), "trajectory": str(self.trajectory_L[i]),
                   "group": str(t["group"][i]), "selected": bool(t["selected"][i])} for i in page]
         return {"run": self.run.id, "task": task, "checkpoint": self.run.revisions[c], "checkpoint_index": c,
                 "by": by, "total": int(len(hits)), "offset": offset, "limit": limit, "items": items}
@@ -348,8 +349,8 @@ class RunIndex:
             curves[str(name)] = [{"revision": str(r.revision),
                                   "step": None if pd.isna(r.step) else int(r.step),
                                   "tokens_seen": None if pd.isna(r.tokens_seen) else int(r.tokens_seen),
-                                  "prefix_accuracy": _num(r.prefix_accuracy),
-                                  "sentence_accuracy": _num(r.sentence_accuracy),
+                                  "prefix_accuracy": num(r.prefix_accuracy),
+                                  "sentence_accuracy": num(r.sentence_accuracy),
                                   "crosscoded": str(r.revision) in self.run.revisions}
                                  for r in sub.itertuples()]
         return {"run": self.run.id, "checkpoints": self.run.revisions, "tasks": curves}

@@ -31,7 +31,7 @@ from ray import serve
 
 from crossray.config import load_config
 from serve.api import ServiceState, build_api
-from serve.model import LiveModel, handle_client
+from serve.model import HandleClient, LiveModel
 from serve.schemas import LiveLimits
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ DEFAULT_CACHE = Path(os.environ.get("CROSSRAY_CACHE", Path.home() / ".cache" / "
 @serve.ingress()
 class CrosscoderService:
     def __init__(self, runs: list[str], token: str | None = None, cache_dir: str | None = None,
-                 tracking_uri: str | None = None, live=None, limits: dict | None = None):
+                 tracking_uri: str | None = None, live=None, limits: dict | None = None,
+                 batch_size: int = 16, batch_wait_s: float = 0.02):
         logging.basicConfig(level=logging.INFO)
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -53,7 +54,7 @@ class CrosscoderService:
         if not self.state.ready:
             raise RuntimeError(self.state.error)
         self.token = token
-        self.live = handle_client(live) if live is not None else None
+        self.live = HandleClient(live, batch_size, batch_wait_s) if live is not None else None
         self.limits = LiveLimits(**(limits or {}))
 
     def __serve_build_asgi_app__(self):
@@ -92,12 +93,16 @@ def make_app(args: dict, live_options: dict | None = None, **options) -> serve.A
                          ) from None
     deployment = CrosscoderService.options(**options) if options else CrosscoderService
     tracking_uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    batch_size, batch_wait_s = int(args.get("batch_size", 16)), float(args.get("batch_wait_s", 0.02))
+    if batch_size < 1 or batch_wait_s < 0:
+        raise ValueError(f"serve arguments batch_size (got {batch_size}) must be >= 1 and batch_wait_s (got "
+                         f"{batch_wait_s}) >= 0")
     live = None
     if args.get("live", True):
         model = LiveModel.options(**live_options) if live_options else LiveModel
-        live = model.bind(runs, args.get("cache_dir"), tracking_uri, int(args.get("batch_size", 16)),
-                          float(args.get("batch_wait_s", 0.02)))
-    return deployment.bind(runs, token, args.get("cache_dir"), tracking_uri, live, limits)
+        live = model.bind(runs, args.get("cache_dir"), tracking_uri, batch_size)
+    return deployment.bind(runs, token, args.get("cache_dir"), tracking_uri, live, limits, batch_size,
+                           batch_wait_s)
 
 
 def check_sources(runs: list[str], cache_dir: Path) -> None:

@@ -5,9 +5,11 @@ and checkpoints (`crossray.live.LiveRun`), on a GPU when its `ray_actor_options`
 CPU. The table deployment (`serve.app.CrosscoderService`) calls it through a deployment handle, so
 table lookups never queue behind model work, and the two scale independently (Serve config).
 
-Requests are gathered by `@serve.batch` (size and wait configurable; `max_batch_size=1` turns
-batching off): the /effects queries of one batch run through shared model batches; ablations and
-activations run one after another inside it.
+Queries are batched twice with `@serve.batch` (size and wait configurable; `max_batch_size=1` turns
+batching off): each table replica gathers the queries that arrive together and sends them in one
+handle call (`HandleClient`), and the model replica merges what piles up while it computes (several
+table replicas' batches) without waiting. The /effects queries of one batch run through shared model
+batches; ablations and activations run one after another inside it.
 
 A run whose live model cannot be loaded (no weights, a family not present here) is logged and answers
 503 with the reason; the table routes still serve it.
@@ -53,7 +55,7 @@ def answer_batch(runs: dict, problems: dict[str, str], items: list[tuple[str, st
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class LiveModel:
     def __init__(self, runs: list[str], cache_dir: str | None = None, tracking_uri: str | None = None,
-                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.02):
+                 max_batch_size: int = 16):
         import ray
 
         from crossray.live import open_run
@@ -72,27 +74,53 @@ class LiveModel:
             except Exception as e:  # the tables of this run are still served
                 logger.exception("no live model for %s", source)
                 self.problems[source] = f"{type(e).__name__}: {e}"
-        self.batched.set_max_batch_size(max_batch_size)
-        self.batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.merged.set_max_batch_size(max_batch_size)
 
     async def query(self, kind: str, run_id: str, body: dict) -> dict:
-        return await self.batched((kind, run_id, body))
+        """One query (for callers with a handle of their own)."""
+        [answer] = await self.query_many([(kind, run_id, body)])
+        return answer
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def batched(self, items: list[tuple[str, str, dict]]) -> list[dict]:
-        # NOTE: computed on the replica's user-code event loop, not in a worker thread: a thread
-        # competes with that loop for the GIL (the suffix passes are Python-heavy on small models),
-        # requests then trickle in one at a time and batches stay at size 1 (measured: 61 pairs/s
-        # against 110 at saturation on 2 cores). Serve answers health checks from its own loop.
-        return answer_batch(self.runs, self.problems, items)
+    async def query_many(self, items: list[tuple[str, str, dict]]) -> list[dict]:
+        """The answers to a batch of (kind, run id, body) queries, in order: what a table replica sends."""
+        return await self.merged(items)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0, batch_size_fn=lambda b: sum(map(len, b)))
+    async def merged(self, batches: list[list[tuple[str, str, dict]]]) -> list[list[dict]]:
+        # No wait here: the table replicas wait to fill their batches; what piles up while this replica
+        # computes (several table replicas' batches, or single queries) is merged, up to max_batch_size
+        # queries. NOTE: computed on the replica's user-code event loop, not in a worker thread: a
+        # thread competes with that loop for the GIL (the suffix passes are Python-heavy on small
+        # models), requests then trickle in one at a time and batches stay at size 1 (measured: 61
+        # pairs/s against 110 at saturation on 2 cores). Serve answers health checks from its own loop.
+        answers = iter(answer_batch(self.runs, self.problems, [item for batch in batches for item in batch]))
+        return [[next(answers) for _ in batch] for batch in batches]
 
 
-def handle_client(handle) -> LiveClient:
-    """A `LiveClient` over a deployment handle to `LiveModel`."""
-    async def client(kind: str, run_id: str, body: dict) -> dict:
-        return await handle.query.remote(kind, run_id, body)
+class HandleClient:
+    """A `LiveClient` over a deployment handle to `LiveModel`, used by a table replica: the live queries
+    that reach the replica within `batch_wait_timeout_s` of each other (at most `max_batch_size`) travel
+    to the model in one handle call, so a batch of queries costs one hop, not one per query (the hop is
+    a large part of a small query's CPU: measured in bench/RESULTS.md, B9). Up to 4 batches are in
+    flight at once, so one table replica keeps several model replicas busy. `max_batch_size=1` turns
+    batching off.
 
-    return client
+    One per process: Serve's batch queue belongs to the method, not the instance."""
+
+    def __init__(self, handle, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.02):
+        self.handle, self.batching = handle, max_batch_size > 1
+        self.send.set_max_batch_size(max_batch_size)
+        self.send.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def __call__(self, kind: str, run_id: str, body: dict) -> dict:
+        if not self.batching:  # one hop per query, as many in flight as the route lets through
+            [answer] = await self.handle.query_many.remote([(kind, run_id, body)])
+            return answer
+        return await self.send((kind, run_id, body))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
+    async def send(self, items: list[tuple[str, str, dict]]) -> list[dict]:
+        return await self.handle.query_many.remote(items)
 
 
 def local_client(runs: dict) -> LiveClient:

@@ -126,6 +126,8 @@ def test_serve_config_and_builder(fake_run, monkeypatch):
         build_app({"run": ["x"]})
     with pytest.raises(ValueError, match="'runs' must be a non-empty list"):
         build_app({"runs": "x"})
+    with pytest.raises(ValueError, match=r"batch_size \(got 0\) must be >= 1"):
+        build_app({"runs": [str(fake_run)], "batch_size": 0})
     monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
     with pytest.raises(ValueError, match="token_env 'NO_SUCH_TOKEN'"):
         build_app({"runs": [str(fake_run)], "token_env": "NO_SUCH_TOKEN"})

@@ -2,6 +2,7 @@
 pipeline folder), through the Serve app's model deployment: the answers reproduce what the pipeline
 stored, bad input is a 4xx, and the page's "try it" panel works in headless Chromium."""
 
+import asyncio
 import json
 
 import httpx
@@ -131,6 +132,37 @@ def test_live_bad_input_is_4xx(served, task_rows):
     assert "examples" in r, r  # the unusable pair is reported, the rest answered
     assert r["examples"] == 1 and r["skipped"] == {"answer_too_long": 1}
     assert c.post("/runs/nope/effects", json={"pairs": [pair]}).status_code == 404
+
+
+def test_queries_sent_together_get_each_their_own_answer(served, task_rows):
+    """Queries that arrive together share model batches (a table replica sends them in one hop, the
+    model runs their pairs through shared passes): each still gets the answer it gets alone, and a bad
+    one in the batch is its own 4xx."""
+    url, _, _ = served
+    features = [0, 7, 27]
+    sent = [("effects", {"pairs": [row], "features": features}) for row in task_rows[:8]]
+    sent += [("effects", {"pairs": [{"clean_prefix": "The man", "clean_answer": " waits near the",
+                                     "patch_answer": " wait near the"}]}),
+             ("ablate", {"pairs": task_rows[:3], "features": features}),
+             ("activations", {"text": "The dogs near the man run"})]
+
+    async def together():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(*[c.post(f"/runs/tiny/{kind}", json=body) for kind, body in sent])
+
+    got = asyncio.run(together())
+    with httpx.Client(base_url=url, timeout=60) as c:
+        alone = [c.post(f"/runs/tiny/{kind}", json=body) for kind, body in sent]
+    assert [r.status_code for r in got] == [r.status_code for r in alone] == [200] * 8 + [422, 200, 200]
+    ies = [np.array([f["ie"] for f in r.json()["features"]]) for r in alone[:8]]
+    assert not all(np.allclose(ies[0], ie) for ie in ies[1:])  # the pairs differ, so mixing would show
+    for r, want in zip(got[:8], ies, strict=True):
+        np.testing.assert_allclose([f["ie"] for f in r.json()["features"]], want, rtol=1e-4,
+                                   atol=1e-5 * np.abs(want).max())
+    assert got[8].json()["detail"] == alone[8].json()["detail"]
+    assert got[10].json()["tokens"] == alone[10].json()["tokens"]
+    np.testing.assert_allclose([b["logit_diff"] for b in got[9].json()["after"]],
+                               [b["logit_diff"] for b in alone[9].json()["after"]], rtol=1e-4)
 
 
 def test_try_it_panel_in_headless_chromium(served, page):
