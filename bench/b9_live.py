@@ -79,6 +79,12 @@ def handle_rate(run: str, app: str, n: int = 640, in_flight: int = 64) -> float:
     return round(asyncio.run(go()), 2)
 
 
+def interleaved(on, off) -> dict:
+    """One round: batching on, then off (wrk results or queries/s), and the ratio of their rates."""
+    rate = (lambda r: r["rps"]) if isinstance(on, dict) else float
+    return {"on": on, "off": off, "ratio": rate(on) / rate(off)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default=str(ROOT / "runs" / "tiny"), help="pipeline folder, run id or models:/")
@@ -123,14 +129,10 @@ def main() -> None:
     off = ["/off" + effects[0]]
     run_wrk(url, effects, 3, 64, 0, body)  # warm-up of both
     run_wrk(url, off, 3, 64, 0, body)
-    rounds = []
-    for _ in range(args.rounds):
-        on_round, off_round = run_wrk(url, effects, 15, 64, 0, body), run_wrk(url, off, 15, 64, 0, body)
-        rounds.append({"on": on_round, "off": off_round, "ratio": on_round["rps"] / off_round["rps"]})
-    handles = [{"on": handle_rate(run, "crossray"), "off": handle_rate(run, "crossray-off")}
+    rounds = [interleaved(run_wrk(url, effects, 15, 64, 0, body), run_wrk(url, off, 15, 64, 0, body))
+              for _ in range(args.rounds)]
+    handles = [interleaved(handle_rate(run, "crossray"), handle_rate(run, "crossray-off"))
                for _ in range(args.rounds)]
-    for h in handles:
-        h["ratio"] = h["on"] / h["off"]
     result["saturation_rounds"] = rounds
     result["handle_rounds"] = handles
     paced, idle, loaded = result["effects_paced"], result["table_idle"], result["table_under_load"]

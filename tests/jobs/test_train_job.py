@@ -56,21 +56,18 @@ def parquet_run(ray_cluster, toy_acts, tmp_path_factory):
     records, seen = [], []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    log, level = logging.getLogger("jobs.train"), logging.getLogger("jobs.train").level
+    log = logging.getLogger("jobs.train")
+    level = log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    old = os.environ.get("CROSSRAY_PROGRESS_SECONDS")
-    os.environ["CROSSRAY_PROGRESS_SECONDS"] = "0.5"
     try:
-        result = run_train(_cfg(m), LAUNCH, tmp_path_factory.mktemp("train"), m.norm_factors,
-                           data=str(toy_acts), on_progress=seen.append)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CROSSRAY_PROGRESS_SECONDS", "0.5")
+            result = run_train(_cfg(m), LAUNCH, tmp_path_factory.mktemp("train"), m.norm_factors,
+                               data=str(toy_acts), on_progress=seen.append)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-        if old is None:
-            del os.environ["CROSSRAY_PROGRESS_SECONDS"]
-        else:
-            os.environ["CROSSRAY_PROGRESS_SECONDS"] = old
     lines = [r.getMessage() for r in records if r.getMessage().startswith("train (rank 0 of 2)")]
     return result, lines, seen
 
