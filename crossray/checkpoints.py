@@ -145,10 +145,14 @@ class Family:
         if self.is_local:
             path = Path(self.source) / revision
             if not (path / "config.json").exists():
-                have = ", ".join(self.available_revisions()) or "none"
+                root = Path(self.source)
+                on_disk = [r for r in self.available_revisions() if (root / r / "config.json").exists()]
+                listed = (f"; {revision!r} is listed in {root}/family.json but missing on disk (an "
+                          "interrupted build: delete the folder to rebuild it)"
+                          ) if revision in self.revisions else ""
                 raise CheckpointError(
                     f"revision {revision!r} of family {self.name} not found: no {path}/config.json "
-                    f"(available: {have})")
+                    f"(available: {', '.join(on_disk) or 'none'}){listed}")
             return str(path), None
         return self.source, revision
 
@@ -187,21 +191,29 @@ def weights_hash(path: str | Path) -> str:
     files = sorted(Path(path).resolve().glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors weights in {path}")
-    from crossray.toy.build import default_cache_dir
+    from crossray.cache import cache_dir, entry_lock
 
-    cache = default_cache_dir() / "weight-hashes.json"
+    cache = cache_dir() / "weight-hashes.json"
     stat = json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if stat not in known:
-        known[stat] = _hash_tensors(files)
+    known = _read_json(cache)
+    if stat in known:
+        return known[stat]
+    digest = _hash_tensors(files)  # outside the lock: gigabytes at scale
+    with entry_lock(cache):  # read, add, replace: two runs hashing at once both keep their entries
+        known = {**_read_json(cache), stat: digest}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(known))
         tmp.replace(cache)
-    return known[stat]
+    return digest
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _hash_tensors(files: list[Path]) -> str:

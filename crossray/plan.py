@@ -138,9 +138,11 @@ def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int |
 
 def plan_for(cfg: Config) -> dict:
     """The plan of a configuration, with the free space at its output folder."""
+    from crossray.store import run_folder  # (torch: not for the rest of the plan)
+
     p = cfg.pipeline
     shape = model_shape(p.family, (list(p.revisions) or list(p.screen_revisions) or [None])[0])
-    return make_plan(cfg, shape, free_bytes(Path(p.out) / p.name))
+    return make_plan(cfg, shape, free_bytes(run_folder(p.out, p.name)))
 
 
 def check_fits(plan: dict, out: str | Path) -> None:

@@ -30,6 +30,16 @@ STATE = "train_state.safetensors"
 STATE_META = "train_state.json"
 
 
+def run_folder(out: str | Path, name: str) -> Path:
+    """A run's folder, `<out>/<name>`, resolved; it must lie inside `out` (the name is checked as a
+    `schema.Name` when the config loads: this is the last guard, for names that never went through it)."""
+    root = Path(out).expanduser().resolve()
+    folder = (root / name).resolve()
+    if folder.parent != root:
+        raise ValueError(f"run name {name!r} does not name a folder inside pipeline.out {str(root)!r}")
+    return folder
+
+
 def metric_name(metric: str, revision: str) -> str:
     """The one naming scheme of per-checkpoint metrics, everywhere: `fve/step128`."""
     return f"{metric}/{revision}"

@@ -25,6 +25,7 @@ import numpy as np
 import ray
 
 from crossray.checkpoints import Family
+from crossray.cli import add_run_options
 from crossray.config import (
     AttributionConfig,
     Config,
@@ -33,11 +34,12 @@ from crossray.config import (
     load_config,
 )
 from crossray.extract import Manifest
-from crossray.pipeline.lock import RunLock
+from crossray.lock import RunLock
 from crossray.pipeline.runner import Pipeline, TrainOutput
 from crossray.pipeline.stages import RunOutcome
 from crossray.pipeline.summary import summary_json, summary_text
 from crossray.schema import overrides_from
+from crossray.store import run_folder
 from crossray.tracking import check_tracking, experiment_link
 from jobs import attribute as attribute_job
 from jobs import extract as extract_job
@@ -129,18 +131,13 @@ def run(cfg: Config, config_name: str = "") -> RunOutcome:
     return Pipeline(cfg, RayBackend(cfg), config_name).run()
 
 
-JSON_HELP = "print the run's summary as one JSON object on the last line"
-WAIT_HELP = "wait for another run holding the run folder to finish (default: refuse at once)"
-
-
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     p = job_parser("The crossray pipeline for one checkpoint set")
-    p.add_argument("--json", action="store_true", help=JSON_HELP)
-    p.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    add_run_options(p)
     return run_from_args(p.parse_args(argv))
 
 
@@ -161,6 +158,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides_from(args))
         check_results_survive(cfg, args.address)
+        lock = RunLock(run_folder(cfg.pipeline.out, cfg.pipeline.name), wait=args.wait)
+        lock.acquire()  # before anything slow (a toy build, hashing checkpoints): a busy folder is refused
+    except (ValueError, OSError) as e:
+        print(f"crossray: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _locked_run(cfg, args)
+    finally:
+        lock.release()
+
+
+def _locked_run(cfg: Config, args: argparse.Namespace) -> int:
+    try:
         pipeline = Pipeline(cfg, RayBackend(cfg), Path(args.config).name)
         pipeline.validate()  # nothing is written, no Ray, no MLflow run before this passes
         if "MLFLOW_TRACKING_URI" not in os.environ:
@@ -171,11 +181,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
+
     def work() -> RunOutcome:
-        with RunLock(pipeline.out, wait=args.wait):  # a busy folder is a ValueError: exit 2
-            init_ray(args.address)
-            signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
-            return pipeline.run()
+        init_ray(args.address)
+        signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
+        return pipeline.run()
 
     code, outcome = guarded(work, pipeline.out, lambda: pipeline.current, uri)
     if outcome is None:

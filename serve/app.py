@@ -30,6 +30,7 @@ from pathlib import Path
 from ray import serve
 
 from crossray.config import load_config
+from crossray.store import run_folder
 from serve.api import ServiceState, build_api
 from serve.model import HandleClient, LiveModel
 from serve.schemas import LiveLimits
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.run += [str(Path(c.pipeline.out) / c.pipeline.name) for c in map(load_config, args.config)]
+        args.run += [str(run_folder(c.pipeline.out, c.pipeline.name)) for c in map(load_config, args.config)]
     except ValueError as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from crossray.pipeline import lock as L
+from crossray import lock as L
 
 
 def _hold(path, pid, host=None, age=0.0):

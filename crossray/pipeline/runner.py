@@ -34,7 +34,7 @@ from crossray.pipeline import stages as S
 from crossray.pipeline.stages import RunOutcome
 from crossray.pipeline.summary import parent_metrics, summary_markdown
 from crossray.schema import shallow, to_dict
-from crossray.store import load_crosscoder, metric_name, write_json_atomic
+from crossray.store import load_crosscoder, metric_name, run_folder, write_json_atomic
 from crossray.tracking import Tracker, flat_params
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Pipeline:
     def __init__(self, cfg: Config, backend: Backend, config_name: str = ""):
         self.cfg, self.p, self.backend = cfg, cfg.pipeline, backend
         self.family = resolve_family(self.p.family, naming=self.p.naming, tokenizer=self.p.tokenizer)
-        self.out = (Path(self.p.out) / self.p.name).resolve()
+        self.out = run_folder(self.p.out, self.p.name)
         self.tasks = I.task_files(self.p.tasks, self.family)
         self.config_name = config_name
         self.outcome = RunOutcome(self.p.name, self.family, self.p.layer)

@@ -9,7 +9,10 @@ Steps (all seeded, CPU, a minute or two on 2 cores):
 4. write minimal-pair task files in BLiMP's native JSONL format.
 
 The result lives in one folder, keyed by the hash of its config; a folder holding a finished build
-of the same config is reused as is.
+of the same config is reused as is. The build holds the cache entry's lock (`crossray.cache`): a second
+process asking for the same family waits for the first and reuses its build; it is built in a private
+folder and renamed into place whole; a folder whose `family.json` lists a revision, task or corpus file
+that is not on disk is rebuilt, not used.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from crossray.cache import cache_dir, entry_lock
 from crossray.toy.grammar import PARADIGMS, Grammar, answer_words, minimal_pair
 
 logger = logging.getLogger(__name__)
@@ -75,34 +78,57 @@ class ToyConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("CROSSRAY_CACHE") or Path.home() / ".cache" / "crossray"
-    return Path(root)
-
-
 def default_family_dir(cfg: ToyConfig) -> Path:
-    return default_cache_dir() / f"toy-{cfg.key()}"
+    return cache_dir() / f"toy-{cfg.key()}"
+
+
+def missing_parts(out: Path, meta: dict) -> list[str]:
+    """What `family.json` lists that is not on disk: revisions (config and weights), tasks, corpus."""
+    wanted = [f"{r}/config.json" for r in meta.get("revisions", [])]
+    wanted += [f"{r}/model.safetensors" for r in meta.get("revisions", [])]
+    wanted += [f"tasks/{t}" for t in meta.get("tasks", [])]
+    wanted += ["corpus/train.jsonl", "corpus/validation.jsonl"]
+    return [w for w in wanted if not (out / w).is_file()]
 
 
 def is_built(out: Path, cfg: ToyConfig) -> bool:
-    meta = out / FAMILY_FILE
-    return meta.exists() and json.loads(meta.read_text()).get("config_key") == cfg.key()
+    """A finished, complete build of `cfg` is in `out`."""
+    try:
+        meta = json.loads((out / FAMILY_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("config_key") != cfg.key():
+        return False
+    missing = missing_parts(out, meta)
+    if missing:
+        logger.warning("toy family in %s is incomplete (missing %s): rebuilding it", out,
+                       ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    return not missing
 
 
 def build_toy_family(out: str | Path | None = None, cfg: ToyConfig | None = None) -> Path:
-    """Build the toy family into `out` (default: the cache folder for `cfg`); reuse a finished build."""
+    """Build the toy family into `out` (default: the cache folder for `cfg`); reuse a finished build,
+    or wait for another process building it."""
     cfg = cfg or ToyConfig()
     out = Path(out) if out is not None else default_family_dir(cfg)
     if is_built(out, cfg):
         logger.info("toy family %s already built in %s", cfg.key(), out)
         return out
+    with entry_lock(out):
+        if is_built(out, cfg):  # another process built it while this one waited
+            logger.info("toy family %s built by another process in %s", cfg.key(), out)
+            return out
+        return _build(out, cfg)
+
+
+def _build(out: Path, cfg: ToyConfig) -> Path:
     if out.exists() and any(out.iterdir()):
         if (out / FAMILY_FILE).exists() or (out / ".building").exists():
-            logger.info("replacing the toy family in %s (another config, or an interrupted build)", out)
+            logger.info("replacing the toy family in %s (another config, or an incomplete build)", out)
             shutil.rmtree(out)
         else:
             raise ValueError(f"{out} exists and is not a toy family folder; refusing to overwrite it")
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(out.name + ".tmp")  # private: only the lock holder writes here
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / ".building").touch()
