@@ -19,8 +19,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from crossray.checkpoints import CheckpointError, Family, resolve_family
-from crossray.tasks import TaskError
+from crossray.checkpoints import Family, resolve_family
 
 logger = logging.getLogger("crossray")
 
@@ -91,6 +90,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of a pipeline run (`crossray run`, `python -m jobs.pipeline`) besides the config."""
+    p.add_argument("--json", action="store_true",
+                   help="print the run's summary as one JSON object on the last line")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for another run holding the run folder to finish (default: refuse at once)")
+
+
 def build_parser(more: Callable[[argparse._SubParsersAction], None] | None = None
                  ) -> argparse.ArgumentParser:
     """The parser of the library's commands; `more(subparsers)` adds others (jobs.cli: run, serve)."""
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     hf_logging.disable_progress_bar()  # one bar per checkpoint load drowns the real progress
     try:
         return args.func(args)
-    except (CheckpointError, TaskError, ValueError) as e:
+    except ValueError as e:  # CheckpointError and TaskError among them
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
 

@@ -16,49 +16,64 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from crossray.schema import add_flags, apply_overrides, from_dict, shallow
+from crossray.schema import (
+    Checked,
+    Name,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OptionalName,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    Share,
+    add_flags,
+    apply_overrides,
+    from_dict,
+    shallow,
+)
 
 Activation = Literal["relu", "batchtopk", "jumprelu"]
 ACTIVATIONS = get_args(Activation)
+AtLeastTwo = Annotated[int, Range(lo=2)]
+Beta = Annotated[float, Range(0, 1, open_hi=True)]
 
 
 # -- the crosscoder and its training ----------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class CrosscoderSettings:
+class CrosscoderSettings(Checked):
     """The N-way acausal crosscoder as a user sets it (method.md §4)."""
 
-    n_latents: int
+    n_latents: PositiveInt
     """L: dictionary size."""
     activation: Activation = "relu"
     """relu (the paper's, with decoder-norm-weighted L1), batchtopk, or jumprelu."""
-    dec_init_norm: float = 0.08
+    dec_init_norm: PositiveFloat = 0.08
     """Initial L2 norm of every decoder vector (the paper: 0.08 for ReLU, 1.0 for BatchTopK)."""
-    k: int = 32
+    k: PositiveInt = 32
     """BatchTopK: active latents per token (k_final)."""
-    k_init: int | None = None
+    k_init: PositiveInt | None = None
     """BatchTopK: k at step 0, annealed linearly to `k` over `k_anneal_steps` (None: no annealing)."""
-    k_anneal_steps: int = 0
+    k_anneal_steps: NonNegativeInt = 0
     """BatchTopK: steps over which k anneals from k_init to k."""
-    threshold_start_step: int = 1000
+    threshold_start_step: NonNegativeInt = 1000
     """BatchTopK: step after which the eval threshold EMA starts."""
-    threshold_beta: float = 0.999
+    threshold_beta: Share = 0.999
     """BatchTopK: EMA factor of the eval threshold."""
-    jumprelu_init_threshold: float = 0.1
+    jumprelu_init_threshold: NonNegativeFloat = 0.1
     """JumpReLU: initial threshold (inputs are normalised to norm sqrt(D))."""
-    jumprelu_bandwidth: float = 0.1
+    jumprelu_bandwidth: PositiveFloat = 0.1
     """JumpReLU: width of the straight-through window for the threshold gradient."""
-    jumprelu_tanh_scale: float = 1.0
+    jumprelu_tanh_scale: PositiveFloat = 1.0
     """JumpReLU: c in the tanh(c * f * ||W_dec||) sparsity penalty (where it saturates: 1 suits inputs
     normalised to norm sqrt(D); 4, Anthropic's value at their scale, leaves L0 several times too high)."""
-    seed: int = 4352
+    seed: NonNegativeInt = 4352
     """Seed of the decoder initialisation."""
 
     def __post_init__(self) -> None:
-        if self.n_latents < 1:
-            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        super().__post_init__()
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; known: {list(ACTIVATIONS)}")
         if self.activation == "batchtopk" and not 0 < self.k <= self.n_latents:
@@ -71,9 +86,9 @@ class CrosscoderSettings:
 class CrosscoderConfig(CrosscoderSettings):
     """The settings plus what the extraction decides: C, D and the lineage of the activations."""
 
-    n_checkpoints: int
+    n_checkpoints: AtLeastTwo
     """C: checkpoints crosscoded together (N >= 2)."""
-    d_model: int
+    d_model: PositiveInt
     """D: residual width at the hooked layer."""
     revisions: tuple[str, ...] = ()
     """Revision names, in training order (length C when given)."""
@@ -81,15 +96,11 @@ class CrosscoderConfig(CrosscoderSettings):
     """SHA-256 of each checkpoint's tensors (lineage)."""
     family: str = ""
     """The family the activations came from (lineage)."""
-    layer: int | None = None
+    layer: NonNegativeInt | None = None
     """The hooked layer (lineage)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_checkpoints < 2:
-            raise ValueError(f"n_checkpoints must be >= 2, got {self.n_checkpoints}")
-        if self.d_model < 1:
-            raise ValueError("d_model must be positive")
         if self.revisions and len(self.revisions) != self.n_checkpoints:
             raise ValueError(f"revisions lists {len(self.revisions)} names but n_checkpoints is "
                              f"{self.n_checkpoints}")
@@ -102,35 +113,35 @@ class CrosscoderConfig(CrosscoderSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainSettings:
+class TrainSettings(Checked):
     """Crosscoder training (method.md §5), with the fast path's switches."""
 
     crosscoder: CrosscoderSettings
-    n_steps: int
+    n_steps: PositiveInt
     """T: optimizer steps in the whole run (the schedules depend on it)."""
-    batch_size: int = 4096
+    batch_size: PositiveInt = 4096
     """Token rows per optimizer step (over all workers)."""
-    lr: float = 5e-5
+    lr: PositiveFloat = 5e-5
     """Adam learning rate (the paper: 5e-5)."""
-    beta1: float = 0.9
+    beta1: Beta = 0.9
     """Adam beta1."""
-    beta2: float = 0.999
+    beta2: Beta = 0.999
     """Adam beta2."""
-    l1_coeff: float = 2.0
+    l1_coeff: NonNegativeFloat = 2.0
     """Sparsity coefficient (L1 for relu, L0 for jumprelu), after warm-up."""
-    l1_warmup_frac: float = 0.05
+    l1_warmup_frac: Share = 0.05
     """Fraction of steps over which the sparsity coefficient rises linearly from 0."""
-    lr_decay_frac: float = 0.2
+    lr_decay_frac: Share = 0.2
     """LR is constant, then decays linearly to 0 over this last fraction of steps."""
-    grad_clip: float = 1.0
+    grad_clip: PositiveFloat = 1.0
     """Gradient norm clip."""
-    auxk_alpha: float = 1 / 32
+    auxk_alpha: NonNegativeFloat = 1 / 32
     """BatchTopK: weight of the aux-k loss."""
-    dead_window_tokens: int = 10_000_000
+    dead_window_tokens: PositiveInt = 10_000_000
     """A latent is dead when it has not fired for this many tokens."""
-    metrics_every: int = 100
+    metrics_every: PositiveInt = 100
     """Compute and log metrics every N steps (not every step: the fast path)."""
-    checkpoint_every: int = 5000
+    checkpoint_every: PositiveInt = 5000
     """Save the full training state every N steps."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast with fp32 master weights; auto = bf16 where the device runs it fast."""
@@ -138,18 +149,11 @@ class TrainSettings:
     """Fused Adam where the device has it."""
     sparse_decode: bool = True
     """BatchTopK: decode only the active latents (embedding_bag) instead of a dense GEMM."""
-    shuffle_buffer_rows: int = 8192
+    shuffle_buffer_rows: PositiveInt = 8192
     """Rows in each worker's local shuffle buffer."""
-    data_seed: int = 0
+    data_seed: NonNegativeInt = 0
     """Seed of the shuffle order."""
 
-    def __post_init__(self) -> None:
-        if self.n_steps < 1 or self.batch_size < 1:
-            raise ValueError("n_steps and batch_size must be positive")
-        if not 0 <= self.l1_warmup_frac <= 1 or not 0 <= self.lr_decay_frac <= 1:
-            raise ValueError("l1_warmup_frac and lr_decay_frac must be in [0, 1]")
-        if self.metrics_every < 1 or self.checkpoint_every < 1:
-            raise ValueError("metrics_every and checkpoint_every must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,14 +173,14 @@ def resolve_train(settings: TrainSettings, n_checkpoints: int, d_model: int, **l
 # -- data -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class CorpusConfig:
+class CorpusConfig(Checked):
     """Where the token sequences come from and how they are cut (method.md §2)."""
 
     source: str
     """Local file or folder, `toy:SEED[:N_DOCS]`, or a hub data set name."""
-    seq_len: int = 1024
+    seq_len: AtLeastTwo = 1024
     """Tokens per sequence (the first seq_len tokens of each long-enough document)."""
-    n_sequences: int | None = None
+    n_sequences: PositiveInt | None = None
     """Stop after this many sequences (None: all)."""
     text_field: str = "text"
     """Field (JSONL) or column (Parquet) holding a document's text."""
@@ -188,25 +192,22 @@ class CorpusConfig:
     """Drop position 0 of every sequence from the rows (the paper's `remove_bos`, §3.2)."""
 
     def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
-        if self.n_sequences is not None and self.n_sequences < 1:
-            raise ValueError("n_sequences must be positive")
+        super().__post_init__()
         if self.n_sequences is None and (self.source == "toy" or self.source.count(":") == 1
                                          and self.source.startswith("toy:")):
             raise ValueError(f"corpus {self.source} never ends: set n_sequences, or toy:SEED:N_DOCS")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractSettings:
+class ExtractSettings(Checked):
     """Activation extraction as a user sets it (the checkpoint set comes from selection)."""
 
     corpus: CorpusConfig
-    batch_sequences: int = 16
+    batch_sequences: PositiveInt = 16
     """Sequences per forward pass."""
-    shard_sequences: int = 256
+    shard_sequences: PositiveInt = 256
     """Sequences per Parquet shard (the unit of retry and resume; larger amortises task overhead)."""
-    norm_sequences: int = 64
+    norm_sequences: PositiveInt = 64
     """Sequences used to estimate the normalisation factors (the paper: 4,000)."""
     storage_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Activations as stored in the Parquet shards."""
@@ -215,12 +216,7 @@ class ExtractSettings:
     mode: Literal["auto", "stream", "parquet"] = "auto"
     """stream: activations go from the extraction actors through a shuffle buffer into training, never
     to disk; parquet: written as shards first; auto: parquet when they fit `max_disk_gb`."""
-    max_disk_gb: float = 50.0
-
-    def __post_init__(self) -> None:
-        if min(self.batch_sequences, self.shard_sequences, self.norm_sequences, self.max_disk_gb) <= 0:
-            raise ValueError("batch_sequences, shard_sequences, norm_sequences and max_disk_gb must be "
-                             "positive")
+    max_disk_gb: PositiveFloat = 50.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,7 +227,7 @@ class ExtractConfig(ExtractSettings):
     """Local family folder, hub repo, or `toy` (the embedded default, built or reused from the cache)."""
     revisions: tuple[str, ...]
     """The checkpoint set, in training order."""
-    layer: int
+    layer: NonNegativeInt
     """The residual stream entering block `layer`."""
     naming: str | None = None
     """Revision naming scheme (default: the family's)."""
@@ -253,20 +249,20 @@ class ExtractConfig(ExtractSettings):
 # -- the other stages -------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class PipelineConfig:
+class PipelineConfig(Checked):
     """What to crosscode: the family, layer, tasks and checkpoint set."""
 
-    name: str
+    name: Name
     """Run name: results go to <out>/<name>/ and the MLflow parent run is named after it."""
     family: str
     """`toy`, a local family folder, or a hub repo."""
-    layer: int
+    layer: NonNegativeInt
     """The residual stream entering block `layer` (TransformerLens blocks.L.hook_resid_pre)."""
     tasks: tuple[str, ...] = ("toy",)
     """Task files or folders; `toy` = the toy family's own tasks."""
     out: str = "runs"
     """Output root: results go to <out>/<name>/<stage>/."""
-    n_checkpoints: int = 3
+    n_checkpoints: AtLeastTwo = 3
     """Checkpoints selected automatically (unless `revisions` gives the set)."""
     revisions: tuple[str, ...] = ()
     """A user-given checkpoint set (always wins over automatic selection)."""
@@ -276,39 +272,38 @@ class PipelineConfig:
     """Revision naming scheme (pythia, olmo, bloom, plain); default from the family."""
     tokenizer: str | None = None
     """Tokenizer repo or folder when it is not stored with the checkpoints (BLOOM intermediate)."""
-    screen_examples: int = 40
+    screen_examples: PositiveInt = 40
     """Examples per task for the activation-similarity screen."""
     score_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the checkpoints run in for screening (accuracy, activation similarity), whatever they
     were saved in."""
 
     def __post_init__(self) -> None:
-        if self.n_checkpoints < 2:
-            raise ValueError(f"n_checkpoints must be >= 2, got {self.n_checkpoints}")
+        super().__post_init__()
         if not self.tasks:
             raise ValueError("tasks must name at least one task file, folder or 'toy'")
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig:
+class EvaluateConfig(Checked):
     """Held-out evaluation: FVE, L0, dead latents and spliced ΔCE (method.md §7)."""
 
-    eval_sequences: int = 32
+    eval_sequences: PositiveInt = 32
     """Held-out sequences (after the training ones) for FVE, L0, dead latents and the spliced ΔCE
     (the paper: 240 x 1024 tokens)."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class AttributionConfig:
+class AttributionConfig(Checked):
     """Indirect effects by integrated gradients, RelIE and the ablation check (method.md §11-12)."""
 
-    steps: int = 10
+    steps: PositiveInt = 10
     """Integrated-gradient steps (1 = attribution patching)."""
-    threshold: float | None = 0.1
+    threshold: NonNegativeFloat | None = 0.1
     """Per-token |IE| threshold in logit units (None: keep everything)."""
-    batch_size: int = 4
+    batch_size: PositiveInt = 4
     """Examples per batch (each runs `steps` interpolants at once)."""
-    top_k: int = 10
+    top_k: PositiveInt = 10
     """Features selected per checkpoint by |IE| (their union is studied)."""
     baseline: Literal["auto", "zero", "patch"] = "auto"
     """IG baseline, decided per task: the zero state (the paper), the patch prefix's state, or auto
@@ -323,55 +318,56 @@ class AttributionConfig:
     """Leave each example's first token out of the effects, as training leaves position 0 out (the
     crosscoder never saw it; the attention-sink outlier inflates the error term there). False: the
     paper's attribution, over every position."""
-    low: float = 0.3
+    low: Share = 0.3
     """Share below which a checkpoint does not count for a feature (group labels)."""
-    high: float = 0.7
+    high: Share = 0.7
     """Share above which a feature is specific to one checkpoint."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.top_k < 1:
-            raise ValueError("steps, batch_size and top_k must be >= 1")
+        super().__post_init__()
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
 
 
 @dataclass(frozen=True, kw_only=True)
-class AnalysisConfig:
+class AnalysisConfig(Checked):
     """Top-activating contexts per feature: how many sequences to scan, how many contexts to keep."""
 
-    context_sequences: int = 256
+    context_sequences: PositiveInt = 256
     """Extracted sequences scanned for top-activating contexts."""
-    context_k: int = 8
+    context_k: PositiveInt = 8
     """Top contexts kept per feature, jointly and per checkpoint."""
-    context_before: int = 10
+    context_before: NonNegativeInt = 10
     """Tokens shown before a context's top token (`context_after`: after it)."""
-    context_after: int = 3
+    context_after: NonNegativeInt = 3
 
 
 @dataclass(frozen=True, kw_only=True)
-class LaunchConfig:
+class LaunchConfig(Checked):
     """How to run (never part of a stage's identity): Ray resources and MLflow names."""
 
-    actors: int = 2
+    actors: PositiveInt = 2
     """Extraction/attribution actors, each holding every checkpoint of the set."""
-    cpus_per_actor: float = 0.5
+    cpus_per_actor: NonNegativeFloat = 0.5
     """CPUs per actor (and per screening/evaluation task); `gpus_per_actor` likewise."""
-    gpus_per_actor: float = 0
-    workers: int = 2
+    gpus_per_actor: NonNegativeFloat = 0
+    workers: PositiveInt = 2
     """Ray Train workers (data parallel)."""
-    cpus_per_worker: float = 0.5
+    cpus_per_worker: NonNegativeFloat = 0.5
     """CPUs per Ray Train worker; `gpus_per_worker` likewise."""
-    gpus_per_worker: float = 0
-    max_failures: int = 2
+    gpus_per_worker: NonNegativeFloat = 0
+    max_failures: Annotated[int, Range(lo=-1)] = 2
     """Restarts of the Train worker group from its last checkpoint."""
-    experiment: str = ""
+    experiment: OptionalName = ""
     """MLflow experiment (default: crossray-<family>)."""
-    register_name: str = ""
+    register_name: OptionalName = ""
     """Registered model name (default: crossray-<family>-<run name>)."""
-    alias: str = "champion"
+    alias: Name = "champion"
     """Registry alias moved to the newly trained crosscoder."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(Checked):
     pipeline: PipelineConfig
     extract: ExtractSettings
     train: TrainSettings
@@ -381,14 +377,65 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A run config is a page of YAML; anything over 1 MB is refused before it is read."""
+MAX_CONFIG_NODES = 100_000
+"""YAML nodes a config may expand to through its aliases (an alias bomb expands to billions)."""
+
+
+def read_yaml(path: Path) -> Any:
+    """A config file's YAML, read with bounded memory: a regular file of at most `MAX_CONFIG_BYTES`,
+    whose aliases expand to at most `MAX_CONFIG_NODES` nodes."""
+    import stat
+
+    import yaml
+
+    info = path.stat()  # OSError: the caller names the file
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: over {MAX_CONFIG_BYTES // 1024} KiB; a run config is a page of YAML")
+    text = raw.decode("utf-8", errors="strict")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only: aliases stay shared
+        if root is not None and _expanded_nodes(root, {}, set()) > MAX_CONFIG_NODES:
+            raise ValueError(f"{path}: its YAML aliases expand to over {MAX_CONFIG_NODES} values")
+    except RecursionError:
+        raise ValueError(f"{path}: YAML nested too deeply") from None
+    return yaml.safe_load(text)
+
+
+def _expanded_nodes(node: Any, memo: dict[int, int], path: set[int]) -> int:
+    """How many nodes `node` stands for once every alias is expanded (capped above the bound)."""
+    import yaml
+
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in path:  # a recursive alias: infinite
+        return MAX_CONFIG_NODES + 1
+    path.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else []
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, memo, path)
+        if total > MAX_CONFIG_NODES:
+            break
+    path.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
 def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Config:
     """Parse and validate a run config; `overrides` maps `section.field` paths to flag strings."""
     import yaml
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        data = read_yaml(path) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ValueError(f"{path}: cannot read the config: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")

@@ -1,22 +1,132 @@
 """Typed configuration plumbing: dataclasses from plain data, and command-line flags from fields.
 
-`from_dict` builds a (nested) frozen dataclass from YAML data, refusing unknown keys and wrong types
-with the key path; `add_flags` turns every leaf field into a `--section.field` flag whose help is the
-field's attribute docstring, and `apply_overrides` writes flag values into the data before validation.
+`from_dict` builds a (nested) frozen dataclass from YAML data, refusing unknown keys, wrong types and
+values out of range with the key path; `add_flags` turns every leaf field into a `--section.field` flag
+whose help is the field's attribute docstring, and `apply_overrides` writes flag values into the data
+before validation.
+
+A field's allowed values are declared once, in its type: `Annotated[int, Range(lo=1)]` (aliases below:
+`PositiveInt`, `Share`, `Name`, ...); every float must be finite. The loader checks them with the key
+path; `Checked.__post_init__` checks them when code builds a config directly. Error messages quote at
+most a short prefix of a bad value.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
+import math
+import re
+import reprlib
 import types
 import typing
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 T = TypeVar("T")
+MAX_STRING = 4096
+"""Longest string a config field takes (paths, names, sources)."""
+MAX_LIST = 10_000
+"""Most items a config list takes (revisions, tasks)."""
+
+_SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple = 2, 4, 4, 4
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
+def short(value: Any) -> str:
+    """A bounded repr: at most a short prefix of a value (a config may hold megabytes)."""
+    return _SHORT.repr(value)
+
+
+# -- declared ranges --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers from `lo` to `hi` (None: unbounded); `open_lo`/`open_hi` exclude the bound."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def __str__(self) -> str:
+        lo = None if self.lo is None else f"{'>' if self.open_lo else '>='} {self.lo:g}"
+        hi = None if self.hi is None else f"{'<' if self.open_hi else '<='} {self.hi:g}"
+        return " and ".join(b for b in (lo, hi) if b) or "any number"
+
+    def error(self, value: Any) -> str | None:
+        too_low = self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo)
+        too_high = self.hi is not None and (value >= self.hi if self.open_hi else value > self.hi)
+        return f"must be {self}" if too_low or too_high else None
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Strings that match `regex` whole (`empty`: "" is allowed too, meaning "the default")."""
+
+    regex: str
+    what: str
+    empty: bool = False
+
+    def error(self, value: Any) -> str | None:
+        if (self.empty and value == "") or re.fullmatch(self.regex, value):
+            return None
+        return f"must be {self.what}"
+
+
+PositiveInt = Annotated[int, Range(lo=1)]
+NonNegativeInt = Annotated[int, Range(lo=0)]
+PositiveFloat = Annotated[float, Range(lo=0, open_lo=True)]
+NonNegativeFloat = Annotated[float, Range(lo=0)]
+Share = Annotated[float, Range(0, 1)]
+"""A probability or fraction, in [0, 1]."""
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_NAME = f"a name of 1-128 letters, digits, '.', '_' or '-' starting with a letter or digit ({NAME_RE})"
+Name = Annotated[str, Pattern(NAME_RE, _NAME)]
+"""A name that becomes a folder or a registry entry: no path separator, never '.' or '..'."""
+OptionalName = Annotated[str, Pattern(NAME_RE, _NAME + ", or empty for the default", empty=True)]
+
+
+def _marks(tp: Any) -> tuple[Any, tuple]:
+    """(base type, range/pattern marks) of a hint, looking inside `X | None`."""
+    if get_origin(tp) is Annotated:
+        return get_args(tp)[0], tuple(m for m in tp.__metadata__ if hasattr(m, "error"))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            if get_origin(arg) is Annotated:
+                return _marks(arg)
+    return tp, ()
+
+
+def _check_value(value: Any, tp: Any, where: str) -> None:
+    """Raise ValueError when a (typed) value breaks its declared range or pattern, or is not finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {short(value)}")
+    if value is None or isinstance(value, bool):
+        return
+    for mark in _marks(tp)[1]:
+        problem = mark.error(value)
+        if problem:
+            raise ValueError(f"{where} {problem}, got {short(value)}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+class Checked:
+    """Base of the config dataclasses: building one checks every field's declared range."""
+
+    def __post_init__(self) -> None:
+        for name, tp in _hints(type(self)).items():
+            if name in self.__dataclass_fields__:  # type: ignore[attr-defined]
+                _check_value(getattr(self, name), tp, name)
 
 
 # -- typed loading ----------------------------------------------------------------------------------
@@ -30,36 +140,46 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        value = _check_type(value, get_args(tp)[0], where)
+        _check_value(value, tp, where)
+        return value
     if origin is Literal:
         if value not in get_args(tp):
-            raise ValueError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
+            raise ValueError(f"{where}: {short(value)} is not one of {list(get_args(tp))}")
         return value
     if origin in (typing.Union, types.UnionType):
-        for arg in get_args(tp):
-            if arg is type(None) and value is None:
-                return None
+        if value is None and type(None) in get_args(tp):
+            return None
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error, which says more
+            return _check_type(value, options[0], where)
+        for arg in options:
             try:
                 return _check_type(value, arg, where)
             except ValueError:
                 continue
-        raise ValueError(f"{where}: {value!r} does not fit {tp}")
+        raise ValueError(f"{where}: {short(value)} does not fit {tp}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ValueError(f"{where}: expected a list, got {type(value).__name__}")
+        if len(value) > MAX_LIST:
+            raise ValueError(f"{where}: a list of {len(value)} items; at most {MAX_LIST}")
         inner = get_args(tp)[0]
         return tuple(_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else from_dict(tp, value, where)  # type: ignore[arg-type]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            value = float(value)
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or
                                           (tp is not bool and isinstance(value, bool))):
-        raise ValueError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {short(value)}")
+    if tp is str and len(value) > MAX_STRING:
+        raise ValueError(f"{where}: a string of {len(value)} characters; at most {MAX_STRING}")
+    _check_value(value, tp, where)
     return value
 
 
@@ -68,11 +188,11 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     where = where or cls.__name__
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        raise ValueError(f"{where}: unknown key(s) {short(unknown)}; allowed: {sorted(names)}")
     kwargs = {k: _check_type(v, hints[k], _join(where, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)

@@ -16,17 +16,21 @@ from crossray import cli
 from crossray.schema import add_flags
 
 
+def _run(args: argparse.Namespace) -> int:
+    from jobs import pipeline  # Ray and the pipeline: only for `run` (plan and the rest start fast)
+
+    return pipeline.run_from_args(args)
+
+
 def _more(sub: argparse._SubParsersAction) -> None:
     from crossray.config import Config
-    from jobs import pipeline
 
     run = sub.add_parser("run", help="run the pipeline on a config (screen ... analyse, tracked in MLflow)")
     run.add_argument("config", help="run config (YAML)")
-    run.add_argument("--json", action="store_true", help=pipeline.JSON_HELP)
-    run.add_argument("--wait", action="store_true", help=pipeline.WAIT_HELP)
+    cli.add_run_options(run)
     run.add_argument("--address", default=None, help="Ray address (default: start a local one)")
     add_flags(run, Config)
-    run.set_defaults(func=pipeline.run_from_args)
+    run.set_defaults(func=_run)
     sub.add_parser("serve", help="serve finished runs over HTTP with Ray Serve (crossray serve --help)")
 
 
