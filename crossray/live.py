@@ -8,6 +8,10 @@ stored effects. Query bodies are plain dicts (validated by the API); answers are
 a query the input makes impossible answers `{"error": status, "detail": reason}` instead of raising,
 so the answer crosses a Serve handle intact.
 
+Bounds: a query may carry `limits` (`{"chars", "tokens", "deadline"}`, set by the API from its
+`LiveLimits`): every pair is checked (`tasks.check_request_rows`, `check_request_tokens`) before a
+model runs, and an /effects query past its `deadline` (epoch seconds) stops between model batches.
+
 Batching: `effects` takes many queries at once and runs their examples through the same model
 batches (examples are independent; each query's sums are gathered back by index), so a replica under
 load does one suffix pass per `batch_size` examples instead of one per request.
@@ -19,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,9 +37,13 @@ from crossray.models.layer import encode, load_layer_model, load_tokenizer
 from crossray.pipeline.inputs import weight_hashes
 from crossray.results import nums
 from crossray.store import load_crosscoder
-from crossray.tasks import Task, TaskError, rows_to_task
+from crossray.tasks import Task, TaskError, check_request_rows, check_request_tokens, rows_to_task
 
 logger = logging.getLogger(__name__)
+
+
+DEFAULT_CHARS, DEFAULT_TOKENS = 2000, 8192
+"""Bounds of a query that carries no `limits` (the API's `LiveLimits` defaults)."""
 
 
 def _error(detail: str, status: int = 422) -> dict:
@@ -79,10 +88,17 @@ class LiveRun:
                     family.name, self.layer, device)
 
     # -- input -------------------------------------------------------------------------------------
-    def task(self, rows: list[dict]) -> Task:
-        """Request rows in any task format the project reads, with the single-token rule."""
+    def task(self, rows: list[dict], limits: dict | None = None) -> Task:
+        """Request rows in any task format the project reads, with the single-token rule, each checked
+        against `limits` (`chars` per field, `tokens` per request) first."""
         if not rows:
             raise TaskError("pairs is empty")
+        limits = limits or {}
+        try:
+            check_request_rows(rows, limits.get("chars", DEFAULT_CHARS))
+            check_request_tokens(rows, self.tokenizer, limits.get("tokens", DEFAULT_TOKENS))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise TaskError(f"pairs: malformed row ({type(e).__name__}: {e})") from e
         try:
             task = rows_to_task(rows, self.tokenizer, "request", "pairs")
         except (KeyError, TypeError, AttributeError) as e:
@@ -120,7 +136,7 @@ class LiveRun:
         prepared: dict[tuple, list] = {}
         for q, query in enumerate(queries):
             try:
-                task = self.task(query["pairs"])
+                task = self.task(query["pairs"], query.get("limits"))
                 self._features(query.get("features") or [])
                 steps = query.get("steps") or self.attribution.steps
                 cfg = dataclasses.replace(self.attribution, steps=steps)
@@ -135,28 +151,38 @@ class LiveRun:
             key = (run_cfg.steps, baseline) if baseline != "mixed" else (run_cfg.steps, baseline, q)
             prepared.setdefault(key, []).append((q, task, run_cfg, baseline))
         for items in prepared.values():
-            sums = self._effect_sums([task for _, task, _, _ in items], items[0][2])
+            deadlines = [(queries[q].get("limits") or {}).get("deadline", math.inf) for q, *_ in items]
+            sums = self._effect_sums([task for _, task, _, _ in items], items[0][2], deadlines)
             for (q, task, cfg, baseline), s in zip(items, sums, strict=True):
-                answers[q] = self._effects_answer(queries[q], task, s, cfg, baseline)
+                answers[q] = self._effects_answer(queries[q], task, s, cfg, baseline) if s is not None else \
+                    _error("the query passed its deadline before its model work was done; send fewer pairs "
+                           "or steps, or retry when the service is less busy", 503)
         return answers  # type: ignore[return-value]
 
-    def _effect_sums(self, tasks: list[Task], cfg: AttributionConfig) -> list[AT.EffectSums]:
+    def _effect_sums(self, tasks: list[Task], cfg: AttributionConfig, deadlines: list[float]
+                     ) -> list[AT.EffectSums | None]:
         """Each task's effect sums, their examples run through shared batches of `model_batch` examples
         (not the stage's `batch_size`, sized for a task's long sweep: a live batch gathers a few pairs
-        from each of many requests, and one suffix pass over more rows costs little more)."""
-        owner = torch.tensor([t for t, task in enumerate(tasks) for _ in task.examples])
-        examples = [e for task in tasks for e in task.examples]
+        from each of many requests, and one suffix pass over more rows costs little more). A task whose
+        deadline passes stops there (None): its remaining examples leave the next batches."""
+        owned = [(t, e) for t, task in enumerate(tasks) for e in task.examples]
         C, L, T = len(self.models), self.cc.cfg.n_latents, len(tasks)
         ie_TCL, err_TC, met_TC = torch.zeros(T, C, L), torch.zeros(T, C), torch.zeros(T, C)
-        n = self.model_batch
-        for start in range(0, len(examples), n):
+        late: set[int] = set()
+        while owned:
+            now = time.time()
+            late.update(t for t in {t for t, _ in owned} if deadlines[t] <= now)  # done ones are kept
+            owned = [(t, e) for t, e in owned if t not in late]
+            batch, owned = owned[:self.model_batch], owned[self.model_batch:]
+            if not batch:
+                break
             ie_CBL, err_CB, met_CB = AT.example_effects(self.folded, self.models, self.tokenizer,
-                                                        examples[start:start + n], cfg)
-            who = owner[start:start + n]
+                                                        [e for _, e in batch], cfg)
+            who = torch.tensor([t for t, _ in batch])
             ie_TCL.index_add_(0, who, ie_CBL.transpose(0, 1))
             err_TC.index_add_(0, who, err_CB.T)
             met_TC.index_add_(0, who, met_CB.T)
-        return [AT.EffectSums(ie_TCL[t], err_TC[t], met_TC[t], len(task.examples))
+        return [AT.EffectSums(ie_TCL[t], err_TC[t], met_TC[t], len(task.examples)) if t not in late else None
                 for t, task in enumerate(tasks)]
 
     def _effects_answer(self, query: dict, task: Task, sums: AT.EffectSums, cfg: AttributionConfig,
@@ -187,7 +213,7 @@ class LiveRun:
         features together at each asked checkpoint, and each feature's own delta (the attribute
         stage's ablation check, `attribution.ablation_deltas`)."""
         try:
-            task = self.task(query["pairs"])
+            task = self.task(query["pairs"], query.get("limits"))
             feats = self._features(query["features"])
             cks = self.checkpoint(query.get("checkpoint"))
         except TaskError as e:

@@ -40,6 +40,58 @@ class TaskError(ValueError):
     """A task file or data set that cannot be read (missing field, bad JSON, nothing left)."""
 
 
+class PairError(TaskError):
+    """One row of a request that cannot be used: names the row (0-based) and the field."""
+
+    def __init__(self, row: int, field: str, problem: str):
+        self.row, self.field = row, field
+        super().__init__(f"pairs[{row}].{field}: {problem}")
+
+
+TEXT_FIELDS = {
+    "blimp": ("sentence_good", "sentence_bad", "one_prefix_prefix", "one_prefix_word_good",
+              "one_prefix_word_bad"),
+    "clams": ("clean_prefix", "clean_answer", "patch_answer", "patch_prefix"),
+    "multiblimp": ("sen", "wrong_sen"),
+}
+"""The fields of each format that hold text a model reads."""
+
+
+def check_request_rows(rows: list[dict], max_chars: int) -> None:
+    """Rows sent over HTTP, before any model sees them: a known format, every text field non-empty,
+    no string over `max_chars` characters. Raises `PairError` naming the first bad row and field."""
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            if isinstance(value, str) and len(value) > max_chars:
+                raise PairError(i, key, f"{len(value)} characters; at most {max_chars} per field")
+        try:
+            fmt = detect_format(row)
+        except TaskError as e:
+            raise PairError(i, "*", str(e)) from None
+        for key in TEXT_FIELDS[fmt]:
+            if isinstance(row.get(key), str) and not row[key].strip():
+                raise PairError(i, key, "is empty")
+
+
+def check_request_tokens(rows: list[dict], tokenizer, max_tokens: int) -> None:
+    """The rows' text fields together hold at most `max_tokens` tokens (a bound on the model work of a
+    request); raises `PairError` at the row where the total passes it."""
+    texts, owners = [], []
+    for i, row in enumerate(rows):
+        for key in TEXT_FIELDS.get(detect_format(row), ()):
+            if isinstance(row.get(key), str):
+                texts.append(row[key])
+                owners.append((i, key))
+    if not texts:
+        return
+    total = 0
+    for (i, key), ids in zip(owners, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):
+        total += len(ids)
+        if total > max_tokens:
+            raise PairError(i, key, f"the request's text reaches {total} tokens here; at most {max_tokens} "
+                            "per request")
+
+
 @dataclass(frozen=True)
 class Example:
     clean_prefix: str
@@ -91,6 +143,8 @@ def reduce_to_single_tokens(tokenizer, prefix: str, clean: str, patch: str, pair
         else:
             prefix = prefix + _decode(tokenizer, ca[:1])
             ca, pa = ca[1:], pa[1:]
+    if not encode(tokenizer, prefix):  # nothing to condition on (and no position to patch)
+        return "empty_prefix"
     return Example(prefix, _decode(tokenizer, ca), _decode(tokenizer, pa), ca[0], pa[0], pair_id)
 
 

@@ -16,6 +16,7 @@ import functools
 import hmac
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from crossray.results import NotFound, RunIndex, load_run
+from crossray.tasks import PairError, check_request_rows
 from serve import schemas as S
 
 logger = logging.getLogger(__name__)
@@ -242,18 +244,29 @@ def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int
             raise RequestValidationError([{"type": "too_long", "loc": ("body", field), "input": None,
                                            "msg": f"at most {cap} {unit} per request (got {got})"}])
 
+    def check_pairs(pairs: list[dict]) -> None:
+        """Every pair's text, before the model deployment sees it (a 422 names the row and field)."""
+        try:
+            check_request_rows(pairs, limits.pair_chars)
+        except PairError as e:
+            raise RequestValidationError([{"type": "value_error", "loc": ("body", "pairs", e.row, e.field),
+                                           "input": None, "msg": str(e)}]) from None
+
     async def live_answer(run: str, kind: str, body: dict, field: str) -> Response:
         index = state.index(run)
         for i in body.get("features") or []:
             index.feature_id(i)
         if live is None:
             raise Unavailable("live queries are off: the service runs without its model deployment")
+        # the model replica checks the token budget and stops computing past the deadline
+        body["limits"] = {"chars": limits.pair_chars, "tokens": limits.tokens,
+                          "deadline": time.time() + limits.deadline_s}
         try:
             result = await asyncio.wait_for(live(kind, index.run.id, body), limits.deadline_s)
         except TimeoutError:
             return _error(503, f"the model work took longer than the {limits.deadline_s:g} s deadline; "
                           "retry later or send fewer pairs", {"Retry-After": "5"})
-        except Exception as e:  # the model replica failed: not the client's doing
+        except Exception as e:  # the model replica failed (died, restarted): not the client's doing
             logger.exception("live %s query failed", kind)
             return _error(503, f"the model deployment failed ({type(e).__name__}); retry later",
                           {"Retry-After": "5"})
@@ -261,13 +274,16 @@ def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int
             if result["error"] == 422:
                 raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "input": None,
                                                "msg": result["detail"]}])
-            return _error(result["error"], result["detail"])
+            retry = {"Retry-After": "5"} if result["error"] == 503 else None
+            return _error(result["error"], result["detail"], retry)
         # encoded here: the answer is JSON-ready, and validating it against the response model costs
         # more CPU than the rest of the route (the model still documents it)
         return Response(_json({"run": index.run.id, **result}), media_type="application/json")
 
     live_responses = {422: {"model": S.Error}, 503: {"model": S.Error, "description": "live queries "
-                      "unavailable, or over the deadline (Retry-After)"}}
+                      "unavailable, or over the deadline (Retry-After)"},
+                      500: {"model": S.Error, "description": "the model failed on this query alone (a "
+                            "defect: retrying does not help; the service log has the traceback)"}}
 
     @runs.post("/{run}/effects", response_model=S.EffectsResponse, responses=live_responses)
     async def effects(run: Run, body: Annotated[S.EffectsRequest, Body()]):
@@ -278,6 +294,7 @@ def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int
         over_cap("features", len(body.features or []), limits.features, "features")
         over_cap("top", body.top, limits.top, "features (top)")
         over_cap("steps", body.steps or 0, limits.steps, "integrated-gradient steps")
+        check_pairs(body.pairs)
         return await live_answer(run, "effects", body.model_dump(), "pairs")
 
     @runs.post("/{run}/ablate", response_model=S.AblateResponse, responses=live_responses)
@@ -286,6 +303,7 @@ def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int
         (together) at a checkpoint, or at every checkpoint; and each feature's own delta."""
         over_cap("pairs", len(body.pairs), limits.pairs, "pairs")
         over_cap("features", len(body.features), limits.features, "features")
+        check_pairs(body.pairs)
         if body.checkpoint is not None:
             state.index(run).checkpoint(body.checkpoint)
         return await live_answer(run, "ablate", body.model_dump(), "pairs")

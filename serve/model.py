@@ -32,7 +32,9 @@ LiveClient = Callable[[str, str, dict], Awaitable[dict]]
 
 
 def answer_batch(runs: dict, problems: dict[str, str], items: list[tuple[str, str, dict]]) -> list[dict]:
-    """Answers for (kind, run id, body) items, in order; the /effects ones of each run in one go."""
+    """Answers for (kind, run id, body) items, in order; the /effects ones of each run in one go. A
+    query that fails inside the model fails alone: its batch is re-run one query at a time, and the
+    failing one answers a 500 (a defect retrying cannot fix) while the others get their answers."""
     out: list[dict | None] = [None] * len(items)
     effects: dict[str, list[int]] = {}
     for i, (kind, run_id, body) in enumerate(items):
@@ -43,13 +45,29 @@ def answer_batch(runs: dict, problems: dict[str, str], items: list[tuple[str, st
         elif kind == "effects":
             effects.setdefault(run_id, []).append(i)
         elif kind in ("ablate", "activations"):
-            out[i] = getattr(run, kind)(body)
+            out[i] = _alone(getattr(run, kind), body)
         else:
             out[i] = {"error": 404, "detail": f"unknown live query {kind!r}"}
     for run_id, index in effects.items():
-        for i, answer in zip(index, runs[run_id].effects([items[i][2] for i in index]), strict=True):
+        bodies = [items[i][2] for i in index]
+        run = runs[run_id]
+        try:
+            answers = run.effects(bodies)
+        except Exception:  # noqa: BLE001 (find the query that fails; answer the others)
+            logger.exception("a live /effects batch of %d queries failed; one by one now", len(index))
+            answers = [_alone(lambda b, run=run: run.effects([b])[0], b) for b in bodies]
+        for i, answer in zip(index, answers, strict=True):
             out[i] = answer
     return out  # type: ignore[return-value]
+
+
+def _alone(compute: Callable[[dict], dict], body: dict) -> dict:
+    try:
+        return compute(body)
+    except Exception as e:  # noqa: BLE001 (one query's defect must not fail its batch)
+        logger.exception("a live query failed")
+        return {"error": 500, "detail": f"the model failed on this query ({type(e).__name__}: "
+                f"{str(e)[:200]}); retrying will not help"}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)

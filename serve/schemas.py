@@ -141,12 +141,16 @@ class Accuracy(BaseModel):
 
 @dataclass(frozen=True)
 class LiveLimits:
-    """Caps on one live request's work; a request over one gets a 422 naming it. `deadline_s` bounds
-    the time a request waits for its model work (then 503 with Retry-After)."""
+    """Caps on one live request's work; a request over one gets a 422 naming it. `pair_chars` caps each
+    text field of a pair, `tokens` the tokens of all the pairs' text together (with `pairs` and
+    `steps`, a bound on a request's model work). `deadline_s` bounds the time a request waits for its
+    model work (then 503 with Retry-After), and the model replica stops its work there."""
 
     pairs: int = 256
     features: int = 64
     text_chars: int = 2000
+    pair_chars: int = 2000
+    tokens: int = 8192
     steps: int = 64
     top: int = 100
     deadline_s: float = 20.0

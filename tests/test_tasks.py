@@ -39,6 +39,8 @@ def test_single_token_rule_by_hand():
     assert reduce_to_single_tokens(tok, "p", "abc", "abd") == "answer_too_long"
     assert reduce_to_single_tokens(tok, "p", "ab", "c") == "answer_length_mismatch"
     assert reduce_to_single_tokens(tok, "p", "a", "a") == "identical_answers"
+    # nothing to condition on: skipped and counted (an empty prefix once crashed a live batch)
+    assert reduce_to_single_tokens(tok, "", "a", "b") == "empty_prefix"
 
 
 def test_blimp_token_prefix_split():

@@ -214,3 +214,69 @@ def test_live_model_failure_is_503_not_500(state):
 
     r = TestClient(build_api(state, live=broken)).post("/runs/fake/effects", json={"pairs": [PAIR]})
     assert r.status_code == 503 and "RuntimeError" in r.json()["detail"]
+
+
+def test_pairs_are_checked_before_the_model_sees_them(state):
+    """Empty text and text over the per-field limit are 422s naming the row and the field, answered by
+    the table layer: the model deployment is never called for them."""
+    from serve.schemas import LiveLimits
+
+    calls = []
+
+    async def live(kind: str, run_id: str, body: dict) -> dict:
+        calls.append(body)
+        return {"checkpoints": ["step1"], "features": []}
+
+    client = TestClient(build_api(state, live=live, limits=LiveLimits(pair_chars=100)))
+    empty = {"clean_prefix": "", "clean_answer": " waits", "patch_answer": " wait"}
+    for path, body, loc, says in [
+        ("effects", {"pairs": [PAIR, empty]}, ["body", "pairs", 1, "clean_prefix"], "is empty"),
+        ("ablate", {"pairs": [empty], "features": [1]}, ["body", "pairs", 0, "clean_prefix"], "is empty"),
+        ("effects", {"pairs": [{**PAIR, "clean_answer": " "}]}, ["body", "pairs", 0, "clean_answer"],
+         "is empty"),
+        ("effects", {"pairs": [{**PAIR, "clean_prefix": "x" * 40_000}], "steps": 64},
+         ["body", "pairs", 0, "clean_prefix"], "40000 characters; at most 100 per field"),
+        ("effects", {"pairs": [{"sentence_good": "", "sentence_bad": "b"}]},
+         ["body", "pairs", 0, "sentence_good"], "is empty"),
+    ]:
+        r = client.post(f"/runs/fake/{path}", json=body)
+        assert r.status_code == 422, r.text
+        [error] = r.json()["detail"]
+        assert error["loc"] == loc and says in error["msg"], error
+    assert calls == []
+    assert client.post("/runs/fake/effects", json={"pairs": [PAIR]}).status_code == 200
+    [sent] = calls  # what the model is told of its bounds
+    assert sent["limits"]["chars"] == 100 and sent["limits"]["tokens"] == LiveLimits().tokens
+    assert sent["limits"]["deadline"] > 0
+
+
+def test_a_query_the_model_fails_on_is_500_without_retry_after(state):
+    async def failing(kind: str, run_id: str, body: dict) -> dict:
+        return {"error": 500, "detail": "the model failed on this query; retrying will not help"}
+
+    r = TestClient(build_api(state, live=failing)).post("/runs/fake/effects", json={"pairs": [PAIR]})
+    assert r.status_code == 500 and "retry-after" not in r.headers and "will not help" in r.json()["detail"]
+
+
+def test_a_query_that_fails_inside_the_model_fails_alone():
+    """The batch it came in is answered query by query: the others get their answers, it a 500."""
+    from serve.model import answer_batch
+
+    class Run:
+        def effects(self, bodies):
+            if any(b.get("boom") for b in bodies):
+                raise RuntimeError("Expected tensor for argument #1 'indices'")
+            return [{"n": b["n"]} for b in bodies]
+
+        def ablate(self, body):
+            raise RuntimeError("bad")
+
+        def activations(self, body):
+            return {"tokens": []}
+
+    items = [("effects", "r", {"n": 1}), ("effects", "r", {"n": 2, "boom": True}), ("ablate", "r", {}),
+             ("activations", "r", {}), ("effects", "r", {"n": 3}), ("effects", "gone", {"n": 4})]
+    out = answer_batch({"r": Run()}, {}, items)
+    assert out[0] == {"n": 1} and out[4] == {"n": 3} and out[3] == {"tokens": []}
+    assert out[1]["error"] == 500 and "Expected tensor" in out[1]["detail"]
+    assert out[2]["error"] == 500 and out[5]["error"] == 503

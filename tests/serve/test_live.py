@@ -188,3 +188,51 @@ def test_try_it_panel_in_headless_chromium(served, page):
     cells = browser.wait_for("document.querySelectorAll('#ablation-table td.num').length", timeout=60)
     assert cells == 2 * len(want["checkpoints"])  # before and after at every checkpoint
     assert browser.screenshot(ARTIFACTS / "serve_try_it.png").stat().st_size > 10_000
+
+
+def test_hostile_pairs_are_refused_alone_and_at_once(served, task_rows):
+    """An empty prefix (it crashed the whole batch it came in), a 40,000-character prefix with 64
+    steps (it ran for minutes on the model replica) and pairs over the request's token budget: each a
+    422 naming the row, whether sent alone or together with a good query, which gets its own answer."""
+    url, _, _ = served
+    reply = {"clean_answer": " waits", "patch_answer": " wait"}
+    empty = {"clean_prefix": "", **reply}
+    huge = {"clean_prefix": "The man near the queens " * 1700, **reply}  # 40,800 characters
+    long = {"clean_prefix": ("The man near the queens " * 80).strip(), **reply}  # 1,919: under the cap
+    good = {"pairs": task_rows[:2], "features": [0, 7, 27]}
+    sent = [("effects", good), ("effects", {"pairs": [empty]}),
+            ("ablate", {"pairs": [empty], "features": [1]}), ("effects", {"pairs": [huge], "steps": 64}),
+            ("effects", {"pairs": [long] * 30})]
+
+    async def together():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(*[c.post(f"/runs/tiny/{kind}", json=body) for kind, body in sent])
+
+    got = asyncio.run(together())
+    with httpx.Client(base_url=url, timeout=60) as c:
+        alone = [c.post(f"/runs/tiny/{kind}", json=body) for kind, body in sent]
+    for r in (got, alone):
+        assert [x.status_code for x in r] == [200, 422, 422, 422, 422], [x.text[:200] for x in r]
+        assert "retry-after" not in r[1].headers
+        assert r[1].json()["detail"][0]["loc"] == ["body", "pairs", 0, "clean_prefix"]
+        assert r[3].json()["detail"][0]["loc"] == ["body", "pairs", 0, "clean_prefix"]  # by the table layer
+        assert "40800 characters; at most 2000" in r[3].json()["detail"][0]["msg"]
+        budget = r[4].json()["detail"][0]["msg"]
+        assert "pairs[" in budget and "at most 8192 per request" in budget, budget
+    np.testing.assert_allclose([f["ie"] for f in got[0].json()["features"]],
+                               [f["ie"] for f in alone[0].json()["features"]], rtol=1e-4, atol=1e-6)
+
+
+def test_model_work_stops_at_the_deadline(served, task_rows):
+    """A query whose deadline has passed leaves the model batches (its answer says so); a query batched
+    with it is answered in full."""
+    import time
+
+    from crossray.live import LiveRun
+
+    _, _, folder = served
+    run = LiveRun("tiny", folder)
+    late, on_time = run.effects([{"pairs": task_rows[:40], "limits": {"deadline": time.time() - 1}},
+                                 {"pairs": task_rows[:3], "features": [0, 7]}])
+    assert late["error"] == 503 and "deadline" in late["detail"]
+    assert on_time["examples"] == 3 and [f["feature"] for f in on_time["features"]] == [0, 7]
