@@ -9,6 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import contextlib  # noqa: E402
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -28,6 +29,31 @@ def pytest_collection_modifyitems(items):
     cannot register within Ray's fixed 30 s (a machine busy with the rest of the suite) fails
     `ray start`."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("rehearsal") else 1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_suite():
+    """Fails the suite when a process it started is still alive at its end (set up first, so torn
+    down last: after the session's Ray cluster, tracking server and Serve have stopped). Stragglers
+    get 30 s to exit, then are killed and named."""
+    import time
+
+    import psutil
+
+    from tests.helpers import stray_processes
+
+    before = set() if os.environ.get("CROSSRAY_OWN_PIDNS") == "1" else {p.pid for p in psutil.process_iter()}
+    yield
+    deadline = time.time() + 30
+    while (strays := stray_processes(before)) and time.time() < deadline:
+        time.sleep(1)
+    if strays:
+        names = []
+        for p in strays:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                names.append(f"pid {p.pid} {' '.join(p.cmdline())[:120]!r}")
+                p.kill()
+        pytest.fail(f"{len(names)} process(es) started by the tests outlived the suite: {names}")
 
 
 @pytest.fixture(autouse=True)

@@ -237,3 +237,42 @@ def chromium_page(url: str, profile: Path):
         yield browser
     finally:
         browser.close()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (a driver and the local Ray cluster it runs: GCS,
+    raylet, workers, the Train controller), as a crash of the machine's run would; waits for them."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
+def stray_processes(started_before: set[int]) -> list:
+    """Processes the test session left alive: in a PID namespace of the suite's own (`scripts/offline`
+    sets CROSSRAY_OWN_PIDNS), every process but this one and its parents; elsewhere, this process's
+    descendants (zombies and processes older than the session excluded)."""
+    import psutil
+
+    me = psutil.Process()
+    keep = {me.pid, *(p.pid for p in me.parents())}
+    if os.environ.get("CROSSRAY_OWN_PIDNS") == "1":
+        candidates = list(psutil.process_iter())
+    else:
+        candidates = me.children(recursive=True)
+    out = []
+    for p in candidates:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.pid in keep or p.pid in started_before or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if p.ppid() == me.pid and "multiprocessing.resource_tracker" in " ".join(p.cmdline()):
+                continue  # Python's own helper of this process: it ends with it
+            out.append(p)
+    return out

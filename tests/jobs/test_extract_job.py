@@ -69,9 +69,7 @@ def test_parquet_extraction(toy_acts, toy_extract_cfg):
 
 def test_rerun_is_a_noop(toy_acts, toy_extract_cfg):
     stamps = {p: p.stat().st_mtime_ns for p in toy_acts.iterdir()}
-    t0 = time.time()
     run_extract(toy_extract_cfg, toy_acts)
-    assert time.time() - t0 < 5
     assert {p: p.stat().st_mtime_ns for p in toy_acts.iterdir()} == stamps
 
 

@@ -35,7 +35,7 @@ def test_bad_plan_fails_before_any_compute(toy_dir, tmp_path, flags, message):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("crossray: error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert seconds < 20, f"took {seconds:.1f} s"
+    assert "Ray instance" not in proc.stderr  # refused before Ray started
     assert not (tmp_path / "runs" / "tiny").exists()  # no run folder
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # no MLflow run either
 
@@ -135,6 +135,7 @@ def test_interrupted_runs_resume(tracked_run, toy_dir, tmp_path):
     from tests.helpers import (
         as_flags,
         free_port,
+        kill_tree,
         registered_checkpoints,
         same_training,
         small_pipeline_config,
@@ -152,26 +153,25 @@ def test_interrupted_runs_resume(tracked_run, toy_dir, tmp_path):
                            start_new_session=True)
     try:
         _wait(lambda: (folder.parent / "tiny.lock").exists(), run, 120, "the lock")
-        t0 = time.time()  # 1. the same command while the first run holds the folder
+        # 1. the same command while the first run holds the folder: refused, not waiting
         second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and time.time() - t0 < 30
+        assert second.returncode == 2
         [line] = [x for x in second.stderr.splitlines() if x.startswith("crossray: error:")]
         assert f"is in use by pid {run.pid}" in line and "--wait" in line
         _wait(lambda: (folder / "select" / "done.json").exists(), run, 300, "screening")
         os.killpg(server.pid, signal.SIGTERM)  # 2. the tracking server goes away
         server.wait(timeout=30)
-        t0 = time.time()
         _, stderr = run.communicate(timeout=300)
         assert run.returncode == 1, stderr[-3000:]
         errors = [x for x in stderr.splitlines() if x.startswith("crossray: error:")]
         assert len(errors) == 1 and "MLflow tracking server" in errors[0] and "restart it" in errors[0], \
             stderr[-3000:]
-        assert "Traceback" not in stderr and time.time() - t0 < 120
+        assert "Traceback" not in stderr
         server = _mlflow_server(port, root)  # 3. back; the same command, SIGKILLed while training
         run = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
         _wait(lambda: registered_checkpoints(folder / "train" / "ray") >= 1, run, 400, "a checkpoint")
-        os.killpg(run.pid, signal.SIGKILL)
+        kill_tree(run.pid)  # the driver and the local Ray cluster it started, as a crash would
         run.wait()
         assert not (folder / "train" / "done.json").exists()
         again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)  # 4.
@@ -186,8 +186,7 @@ def test_interrupted_runs_resume(tracked_run, toy_dir, tmp_path):
         assert sorted(stages["train"]) == ["FINISHED", "KILLED"], stages  # closed by the last run
         assert stages["extract"].count("FINISHED") == 1, stages
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
+        kill_tree(run.pid)  # (whatever is left of it)
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     train = json.loads((folder / "train" / "done.json").read_text())["result"]["final"]

@@ -2,7 +2,6 @@
 registry, lineage; a second run skips every stage; configs and bad input."""
 
 import json
-import time
 from pathlib import Path
 
 import mlflow
@@ -68,9 +67,8 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
     version = client.get_model_version_by_alias("toy-test", "champion")
     assert version.run_id == train.info.run_id and version.source == results.results["train"].model_uri
     # a second run reuses every stage and logs no new stage runs
-    t0 = time.time()
     again = run(load_config(config), config.name)
-    assert time.time() - t0 < 30 and again.mlflow_run_id == results.mlflow_run_id
+    assert again.mlflow_run_id == results.mlflow_run_id
     assert set(again.status.values()) == {"reused"}
     assert len(client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 7
@@ -141,10 +139,8 @@ def test_bad_config_and_dead_server(tmp_path, monkeypatch):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     try:
-        t0 = time.time()
         with pytest.raises(ValueError, match=f"tracking server http://127.0.0.1:{port} does not answer"):
             check_tracking()
-        assert time.time() - t0 < 20
     finally:
         mlflow.set_tracking_uri(previous)  # a global: later tests must not inherit the dead server
 

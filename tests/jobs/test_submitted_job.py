@@ -1,8 +1,9 @@
 """A real multi-node rehearsal the way users run it: `ray start --head` plus two `ray start --address`
-worker nodes with their own resources (in a private PID namespace, so `ray stop` touches nothing
-else), a tracking server, and the streamed tiny pipeline submitted with `ray job submit --working-dir .`.
-Afterwards its registered crosscoder and tables are in MLflow, and its extraction actors and Train
-workers ran on more than one node."""
+worker nodes with their own resources (`rehearsal.sh`, in a private PID namespace, so `ray stop`
+touches nothing else; a node that misses Ray's registration wait is waited for, then started again,
+and one that never comes up is named with its logs), a tracking server, and the streamed tiny
+pipeline submitted with `ray job submit --working-dir .`. Afterwards its registered crosscoder and
+tables are in MLflow, and its extraction actors and Train workers ran on more than one node."""
 
 import json
 import os
@@ -21,17 +22,6 @@ from tests.helpers import free_port, small_pipeline_config
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray, pytest.mark.rehearsal]
 
-NODES = """
-import json, sys
-from ray.util.state import list_actors
-actors = list_actors(address=sys.argv[1], detail=True, limit=5000, raise_on_missing_output=False)
-nodes = {}
-for a in actors:
-    if a.class_name and a.node_id:
-        nodes.setdefault(a.class_name, set()).add(a.node_id)
-print("NODES " + json.dumps({k: sorted(v) for k, v in nodes.items()}))
-"""
-
 
 def test_streamed_pipeline_submitted_to_a_three_node_cluster(mlflow_server, toy_dir, tmp_path):
     if os.geteuid() != 0 or shutil.which("unshare") is None:
@@ -47,46 +37,19 @@ def test_streamed_pipeline_submitted_to_a_three_node_cluster(mlflow_server, toy_
     cfg["launch"] = {"register_name": "toy-multinode", "actors": 2, "workers": 2}
     config.write_text(yaml.safe_dump(cfg))
     temp = tempfile.mkdtemp(prefix="crj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dash = free_port(), free_port()
-    bin_ = Path(sys.executable).parent
-
-    def own_ports() -> str:  # every node's agents on free ports: the session's own Ray holds the defaults
-        return (f"--dashboard-agent-listen-port={free_port()} --dashboard-agent-grpc-port={free_port()} "
-                f"--runtime-env-agent-port={free_port()} --metrics-export-port={free_port()} "
-                f"--ray-client-server-port={free_port()}")
-
-    workers = "\n".join(  # each node its own temp dir, as on separate machines (runtime envs unpack there)
-        f"{bin_}/ray start --address=127.0.0.1:{gcs} --num-cpus=1 --resources='{{\"node_{n}\": 1}}' "
-        f"--temp-dir={temp}/{n} {own_ports()} >/dev/null" for n in "ab")
-    script = f"""
-set -e
-{bin_}/ray start --head --port={gcs} --num-cpus=1 --resources='{{"node_head": 1}}' --temp-dir={temp} \\
-    --dashboard-host=127.0.0.1 --dashboard-port={dash} --disable-usage-stats {own_ports()} >/dev/null
-{workers}
-set +e
-export RAY_ADDRESS=http://127.0.0.1:{dash}
-for try in $(seq 60); do  # the job agent answers a few seconds after `ray start` returns
-  {bin_}/ray job submit --submission-id rehearsal --no-wait --working-dir {ROOT} -- \\
-      {sys.executable} -m jobs.pipeline --config {config} --json >/dev/null 2>&1 && break
-  sleep 1
-done
-{bin_}/ray job logs --follow rehearsal
-{bin_}/ray job status rehearsal 2>&1 | grep -qi succeeded
-echo "JOB_RC $?"
-tail -n 40 $(ls -t {temp}/session_*/runtime_resources/working_dir_files/*/runs/multinode/logs/failure-*.log \
-    2>/dev/null | head -1) 2>/dev/null || true
-{sys.executable} -c '{NODES}' http://127.0.0.1:{dash}
-{bin_}/ray stop --force >/dev/null 2>&1
-"""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env.update(RAY_AUTH_MODE="token", MLFLOW_TRACKING_URI=mlflow_server, RAY_USAGE_STATS_ENABLED="0",
-               HF_HUB_OFFLINE="1", CROSSRAY_PROGRESS_SECONDS="5")
-    try:
-        proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", script], env=env,
-                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
+               HF_HUB_OFFLINE="1", CROSSRAY_PROGRESS_SECONDS="5", PY=sys.executable, ROOT=str(ROOT),
+               CONFIG=str(config), TEMP=temp, GCS=str(free_port()), DASH=str(free_port()))
+    try:  # a private PID namespace: `ray stop` touches nothing else, and all dies with it (--kill-child)
+        proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "bash",
+                               str(Path(__file__).with_name("rehearsal.sh"))],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     out = proc.stdout
+    assert "NODE_FAILED" not in out, "a node of the rehearsal cluster did not start:\n" + out[-6000:]
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-3000:]
     assert "JOB_RC 0" in out, out[-4000:] + proc.stderr[-3000:]
     summary = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))
     nodes = json.loads(next(line for line in out.splitlines() if line.startswith("NODES "))[6:])
