@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,10 @@ def test_streamed_pipeline_submitted_to_a_three_node_cluster(mlflow_server, toy_
     config.write_text(yaml.safe_dump(cfg))
     temp = tempfile.mkdtemp(prefix="crj", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env.update(RAY_AUTH_MODE="token", MLFLOW_TRACKING_URI=mlflow_server, RAY_USAGE_STATS_ENABLED="0",
+    # its own token: `ray start --head` in token mode refuses to start without one, and on a fresh machine
+    # no ~/.ray/auth_token exists before the first ray.init
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
+    env.update(MLFLOW_TRACKING_URI=mlflow_server, RAY_USAGE_STATS_ENABLED="0",
                HF_HUB_OFFLINE="1", CROSSRAY_PROGRESS_SECONDS="5", PY=sys.executable, ROOT=str(ROOT),
                CONFIG=str(config), TEMP=temp, GCS=str(free_port()), DASH=str(free_port()))
     try:  # a private PID namespace: `ray stop` touches nothing else, and all dies with it (--kill-child)
