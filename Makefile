@@ -24,7 +24,7 @@ demo: install
 	scripts/offline $(BIN)/crossray run configs/tiny.yaml
 
 test: install
-	scripts/offline $(BIN)/python -m pytest -q
+	scripts/offline $(BIN)/python -m pytest -q --durations=10
 
 test-all: install   # with the tests marked slow (their substance is covered by faster ones)
 	scripts/offline $(BIN)/python -m pytest -q -m "slow or not slow"
