@@ -3,7 +3,8 @@
 Reference: einsum encode/decode in fp32, per-model metrics with `.item()` every step, default Adam.
 Project: `crossray.train.Trainer.step_batch` (flattened GEMMs, bf16 autocast with fp32 master
 weights where the device runs bf16 fast, fused Adam, metrics every `metrics_every` steps).
-FLOPs per token: 10 * n * D * F.
+FLOPs per token: 10 * n * D * F. The profile gives the project step's time by kind of op (GEMMs,
+selection, casts, optimizer, elementwise).
 
     python bench/b1_train.py [--shapes 3x256x4096x2048,3x256x16384x1024] [--out b1.json]
 """
@@ -18,7 +19,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import emit, gemm_peak, interleave, machine, parser, rel_err, summary  # noqa: E402
+from bench.common import (  # noqa: E402
+    emit,
+    gemm_peak,
+    interleave,
+    machine,
+    parser,
+    profile_shares,
+    rel_err,
+    summary,
+)
 from bench.reference import PaperCrosscoder, paper_l1_losses, paper_step  # noqa: E402
 from crossray.config import CrosscoderConfig, TrainConfig  # noqa: E402
 from crossray.models.crosscoder import Crosscoder  # noqa: E402
@@ -84,6 +94,7 @@ def bench_shape(n, D, F, B, device, repeats) -> dict:
         "project_flops": achieved,
         "fraction_of_bf16_gemm_peak": achieved / peak_bf16,
         "reference_fraction_of_fp32_gemm_peak": flops_per_token * B / med["reference"] / peak_fp32,
+        "profile": profile_shares(lambda: trainer.step_batch(x, log=lambda s, m: None)),
     }
 
 

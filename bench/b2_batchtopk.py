@@ -19,7 +19,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.b1_train import build  # noqa: E402
-from bench.common import emit, gemm_peak, interleave, machine, parser, rel_err, summary  # noqa: E402
+from bench.common import (  # noqa: E402
+    emit,
+    gemm_peak,
+    interleave,
+    machine,
+    parser,
+    profile_shares,
+    rel_err,
+    summary,
+)
 from bench.reference import paper_batchtopk_losses, paper_step  # noqa: E402
 from crossray.train import compute_losses  # noqa: E402
 
@@ -74,7 +83,8 @@ def main() -> None:
           "tokens_per_s": {name: B / v for name, v in med.items()},
           "speedup_median": med["reference"] / med["project"], "project_bf16": trainer.bf16,
           "gemm_peak_flops_bf16": peak_bf16, "project_flops": achieved,
-          "fraction_of_bf16_gemm_peak": achieved / peak_bf16}, args.out)
+          "fraction_of_bf16_gemm_peak": achieved / peak_bf16,
+          "profile": profile_shares(lambda: trainer.step_batch(x, log=lambda s, m: None))}, args.out)
 
 
 if __name__ == "__main__":

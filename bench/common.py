@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -64,6 +65,14 @@ def machine() -> dict:
     info = {"date": date.today().isoformat(), "python": platform.python_version(),
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads()}
+    try:  # lscpu's model and the flags that decide the bf16 GEMM rate (environment.md)
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next(x.split(":", 1)[1].strip() for x in cpuinfo.splitlines()
+                                 if x.startswith("model name"))
+        flags = next(x.split(":", 1)[1].split() for x in cpuinfo.splitlines() if x.startswith("flags"))
+        info["bf16_flags"] = sorted(f for f in flags if f in ("amx_bf16", "amx_tile", "avx512_bf16"))
+    except (OSError, StopIteration):
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -83,3 +92,38 @@ def emit(result: dict, out: str | None) -> None:
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
+
+
+# Which ATen op a step's time belongs to (self time, so nested ops are not counted twice).
+PROFILE_GROUPS = {
+    "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_embedding_bag",
+             "aten::_embedding_bag_backward", "aten::_embedding_bag_dense_backward",
+             "aten::_embedding_bag_per_sample_weights_backward", "aten::embedding_dense_backward"),
+    "selection": ("aten::topk", "aten::kthvalue", "aten::sort", "aten::nonzero", "aten::index_put_",
+                  "aten::index_fill_", "aten::searchsorted", "aten::index", "aten::_index_put_impl_"),
+    "casts": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::_copy_from_and_resize"),
+    "optimizer": ("aten::_fused_adam_", "aten::_foreach_norm", "aten::_foreach_mul_", "aten::zero_",
+                  "aten::_foreach_add_", "aten::_foreach_addcmul_", "aten::_foreach_addcdiv_",
+                  "aten::_foreach_sqrt", "aten::_foreach_div_", "aten::_foreach_lerp_"),
+}
+
+
+def profile_shares(step: Callable[[], None], steps: int = 5) -> dict:
+    """Share of a step's self CPU time in GEMMs (dense and embedding_bag), selection, dtype casts,
+    the optimizer and the rest (elementwise and reductions), over `steps` profiled steps; with the
+    ten costliest ops, so the next regression is seen where it happens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(t for _, t in ops) or 1.0
+    shares = dict.fromkeys([*PROFILE_GROUPS, "elementwise"], 0.0)
+    for name, t in ops:
+        group = next((g for g, names in PROFILE_GROUPS.items() if name in names), "elementwise")
+        shares[group] += t / total
+    top = sorted(ops, key=lambda o: -o[1])[:10]
+    return {"shares": {k: round(v, 3) for k, v in shares.items()},
+            "top_ops": {name: round(t / total, 3) for name, t in top}}

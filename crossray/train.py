@@ -89,8 +89,8 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 # -- losses ---------------------------------------------------------------------------------------
 
-def aux_k_loss(cc: Crosscoder, x_BCD: Tensor, recon_BCD: Tensor, pre_BL: Tensor, dead_L: Tensor
-               ) -> Tensor:
+def aux_k_loss(cc: Crosscoder, x_BCD: Tensor, recon_BCD: Tensor, pre_BL: Tensor, dead_L: Tensor,
+               norms_L: Tensor | None = None) -> Tensor:
     """Dead latents reconstruct the residual x - x^ (sign fixed, §16.1), normalised by its variance."""
     n_dead = int(dead_L.sum())
     if n_dead == 0:
@@ -98,7 +98,8 @@ def aux_k_loss(cc: Crosscoder, x_BCD: Tensor, recon_BCD: Tensor, pre_BL: Tensor,
     C, D, L = cc.shape
     k_aux = min(D // 2, n_dead)
     resid = (x_BCD - recon_BCD).detach().flatten(1).float()  # (B, C*D)
-    scaled = (pre_BL * cc.selection_norms()).masked_fill(~dead_L, float("-inf"))
+    norms_L = cc.selection_norms() if norms_L is None else norms_L
+    scaled = (pre_BL * norms_L).masked_fill(~dead_L, float("-inf"))
     idx = scaled.topk(k_aux, dim=-1).indices
     acts = torch.zeros_like(pre_BL).scatter(-1, idx, pre_BL.gather(-1, idx))
     recon_aux = acts.float() @ cc.W_dec_LCD.reshape(L, C * D)  # no b_dec
@@ -114,15 +115,18 @@ def compute_losses(cc: Crosscoder, x_BCD: Tensor, out: ForwardOutput, cfg: Train
     zero = l2.new_zeros(())
     # one reduction over the batch serves the L1 term and dead-latent tracking: an elementwise
     # f * norms and its broadcast backward cost as much as a GEMM on the CPU
-    f_L = out.latents_BL.sum(0, dtype=torch.float32)
+    # (a bf16 sum accumulates in fp32 on its own; sum(dtype=float32) would copy all of B x L first)
+    f_L = out.latents_BL.sum(0).float()
+    norms_L = cc.selection_norms() if out.norms_L is None else out.norms_L.float()  # the forward's
     match cc.cfg.activation:
         case "relu":
-            l1 = (f_L * cc.selection_norms()).sum() / x_BCD.shape[0]
+            l1 = (f_L * norms_L).sum() / x_BCD.shape[0]
             sparsity, aux = l1_coeff_at(step, cfg) * l1, zero
         case "jumprelu":
-            sparsity, aux = l1_coeff_at(step, cfg) * cc.jumprelu_penalty(out.latents_BL.float()), zero
+            penalty = cc.jumprelu_penalty(out.latents_BL.float(), norms_L)
+            sparsity, aux = l1_coeff_at(step, cfg) * penalty, zero
         case "batchtopk":
-            aux = aux_k_loss(cc, x_BCD, recon, out.pre_BL, dead_L) if dead_L is not None else zero
+            aux = aux_k_loss(cc, x_BCD, recon, out.pre_BL, dead_L, norms_L) if dead_L is not None else zero
             sparsity = cfg.auxk_alpha * aux
         case other:
             raise ValueError(f"unknown activation {other!r}")
@@ -191,7 +195,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.dead.update(*global_firing(losses.latent_sums_L, x_BCD.shape[0]))
         if is_topk and self.step >= cc.cfg.threshold_start_step:
-            cc.update_threshold(out.latents_BL)
+            cc.update_threshold(out.latents_BL, out.norms_L.detach())
         return losses, out
 
     def metrics(self, x_BCD: Tensor, losses: Losses, out: ForwardOutput) -> dict[str, float]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from crossray.models.crosscoder import Crosscoder
+from crossray.models.crosscoder import _flat_topk_mask as FLAT  # the real one, for the spy
 from tests.helpers import make_cc_cfg
 
 
@@ -135,3 +136,54 @@ def test_jumprelu_gates_and_learns_threshold():
     grad = cc.log_threshold_L.grad
     assert grad[0] == 0 and grad[3] == 0 and not grad[4:].any()
     assert grad[1] < 0 and grad[2] < 0
+
+
+@pytest.mark.parametrize("batch", ["random", "one_row_wins", "few_rows_win", "many_rows_win", "few_positive",
+                                   "k_over_width"])
+def test_batch_topk_selection_equals_a_flat_top_k(batch, monkeypatch):
+    """The one-pass selection picks exactly the set a top-k over the whole flattened batch picks, on
+    random batches and on batches where some rows hold many winners (without that full top-k), and
+    where many rows do (with it)."""
+    from crossray.models import crosscoder as M
+
+    full = []
+    monkeypatch.setattr(M, "_flat_topk_mask", lambda s, n: full.append(n) or FLAT(s, n))
+    gen = torch.Generator().manual_seed(7)
+    B, L, k = 256, 2048, 32
+    scaled = torch.rand(B, L, generator=gen)
+    match batch:
+        case "one_row_wins":  # row 3 holds more winners than its candidates
+            scaled[3] += 10
+        case "few_rows_win":  # rows 0, 16, ... hold 4k winners each: their whole rows join the pool
+            scaled[::16, : 4 * k] += 5
+        case "many_rows_win":  # half the rows: a full top-k it is
+            scaled[::2, : 4 * k] += 5
+        case "few_positive":  # fewer positive entries than winners: the threshold is 0
+            scaled = torch.relu(scaled - 0.99)
+        case "k_over_width":
+            k = L // 2 + 1
+    n = k * B
+    got = M.batch_topk_mask(scaled, n)
+    flat = scaled.flatten()
+    want = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, flat.topk(n).indices, True).view_as(scaled)
+    assert int(got.sum()) == n
+    if batch == "few_positive":  # zeros tie: the same positive entries, and n in all
+        assert torch.equal(got & (scaled > 0), want & (scaled > 0))
+    else:
+        assert torch.equal(got, want)
+    # the full top-k only where per-row candidates cannot tell
+    assert len(full) == (batch in ("many_rows_win", "k_over_width"))
+
+
+def test_batch_topk_selection_with_bf16_ties_is_a_top_k_without_the_full_sort(monkeypatch):
+    """bf16 scores tie often: the selection is still a top-k (nothing left out beats a winner, n in
+    all), and ties at the boundary do not send it to the full top-k."""
+    from crossray.models import crosscoder as M
+
+    full = []
+    monkeypatch.setattr(M, "_flat_topk_mask", lambda s, n: full.append(n) or FLAT(s, n))
+    scaled = torch.relu(torch.randn(512, 4096, generator=torch.Generator().manual_seed(3))).bfloat16()
+    n = 32 * 512
+    got = M.batch_topk_mask(scaled, n)
+    assert int(got.sum()) == n and scaled[got].min() >= scaled[~got].max() and not full
+

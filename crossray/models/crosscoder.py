@@ -44,6 +44,52 @@ class ForwardOutput(NamedTuple):
     latents_BL: Tensor
     pre_BL: Tensor
     """Pre-activations (after ReLU for batchtopk, raw for jumprelu/relu)."""
+    norms_L: Tensor | None = None
+    """`selection_norms()` as this pass computed them (with their gradient), for the losses and the
+    threshold to reuse: one pass over the decoder per step, not one per use. None in eval mode when
+    selection does not need them."""
+
+
+def batch_topk_mask(scaled_BL: Tensor, n_active: int) -> Tensor:
+    """The batch's `n_active` largest entries as a boolean mask: the same set as a top-k over the whole
+    flattened B x L batch (ties at the boundary aside), at the cost of about one pass over it.
+
+    1. Each row offers its top `m` (twice the mean number of winners per row) as candidates; the
+       `n_active` largest candidates win, and t is the smallest winner.
+    2. A row whose smallest candidate is above t may hold winners beyond its candidates (BatchTopK
+       gives some tokens many latents): such rows offer every entry instead, and step 1 is repeated on
+       the larger pool (its threshold can only rise).
+    3. Now every entry left out is at most t <= every winner: a top-k of the batch (entries equal to t
+       tie, as in any top-k; bf16 scores tie often). When many rows are full, the full top-k it is.
+    """
+    B, L = scaled_BL.shape
+    K = min(n_active, B * L)
+    m = min(L, 2 * -(-K // B))
+    if m == L:
+        return _flat_topk_mask(scaled_BL, K)
+    vals_Bm, idx_Bm = scaled_BL.topk(m, dim=1, sorted=False)
+    top = vals_Bm.flatten().topk(K, sorted=False)
+    full_B = vals_Bm.min(1).values > top.values.min()
+    n_full = int(full_B.sum())
+    mask_BL = torch.zeros_like(scaled_BL, dtype=torch.bool)
+    if n_full == 0:
+        mask_BL[top.indices // m, idx_Bm.flatten()[top.indices]] = True
+        return mask_BL
+    if n_full > B // 8:  # the pool would be a large part of the batch: no saving left
+        return _flat_topk_mask(scaled_BL, K)
+    part_B, rows_B = ~full_B, torch.arange(B, device=scaled_BL.device)
+    vals = torch.cat([vals_Bm[part_B].flatten(), scaled_BL[full_B].flatten()])
+    rows = torch.cat([rows_B[part_B].repeat_interleave(m), rows_B[full_B].repeat_interleave(L)])
+    cols = torch.cat([idx_Bm[part_B].flatten(), torch.arange(L, device=scaled_BL.device).repeat(n_full)])
+    win = vals.topk(K, sorted=False).indices
+    mask_BL[rows[win], cols[win]] = True
+    return mask_BL
+
+
+def _flat_topk_mask(scaled_BL: Tensor, K: int) -> Tensor:
+    flat = scaled_BL.flatten()
+    idx = flat.topk(K, sorted=False).indices
+    return torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, idx, True).view_as(scaled_BL)
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -112,20 +158,22 @@ class Crosscoder(nn.Module):
     def encode(self, x_BCD: Tensor, mode: Mode = "eval", k: int | None = None) -> Tensor:
         return self._activate(self.pre_acts(x_BCD), mode, k)[0]
 
-    def _activate(self, pre_BL: Tensor, mode: Mode, k: int | None) -> tuple[Tensor, Tensor]:
+    def _activate(self, pre_BL: Tensor, mode: Mode, k: int | None, norms_L: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
         match self.cfg.activation:
             case "relu":
                 latents = F.relu(pre_BL)
                 return latents, pre_BL
             case "batchtopk":
                 pre_BL = F.relu(pre_BL)
-                scaled = pre_BL * self.selection_norms()
+                norms_L = self.selection_norms() if norms_L is None else norms_L
                 if mode == "train":
-                    k = k or self.cfg.k
-                    flat = scaled.flatten()
-                    idx = flat.topk(min(k * pre_BL.shape[0], flat.numel()), sorted=False).indices
-                    mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, idx, True)
-                    return pre_BL * mask.view_as(pre_BL), pre_BL
+                    with torch.no_grad():  # scores only choose: no graph, and in the GEMM's dtype (a
+                        # bf16 x fp32 product would copy all of B x L to fp32 first)
+                        scaled = pre_BL * norms_L.to(pre_BL.dtype)
+                        mask_BL = batch_topk_mask(scaled, (k or self.cfg.k) * pre_BL.shape[0])
+                    return pre_BL.where(mask_BL, 0.0), pre_BL  # (a bool x bf16 mul would cast the mask)
+                scaled = pre_BL * norms_L
                 if self.threshold < 0:
                     raise ValueError("BatchTopK eval threshold is not set (train the model first)")
                 return pre_BL * (scaled > self.threshold), pre_BL
@@ -156,10 +204,12 @@ class Crosscoder(nn.Module):
     def forward(self, x_BCD: Tensor, mode: Mode = "eval", k: int | None = None,
                 sparse_decode: bool = False) -> ForwardOutput:
         self.check_input(x_BCD)
-        latents, pre = self._activate(self.pre_acts(x_BCD), mode, k)
+        needed = mode == "train" or self.cfg.activation == "batchtopk"
+        norms_L = self.selection_norms() if needed else None
+        latents, pre = self._activate(self.pre_acts(x_BCD), mode, k, norms_L)
         use_sparse = sparse_decode and self.cfg.activation == "batchtopk"
         recon = self.decode_sparse(latents) if use_sparse else self.decode(latents)
-        return ForwardOutput(recon, latents, pre)
+        return ForwardOutput(recon, latents, pre, norms_L)
 
     # -- raw activations --------------------------------------------------------------------------
     def normalise(self, x_BCD: Tensor) -> Tensor:
@@ -180,9 +230,9 @@ class Crosscoder(nn.Module):
 
     # -- BatchTopK threshold (explicit, training only) ---------------------------------------------
     @torch.no_grad()
-    def update_threshold(self, latents_BL: Tensor) -> None:
+    def update_threshold(self, latents_BL: Tensor, norms_L: Tensor | None = None) -> None:
         """EMA of the smallest positive scaled activation in the batch (method.md §5.3)."""
-        scaled = latents_BL.float() * self.selection_norms()
+        scaled = latents_BL.float() * (self.selection_norms() if norms_L is None else norms_L.float())
         positive = scaled[scaled > 0]
         if positive.numel() == 0:
             return
@@ -193,7 +243,7 @@ class Crosscoder(nn.Module):
             beta = self.cfg.threshold_beta
             self.threshold.mul_(beta).add_((1 - beta) * m)
 
-    def jumprelu_penalty(self, latents_BL: Tensor) -> Tensor:
+    def jumprelu_penalty(self, latents_BL: Tensor, norms_L: Tensor | None = None) -> Tensor:
         """JumpReLU sparsity: mean_b sum_i tanh(c * f_i * sum_c ||W_dec[i, c]||), a smooth L0.
 
         Unlike a pure straight-through L0, it gives the encoder and decoder a gradient towards
@@ -203,4 +253,5 @@ class Crosscoder(nn.Module):
         (an L0 with no gradient left, L0 stays ~4x too high on planted data); c = 1 keeps the
         gradient in the range features live in and recovers the planted L0 (tests/test_train.py).
         """
-        return torch.tanh(self.cfg.jumprelu_tanh_scale * latents_BL * self.selection_norms()).sum(-1).mean()
+        norms_L = self.selection_norms() if norms_L is None else norms_L
+        return torch.tanh(self.cfg.jumprelu_tanh_scale * latents_BL * norms_L).sum(-1).mean()
