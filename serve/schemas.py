@@ -155,6 +155,12 @@ class LiveLimits:
     top: int = 100
     deadline_s: float = 20.0
 
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in vars(self).items()
+               if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < float("inf")}
+        if bad:
+            raise ValueError(f"limits must be positive numbers, got {bad}")
+
 
 Row = dict[str, str | int | float | bool | None]
 

@@ -250,6 +250,14 @@ def test_pairs_are_checked_before_the_model_sees_them(state):
     assert sent["limits"]["deadline"] > 0
 
 
+def test_live_limits_are_positive():
+    from serve.schemas import LiveLimits
+
+    for bad in ({"tokens": -1}, {"deadline_s": float("nan")}, {"pairs": 0}, {"steps": "many"}):
+        with pytest.raises(ValueError, match="limits must be positive numbers"):
+            LiveLimits(**bad)
+
+
 def test_a_query_the_model_fails_on_is_500_without_retry_after(state):
     async def failing(kind: str, run_id: str, body: dict) -> dict:
         return {"error": 500, "detail": "the model failed on this query; retrying will not help"}
