@@ -123,7 +123,8 @@ def test_schema_fuzz_finds_no_server_error(served, tmp_path):
                "status_code_conformance,content_type_conformance,response_schema_conformance",
                "--max-examples", "40", "--seed", "1", "--phases", "examples,fuzzing", "--workers", "1",
                "--generation-database", "none", "--request-timeout", "10", "--no-color"]
-        hooks = {"SCHEMATHESIS_HOOKS": "tests.serve.schemathesis_hooks", "PYTHONPATH": str(ROOT)}
+        hooks = {"SCHEMATHESIS_HOOKS": "tests.serve.schemathesis_hooks", "PYTHONPATH": str(ROOT),
+                 "CROSSRAY_FUZZ_MARK": str(tmp_path / "hooks-used")}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                               env={**os.environ, **hooks})
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
@@ -131,6 +132,7 @@ def test_schema_fuzz_finds_no_server_error(served, tmp_path):
         assert generated and generated[1] == generated[2], proc.stdout[-3000:]
         total += int(generated[1])
     assert total >= 400  # a few hundred cases over the 7 operations
+    assert (tmp_path / "hooks-used").exists()  # the bodies drew hostile strings
     print(f"schemathesis: {total} cases, no server error, no schema violation")
 
 
