@@ -187,3 +187,25 @@ def test_batch_topk_selection_with_bf16_ties_is_a_top_k_without_the_full_sort(mo
     got = M.batch_topk_mask(scaled, n)
     assert int(got.sum()) == n and scaled[got].min() >= scaled[~got].max() and not full
 
+
+
+@pytest.mark.parametrize("shift", [0.0, -50.0])  # winners all positive; every pre-activation negative
+def test_batchtopk_latents_and_gradient_equal_relu_then_mask(shift):
+    """Training latents and the encoder's gradient equal ReLU(pre) masked by the selection, also when
+    the winners tie at zero."""
+    from crossray.models.crosscoder import batch_topk_mask
+
+    cc = Crosscoder(make_cc_cfg(activation="batchtopk", k=3))
+    with torch.no_grad():
+        cc.b_enc_L.fill_(shift)
+    x = torch.randn(10, 2, 16)
+    out = cc(x, mode="train")
+    (out.latents_BL * torch.arange(out.latents_BL.shape[1])).sum().backward()
+    got = cc.W_enc_CDL.grad.clone()
+    cc.W_enc_CDL.grad = None
+    pre = torch.relu(cc.pre_acts(x))
+    want_latents = pre * batch_topk_mask((pre * cc.selection_norms()).detach(), 30)
+    (want_latents * torch.arange(pre.shape[1])).sum().backward()
+    assert (out.latents_BL >= 0).all()
+    torch.testing.assert_close(out.latents_BL, want_latents)
+    torch.testing.assert_close(got, cc.W_enc_CDL.grad)
