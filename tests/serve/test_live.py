@@ -134,6 +134,17 @@ def test_live_bad_input_is_4xx(served, task_rows):
     assert c.post("/runs/nope/effects", json={"pairs": [pair]}).status_code == 404
 
 
+def together_and_alone(url: str, sent: list[tuple[str, dict]]) -> tuple[list, list]:
+    """The answers to live queries (kind, body) sent at once (so they share batches), then one by one."""
+    async def together():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(*[c.post(f"/runs/tiny/{kind}", json=body) for kind, body in sent])
+
+    got = asyncio.run(together())
+    with httpx.Client(base_url=url, timeout=60) as c:
+        return got, [c.post(f"/runs/tiny/{kind}", json=body) for kind, body in sent]
+
+
 def test_queries_sent_together_get_each_their_own_answer(served, task_rows):
     """Queries that arrive together share model batches (a table replica sends them in one hop, the
     model runs their pairs through shared passes): each still gets the answer it gets alone, and a bad
@@ -145,14 +156,7 @@ def test_queries_sent_together_get_each_their_own_answer(served, task_rows):
                                      "patch_answer": " wait near the"}]}),
              ("ablate", {"pairs": task_rows[:3], "features": features}),
              ("activations", {"text": "The dogs near the man run"})]
-
-    async def together():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            return await asyncio.gather(*[c.post(f"/runs/tiny/{kind}", json=body) for kind, body in sent])
-
-    got = asyncio.run(together())
-    with httpx.Client(base_url=url, timeout=60) as c:
-        alone = [c.post(f"/runs/tiny/{kind}", json=body) for kind, body in sent]
+    got, alone = together_and_alone(url, sent)
     assert [r.status_code for r in got] == [r.status_code for r in alone] == [200] * 8 + [422, 200, 200]
     ies = [np.array([f["ie"] for f in r.json()["features"]]) for r in alone[:8]]
     assert not all(np.allclose(ies[0], ie) for ie in ies[1:])  # the pairs differ, so mixing would show
@@ -203,14 +207,7 @@ def test_hostile_pairs_are_refused_alone_and_at_once(served, task_rows):
     sent = [("effects", good), ("effects", {"pairs": [empty]}),
             ("ablate", {"pairs": [empty], "features": [1]}), ("effects", {"pairs": [huge], "steps": 64}),
             ("effects", {"pairs": [long] * 30})]
-
-    async def together():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            return await asyncio.gather(*[c.post(f"/runs/tiny/{kind}", json=body) for kind, body in sent])
-
-    got = asyncio.run(together())
-    with httpx.Client(base_url=url, timeout=60) as c:
-        alone = [c.post(f"/runs/tiny/{kind}", json=body) for kind, body in sent]
+    got, alone = together_and_alone(url, sent)
     for r in (got, alone):
         assert [x.status_code for x in r] == [200, 422, 422, 422, 422], [x.text[:200] for x in r]
         assert "retry-after" not in r[1].headers
