@@ -155,7 +155,6 @@ class TrainSettings(Checked):
     """Seed of the shuffle order."""
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(TrainSettings):
     """The training settings with the crosscoder resolved from the extraction."""

@@ -122,8 +122,8 @@ def parent_run_id(ref: str) -> str:
 def mlflow_folder(ref: str, cache_dir: str | Path, weights: bool = False):
     """(folder, parent run): the newest finished stage runs under the parent, the files the queries
     read downloaded into `<cache_dir>/<parent id>` in the layout of a pipeline folder (plus the
-    parent's `config.json`); `weights` adds the crosscoder's weights, which live queries need."""
-    import mlflow
+    parent's `config.json`); `weights` adds the crosscoder's weights, which live queries need. The
+    download holds the cache entry's lock (`crossray.cache`): replicas sharing the cache download once."""
     from mlflow import MlflowClient
 
     parent = parent_run_id(ref)
@@ -144,28 +144,37 @@ def mlflow_folder(ref: str, cache_dir: str | Path, weights: bool = False):
     folder = Path(cache_dir) / parent
     wanted = [(stages[stage], path) for stage, path in STAGE_FILES.items()]
     wanted += [(parent, "config.json")] + [(stages["train"], WEIGHTS_FILE)] * weights
-    todo = [(run_id, path) for run_id, path in wanted if not (folder / path).exists()]
-    if todo:  # download into a private folder, then move each file into place whole
-        import shutil
-        import uuid
+    if any(not (folder / path).exists() for _, path in wanted):
+        from crossray.cache import entry_lock
 
-        tmp = Path(cache_dir) / f".{parent}-{uuid.uuid4().hex[:8]}"
-        try:
-            for run_id, path in todo:
-                (tmp / path).parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
-                                                        dst_path=str((tmp / path).parent))
-                except Exception:
-                    if path != "config.json":  # older runs have none: live queries fall back
-                        raise
-            for source in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                target = folder / source.relative_to(tmp)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source.replace(target)  # another replica may have done the same: same bytes
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with entry_lock(folder):  # replicas sharing the cache: one downloads, the others reuse it
+            _download([(run_id, path) for run_id, path in wanted if not (folder / path).exists()],
+                      folder, Path(cache_dir) / f".{parent}")
     return folder, parent_run
+
+
+def _download(todo: list[tuple[str, str]], folder: Path, tmp: Path) -> None:
+    """Artifacts (run id, path) into a private folder, then each file moved into `folder` whole."""
+    import shutil
+
+    import mlflow
+
+    shutil.rmtree(tmp, ignore_errors=True)  # (the lock holder's: left by a killed download)
+    try:
+        for run_id, path in todo:
+            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                    dst_path=str((tmp / path).parent))
+            except Exception:
+                if path != "config.json":  # older runs have none: live queries fall back
+                    raise
+        for source in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            target = folder / source.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_mlflow(ref: str, cache_dir: str | Path) -> RunResults:

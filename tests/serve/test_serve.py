@@ -230,3 +230,29 @@ def test_crossray_serve_command(tmp_path):
         os.kill(proc.pid, signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 0
+
+
+def test_replicas_sharing_a_cache_download_a_run_once(served, tmp_path, monkeypatch):
+    """Two replicas (here threads) loading one run into one cache at once: one downloads each file,
+    the other waits for it and reuses the files; no lock or temporary folder is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlflow
+
+    from crossray.results import mlflow_folder
+
+    _, results, _ = served
+    real, calls = mlflow.artifacts.download_artifacts, []
+
+    def slow(**kw):
+        calls.append(kw["artifact_path"])
+        time.sleep(0.2)  # the second replica arrives while the first is downloading
+        return real(**kw)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", slow)
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda _: mlflow_folder(results.mlflow_run_id, cache, weights=True)[0], range(2)))
+    assert got[0] == got[1] and (got[0] / "train" / "crosscoder" / "weights.safetensors").is_file()
+    assert len(calls) == len(set(calls))  # every file downloaded once
+    assert sorted(p.name for p in cache.iterdir()) == [got[0].name]
