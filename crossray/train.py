@@ -99,10 +99,13 @@ def aux_k_loss(cc: Crosscoder, x_BCD: Tensor, recon_BCD: Tensor, pre_BL: Tensor,
     k_aux = min(D // 2, n_dead)
     resid = (x_BCD - recon_BCD).detach().flatten(1).float()  # (B, C*D)
     norms_L = cc.selection_norms() if norms_L is None else norms_L
-    scaled = (pre_BL * norms_L).masked_fill(~dead_L, float("-inf"))
-    idx = scaled.topk(k_aux, dim=-1).indices
-    acts = torch.zeros_like(pre_BL).scatter(-1, idx, pre_BL.gather(-1, idx))
-    recon_aux = acts.float() @ cc.W_dec_LCD.reshape(L, C * D)  # no b_dec
+    with torch.no_grad():  # scores only choose: no graph, in the pre-activations' dtype
+        scaled = (pre_BL * norms_L.to(pre_BL.dtype)).masked_fill(~dead_L, float("-inf"))
+        idx_BK = scaled.topk(k_aux, dim=-1).indices
+    # the k_aux chosen decoder rows per token, summed (no b_dec): k_aux / L of the FLOPs of a dense
+    # (B, L) @ (L, C*D) GEMM over a mostly-zero matrix, which in fp32 missed the fast bf16 units
+    recon_aux = torch.nn.functional.embedding_bag(idx_BK, cc.W_dec_LCD.reshape(L, C * D), mode="sum",
+                                                  per_sample_weights=pre_BL.gather(-1, idx_BK).float())
     num = (resid - recon_aux).pow(2).sum(-1).mean()
     den = (resid - resid.mean(0)).pow(2).sum(-1).mean()
     return torch.nan_to_num(num / den, nan=0.0)

@@ -78,6 +78,30 @@ def test_aux_k_uses_the_true_residual():
     assert aux_k_loss(cc, x, recon, pre, torch.zeros(4, dtype=torch.bool)).item() == 0.0
 
 
+def test_aux_k_loss_and_gradients_equal_the_dense_computation():
+    """The aux-k reconstruction gathers the k_aux chosen decoder rows; loss and gradients are those of
+    the dense (B, L) @ (L, C*D) product of the paper's code."""
+    cc = Crosscoder(make_cc_cfg(n_checkpoints=2, d_model=16, n_latents=64, activation="batchtopk", k=4))
+    x, recon = torch.randn(8, 2, 16), torch.randn(8, 2, 16)
+    pre = torch.relu(torch.randn(8, 64)).requires_grad_()
+    dead = torch.rand(64) < 0.5
+    loss = aux_k_loss(cc, x, recon, pre, dead)
+    loss.backward()
+    got = (pre.grad.clone(), cc.W_dec_LCD.grad.clone())
+    pre.grad, cc.W_dec_LCD.grad = None, None
+    k_aux = min(16 // 2, int(dead.sum()))
+    idx = (pre * cc.selection_norms()).masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1).indices
+    acts = torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx))
+    resid = (x - recon).flatten(1)
+    dense = (resid - acts @ cc.W_dec_LCD.reshape(64, 32)).pow(2).sum(-1).mean() / \
+        (resid - resid.mean(0)).pow(2).sum(-1).mean()
+    dense.backward()
+    torch.testing.assert_close(loss, dense)
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+    torch.testing.assert_close(got[0], pre.grad)
+    torch.testing.assert_close(got[1], cc.W_dec_LCD.grad)
+
+
 @pytest.mark.parametrize("activation", ["relu", "batchtopk", "jumprelu"])
 def test_ground_truth_recovery(activation):
     """Planted shared / emerging / discontinued / middle features across 3 checkpoints."""
