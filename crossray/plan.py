@@ -58,6 +58,8 @@ KNOWN_SHAPES = {  # (d_model, layers, vocab, d_mlp) of public checkpoint familie
     "pythia-1.4b": Shape(2048, 24, 50304, 8192), "pythia-2.8b": Shape(2560, 32, 50304, 10240),
     "pythia-6.9b": Shape(4096, 32, 50432, 16384), "pythia-12b": Shape(5120, 36, 50688, 20480),
     "olmo-1b-hf": Shape(2048, 16, 50304, 16384), "olmo-7b-hf": Shape(4096, 32, 50304, 22016),
+    "olmo-1b-0724-hf": Shape(2048, 16, 50304, 16384),  # the paper's OLMo (configs/olmo-1b.yaml)
+    "bloom-1b1": Shape(1536, 24, 250880, 6144), "bloom-1b1-intermediate": Shape(1536, 24, 250880, 6144),
 }
 
 

@@ -51,6 +51,9 @@ def test_plan_text_and_auto_mode_on_the_toy(toy_dir):
 
 def test_shapes_offline():
     assert model_shape("EleutherAI/pythia-1b", "step512") == KNOWN_SHAPES["pythia-1b"]
+    for config in ("olmo-1b", "bloom-1b1"):  # every paper config plans offline
+        cfg = load_config(ROOT / "configs" / f"{config}.yaml")
+        assert make_plan(cfg, model_shape(cfg.pipeline.family, "main"))["tokens"] > 0
     with pytest.raises(ValueError, match="cannot tell the shape of someone/unknown-model"):
         model_shape("someone/unknown-model", "main")
 
