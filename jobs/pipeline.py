@@ -163,6 +163,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while waiting for the folder (--wait): nothing started, nothing held
+        print("crossray: error: interrupted while waiting for the run folder", file=sys.stderr)
+        return 1
     try:
         return _locked_run(cfg, args)
     finally:
