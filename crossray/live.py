@@ -37,13 +37,17 @@ from crossray.models.layer import encode, load_layer_model, load_tokenizer
 from crossray.pipeline.inputs import weight_hashes
 from crossray.results import nums
 from crossray.store import load_crosscoder
-from crossray.tasks import Task, TaskError, check_request_rows, check_request_tokens, rows_to_task
+from crossray.tasks import (
+    MAX_FIELD_CHARS,
+    MAX_REQUEST_TOKENS,
+    Task,
+    TaskError,
+    check_request_rows,
+    check_request_tokens,
+    rows_to_task,
+)
 
 logger = logging.getLogger(__name__)
-
-
-DEFAULT_CHARS, DEFAULT_TOKENS = 2000, 8192
-"""Bounds of a query that carries no `limits` (the API's `LiveLimits` defaults)."""
 
 
 def _error(detail: str, status: int = 422) -> dict:
@@ -95,8 +99,8 @@ class LiveRun:
             raise TaskError("pairs is empty")
         limits = limits or {}
         try:
-            check_request_rows(rows, limits.get("chars", DEFAULT_CHARS))
-            check_request_tokens(rows, self.tokenizer, limits.get("tokens", DEFAULT_TOKENS))
+            check_request_rows(rows, limits.get("chars", MAX_FIELD_CHARS))
+            check_request_tokens(rows, self.tokenizer, limits.get("tokens", MAX_REQUEST_TOKENS))
         except (KeyError, TypeError, AttributeError) as e:
             raise TaskError(f"pairs: malformed row ({type(e).__name__}: {e})") from e
         try:

@@ -91,10 +91,11 @@ class RunLock:
             info = self.holder()
             if info is None:  # released meanwhile: try again
                 continue
-            if info.get("unreadable") and not self._stale(info):
+            stale = self._stale(info)
+            if info.get("unreadable") and not stale:
                 time.sleep(0.05)
                 continue
-            if self._stale(info):
+            if stale:
                 logger.warning("taking over the stale lock %s of pid %s on %s (started %s)", self.path,
                                info.get("pid"), info.get("host"), info.get("started"))
                 self.path.unlink(missing_ok=True)

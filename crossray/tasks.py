@@ -57,6 +57,11 @@ TEXT_FIELDS = {
 """The fields of each format that hold text a model reads."""
 
 
+MAX_FIELD_CHARS, MAX_REQUEST_TOKENS = 2000, 8192
+"""Default bounds of a request's pairs: characters per text field, tokens of all the text together
+(the API's `LiveLimits` defaults)."""
+
+
 def check_request_rows(rows: list[dict], max_chars: int) -> None:
     """Rows sent over HTTP, before any model sees them: a known format, every text field non-empty,
     no string over `max_chars` characters. Raises `PairError` naming the first bad row and field."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from crossray.tasks import MAX_FIELD_CHARS, MAX_REQUEST_TOKENS
+
 
 class Health(BaseModel):
     status: str
@@ -149,8 +151,8 @@ class LiveLimits:
     pairs: int = 256
     features: int = 64
     text_chars: int = 2000
-    pair_chars: int = 2000
-    tokens: int = 8192
+    pair_chars: int = MAX_FIELD_CHARS
+    tokens: int = MAX_REQUEST_TOKENS
     steps: int = 64
     top: int = 100
     deadline_s: float = 20.0

@@ -97,13 +97,7 @@ def is_built(out: Path, cfg: ToyConfig) -> bool:
         meta = json.loads((out / FAMILY_FILE).read_text())
     except (OSError, ValueError):
         return False
-    if meta.get("config_key") != cfg.key():
-        return False
-    missing = missing_parts(out, meta)
-    if missing:
-        logger.warning("toy family in %s is incomplete (missing %s): rebuilding it", out,
-                       ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
-    return not missing
+    return meta.get("config_key") == cfg.key() and not missing_parts(out, meta)
 
 
 def build_toy_family(out: str | Path | None = None, cfg: ToyConfig | None = None) -> Path:
@@ -124,7 +118,10 @@ def build_toy_family(out: str | Path | None = None, cfg: ToyConfig | None = None
 def _build(out: Path, cfg: ToyConfig) -> Path:
     if out.exists() and any(out.iterdir()):
         if (out / FAMILY_FILE).exists() or (out / ".building").exists():
-            logger.info("replacing the toy family in %s (another config, or an incomplete build)", out)
+            meta = json.loads((out / FAMILY_FILE).read_text()) if (out / FAMILY_FILE).exists() else {}
+            missing = missing_parts(out, meta)[:5] if meta.get("config_key") == cfg.key() else []
+            logger.warning("replacing the toy family in %s (%s)", out, f"incomplete: missing {missing}"
+                           if missing else "another config, or an interrupted build")
             shutil.rmtree(out)
         else:
             raise ValueError(f"{out} exists and is not a toy family folder; refusing to overwrite it")
