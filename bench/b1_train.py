@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
     emit,
+    failed,
+    gpu_figures,
     gemm_peak,
     interleave,
     machine,
@@ -64,8 +66,11 @@ def check_equivalence(n, D, F, B, device) -> dict:
         ref_loss, ref_recon, _ = paper_l1_losses(ref, x, trainer.cfg.l1_coeff)
         out[precision] = {"loss_rel_err": rel_err(loss, ref_loss),
                           "recon_rel_err": rel_err(o.recon_BCD, ref_recon)}
-    assert out["fp32"]["loss_rel_err"] <= 1e-5 and out["fp32"]["recon_rel_err"] <= 1e-5, out
-    assert out["bf16"]["loss_rel_err"] <= 1e-2 and out["bf16"]["recon_rel_err"] <= 1e-2, out
+    out["failed"] = failed({
+        "fp32 loss and reconstruction within 1e-5": out["fp32"]["loss_rel_err"] <= 1e-5
+        and out["fp32"]["recon_rel_err"] <= 1e-5,
+        "bf16 loss and reconstruction within 1e-2": out["bf16"]["loss_rel_err"] <= 1e-2
+        and out["bf16"]["recon_rel_err"] <= 1e-2})
     return out
 
 
@@ -83,9 +88,10 @@ def bench_shape(n, D, F, B, device, repeats) -> dict:
     peak_bf16 = gemm_peak(B, n * D, F, torch.bfloat16, device)
     peak_fp32 = gemm_peak(B, n * D, F, torch.float32, device)
     achieved = flops_per_token * B / med["project"]
+    step = lambda: trainer.step_batch(x, log=lambda s, m: None)  # noqa: E731
     return {
         "shape": {"n": n, "D": D, "F": F, "B": B},
-        "equivalence": equivalence,
+        "equivalence_failed": equivalence.pop("failed"), "equivalence": equivalence,
         "reference": summary(times["reference"]), "project": summary(times["project"]),
         "tokens_per_s": {k: B / v for k, v in med.items()},
         "speedup_median": med["reference"] / med["project"],
@@ -94,7 +100,8 @@ def bench_shape(n, D, F, B, device, repeats) -> dict:
         "project_flops": achieved,
         "fraction_of_bf16_gemm_peak": achieved / peak_bf16,
         "reference_fraction_of_fp32_gemm_peak": flops_per_token * B / med["reference"] / peak_fp32,
-        "profile": profile_shares(lambda: trainer.step_batch(x, log=lambda s, m: None)),
+        **gpu_figures(flops_per_token, B / med["project"], step, device),
+        "profile": profile_shares(step, device=device),
     }
 
 

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.b1_train import build  # noqa: E402
 from bench.common import (  # noqa: E402
     emit,
+    failed,
+    gpu_figures,
     gemm_peak,
     interleave,
     machine,
@@ -51,10 +53,13 @@ def check_equivalence(n, D, F, B, k, device) -> dict:
     # fp32: the whole step matches. bf16: pre-activations rounded to bf16 reorder a few entries at
     # the k*B boundary (each swap moves a whole decoder vector), so the decode is checked on the
     # project's own selection, and the selection agreement is reported and bounded.
-    assert out["fp32"]["loss_rel_err"] <= 1e-5 and out["fp32"]["recon_rel_err"] <= 1e-5, out
-    assert out["fp32"]["selection_agreement"] == 1.0, out
-    assert out["bf16"]["loss_rel_err"] <= 1e-2 and out["bf16"]["decode_rel_err_same_selection"] <= 1e-2, out
-    assert out["bf16"]["selection_agreement"] >= 0.999, out
+    out["failed"] = failed({
+        "fp32 loss and reconstruction within 1e-5": out["fp32"]["loss_rel_err"] <= 1e-5
+        and out["fp32"]["recon_rel_err"] <= 1e-5,
+        "fp32 selection identical": out["fp32"]["selection_agreement"] == 1.0,
+        "bf16 loss and same-selection decode within 1e-2": out["bf16"]["loss_rel_err"] <= 1e-2
+        and out["bf16"]["decode_rel_err_same_selection"] <= 1e-2,
+        "bf16 selection agreement >= 0.999": out["bf16"]["selection_agreement"] >= 0.999})
     return out
 
 
@@ -77,14 +82,17 @@ def main() -> None:
     flops_per_token = 4 * n * D * F + 6 * k * n * D
     peak_bf16 = gemm_peak(B, n * D, F, torch.bfloat16, device)
     achieved = flops_per_token * B / med["project"]
+    step = lambda: trainer.step_batch(x, log=lambda s, m: None)  # noqa: E731
     emit({"benchmark": "B2 BatchTopK training, sparse decode", "machine": machine(),
-          "shape": {"n": n, "D": D, "F": F, "B": B, "k": k}, "equivalence": equivalence,
+          "shape": {"n": n, "D": D, "F": F, "B": B, "k": k},
+          "equivalence_failed": equivalence.pop("failed"), "equivalence": equivalence,
           "reference": summary(times["reference"]), "project": summary(times["project"]),
           "tokens_per_s": {name: B / v for name, v in med.items()},
           "speedup_median": med["reference"] / med["project"], "project_bf16": trainer.bf16,
           "gemm_peak_flops_bf16": peak_bf16, "project_flops": achieved,
           "fraction_of_bf16_gemm_peak": achieved / peak_bf16,
-          "profile": profile_shares(lambda: trainer.step_batch(x, log=lambda s, m: None))}, args.out)
+          **gpu_figures(flops_per_token, B / med["project"], step, device),
+          "profile": profile_shares(step, device=device)}, args.out)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,27 @@ def gemm_peak(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, 
     return 2 * m * k * n / statistics.median(times)
 
 
+# benchmarks.md: MFU = FLOPs/token x tokens/s / 790e12, the bf16 matmul rate measured on an H100 here.
+H100_BF16_FLOPS = 790e12
+
+
+def gpu_figures(flops_per_token: float, tokens_per_s: float, step: Callable[[], None],
+                device: torch.device) -> dict:
+    """On a GPU: MFU against the measured H100 bf16 rate, and the memory one step takes (peak
+    allocated during it, and how much of that the step itself allocated on top of what was resident).
+    Empty on a CPU."""
+    if device.type != "cuda":
+        return {}
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device)
+    step()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"mfu": flops_per_token * tokens_per_s / H100_BF16_FLOPS,
+            "peak_memory_gib": peak / 2**30, "step_transient_memory_gib": (peak - resident) / 2**30}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -86,12 +107,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def failed(checks: dict[str, bool]) -> list[str]:
+    """The names of the equivalence checks that failed. A benchmark records them beside its figures
+    and exits non-zero (`emit`): a fast path that is wrong is not fast, but the figures of a one-shot
+    run on a lent GPU are still worth reading beside the failure."""
+    return [name for name, ok in checks.items() if not ok]
+
+
 def emit(result: dict, out: str | None) -> None:
+    """Print the JSON (and write it to `out`); exit 1 after that if any equivalence check failed."""
     text = json.dumps(result, indent=2)
     print(text)
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
+    failures = [f for r in [result, *result.get("results", [])] for f in r.get("equivalence_failed", [])]
+    if failures:
+        raise SystemExit(f"equivalence checks failed: {failures}")
 
 
 # Which ATen op a step's time belongs to (self time, so nested ops are not counted twice).
@@ -108,17 +140,22 @@ PROFILE_GROUPS = {
 }
 
 
-def profile_shares(step: Callable[[], None], steps: int = 5) -> dict:
-    """Share of a step's self CPU time in GEMMs (dense and embedding_bag), selection, dtype casts,
-    the optimizer and the rest (elementwise and reductions), over `steps` profiled steps; with the
-    ten costliest ops, so the next regression is seen where it happens."""
+def profile_shares(step: Callable[[], None], steps: int = 5, device: torch.device = CPU) -> dict:
+    """Share of a step's self time in GEMMs (dense and embedding_bag), selection, dtype casts, the
+    optimizer and the rest (elementwise and reductions), over `steps` profiled steps; with the ten
+    costliest ops, so the next regression is seen where it happens. On a GPU the time is the
+    kernels' own (self device time), not the host's launch time."""
     from torch.profiler import ProfilerActivity, profile
 
+    gpu = device.type == "cuda"
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]) as prof:
         for _ in range(steps):
             step()
-    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.key.startswith("aten::")]
+        sync(device)
+    attr = "self_device_time_total" if gpu else "self_cpu_time_total"
+    ops = [(e.key, getattr(e, attr)) for e in prof.key_averages() if e.key.startswith("aten::")]
     total = sum(t for _, t in ops) or 1.0
     shares = dict.fromkeys([*PROFILE_GROUPS, "elementwise"], 0.0)
     for name, t in ops:
