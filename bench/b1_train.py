@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     emit,
     failed,
-    gpu_figures,
     gemm_peak,
+    gpu_figures,
     interleave,
     machine,
     parser,

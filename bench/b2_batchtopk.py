@@ -22,8 +22,8 @@ from bench.b1_train import build  # noqa: E402
 from bench.common import (  # noqa: E402
     emit,
     failed,
-    gpu_figures,
     gemm_peak,
+    gpu_figures,
     interleave,
     machine,
     parser,

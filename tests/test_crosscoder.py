@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from crossray.models.crosscoder import Crosscoder
-from crossray.models.crosscoder import _flat_topk_mask as FLAT  # the real one, for the spy
+from crossray.models.crosscoder import _flat_topk_indices as FLAT  # the real one, for the spy
 from tests.helpers import make_cc_cfg
 
 
@@ -108,18 +108,34 @@ def test_update_threshold_is_explicit_ema():
     torch.testing.assert_close(cc.threshold, 0.9 * first + 0.1 * 2 * first)
 
 
-def test_sparse_decode_matches_dense_with_gradients():
+@pytest.mark.parametrize("with_aux", [False, True])
+def test_sparse_decode_matches_dense_with_gradients(with_aux):
+    """The sparse training path (decode fed from the selection) gives the dense path's reconstruction,
+    latents and gradients, also through the aux-k loss on the pre-activations."""
+    from crossray.train import aux_k_loss
+
     cc = Crosscoder(make_cc_cfg(activation="batchtopk", k=4))
     with torch.no_grad():
         cc.b_dec_CD.normal_()
+        cc.b_enc_L.normal_(0, 0.1)
     x = torch.randn(16, 2, 16)
+
+    def backward(out):
+        loss = (out.recon_BCD ** 2).sum()
+        if with_aux:
+            dead_L = torch.arange(cc.cfg.n_latents) % 3 == 0
+            loss = loss + aux_k_loss(cc, x, out.recon_BCD, out.pre_BL, dead_L, out.norms_L)
+        loss.backward()
+
     dense = cc(x, mode="train")
-    (dense.recon_BCD ** 2).sum().backward()
+    backward(dense)
     g_dense = cc.W_dec_LCD.grad.clone(), cc.W_enc_CDL.grad.clone()
     cc.zero_grad()
     sparse = cc(x, mode="train", sparse_decode=True)
-    (sparse.recon_BCD ** 2).sum().backward()
+    backward(sparse)
     torch.testing.assert_close(sparse.recon_BCD, dense.recon_BCD, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse.latents_BL, dense.latents_BL)
+    torch.testing.assert_close(sparse.pre_BL, dense.pre_BL)
     torch.testing.assert_close(cc.W_dec_LCD.grad, g_dense[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cc.W_enc_CDL.grad, g_dense[1], rtol=1e-5, atol=1e-6)
 
@@ -147,7 +163,7 @@ def test_batch_topk_selection_equals_a_flat_top_k(batch, monkeypatch):
     from crossray.models import crosscoder as M
 
     full = []
-    monkeypatch.setattr(M, "_flat_topk_mask", lambda s, n: full.append(n) or FLAT(s, n))
+    monkeypatch.setattr(M, "_flat_topk_indices", lambda s, n: full.append(n) or FLAT(s, n))
     gen = torch.Generator().manual_seed(7)
     B, L, k = 256, 2048, 32
     scaled = torch.rand(B, L, generator=gen)
@@ -181,7 +197,7 @@ def test_batch_topk_selection_with_bf16_ties_is_a_top_k_without_the_full_sort(mo
     from crossray.models import crosscoder as M
 
     full = []
-    monkeypatch.setattr(M, "_flat_topk_mask", lambda s, n: full.append(n) or FLAT(s, n))
+    monkeypatch.setattr(M, "_flat_topk_indices", lambda s, n: full.append(n) or FLAT(s, n))
     scaled = torch.relu(torch.randn(512, 4096, generator=torch.Generator().manual_seed(3))).bfloat16()
     n = 32 * 512
     got = M.batch_topk_mask(scaled, n)

@@ -51,8 +51,16 @@ class ForwardOutput(NamedTuple):
 
 
 def batch_topk_mask(scaled_BL: Tensor, n_active: int) -> Tensor:
-    """The batch's `n_active` largest entries as a boolean mask: the same set as a top-k over the whole
-    flattened B x L batch (ties at the boundary aside), at the cost of about one pass over it.
+    """The batch's `n_active` largest entries as a boolean mask (`batch_topk_indices`)."""
+    win = batch_topk_indices(scaled_BL, n_active)
+    return torch.zeros(scaled_BL.numel(), dtype=torch.bool, device=scaled_BL.device).index_fill_(
+        0, win, True).view_as(scaled_BL)
+
+
+def batch_topk_indices(scaled_BL: Tensor, n_active: int) -> Tensor:
+    """The batch's `n_active` largest entries as flat indices into B x L, in no particular order: the
+    same set as a top-k over the whole flattened batch (ties at the boundary aside), at the cost of
+    about one pass over it.
 
     1. Each row offers its top `m` (twice the mean number of winners per row) as candidates; the
        `n_active` largest candidates win, and t is the smallest winner.
@@ -66,30 +74,25 @@ def batch_topk_mask(scaled_BL: Tensor, n_active: int) -> Tensor:
     K = min(n_active, B * L)
     m = min(L, 2 * -(-K // B))
     if m == L:
-        return _flat_topk_mask(scaled_BL, K)
+        return _flat_topk_indices(scaled_BL, K)
     vals_Bm, idx_Bm = scaled_BL.topk(m, dim=1, sorted=False)
     top = vals_Bm.flatten().topk(K, sorted=False)
     full_B = vals_Bm.min(1).values > top.values.min()
     n_full = int(full_B.sum())
-    mask_BL = torch.zeros_like(scaled_BL, dtype=torch.bool)
     if n_full == 0:
-        mask_BL[top.indices // m, idx_Bm.flatten()[top.indices]] = True
-        return mask_BL
+        return top.indices // m * L + idx_Bm.flatten()[top.indices]
     if n_full > B // 8:  # the pool would be a large part of the batch: no saving left
-        return _flat_topk_mask(scaled_BL, K)
+        return _flat_topk_indices(scaled_BL, K)
     part_B, rows_B = ~full_B, torch.arange(B, device=scaled_BL.device)
     vals = torch.cat([vals_Bm[part_B].flatten(), scaled_BL[full_B].flatten()])
     rows = torch.cat([rows_B[part_B].repeat_interleave(m), rows_B[full_B].repeat_interleave(L)])
     cols = torch.cat([idx_Bm[part_B].flatten(), torch.arange(L, device=scaled_BL.device).repeat(n_full)])
     win = vals.topk(K, sorted=False).indices
-    mask_BL[rows[win], cols[win]] = True
-    return mask_BL
+    return rows[win] * L + cols[win]
 
 
-def _flat_topk_mask(scaled_BL: Tensor, K: int) -> Tensor:
-    flat = scaled_BL.flatten()
-    idx = flat.topk(K, sorted=False).indices
-    return torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, idx, True).view_as(scaled_BL)
+def _flat_topk_indices(scaled_BL: Tensor, K: int) -> Tensor:
+    return scaled_BL.flatten().topk(K, sorted=False).indices
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -192,22 +195,42 @@ class Crosscoder(nn.Module):
 
     def decode_sparse(self, latents_BL: Tensor) -> Tensor:
         """Same as `decode`, touching only active latents (embedding_bag, with its backward)."""
-        B = latents_BL.shape[0]
-        C, D, L = self.shape
         rows, cols = latents_BL.nonzero(as_tuple=True)  # row-major: rows are sorted
-        weights = latents_BL[rows, cols]
+        return self._decode_entries(rows, cols, latents_BL[rows, cols], latents_BL.shape[0])
+
+    def _decode_entries(self, rows: Tensor, cols: Tensor, weights: Tensor, B: int) -> Tensor:
+        """The decode of B rows given their nonzero latents as (row, column, value), rows sorted."""
+        C, D, L = self.shape
         offsets = torch.searchsorted(rows, torch.arange(B, device=rows.device))
         W = self.W_dec_LCD.reshape(L, C * D)
         out = F.embedding_bag(cols, W.to(weights.dtype), offsets, mode="sum", per_sample_weights=weights)
         return (out + self.b_dec_CD.reshape(C * D).to(out.dtype)).view(B, C, D)
 
+    def _train_batchtopk_sparse(self, pre_BL: Tensor, k: int | None, norms_L: Tensor) -> ForwardOutput:
+        """BatchTopK training with the decode fed straight from the selection: the gradient reaches
+        the encoder through the B*k winners alone (ReLU, gather and their backward on B*k entries,
+        not B x L), and the dense latents are built for the record only (no graph)."""
+        B, L = pre_BL.shape
+        relu_BL = F.relu(pre_BL)  # for aux-k and the metrics; in the backward only when aux-k is used
+        with torch.no_grad():  # scores only choose, in the GEMM's dtype (see _activate)
+            win = batch_topk_indices(relu_BL * norms_L.to(relu_BL.dtype), (k or self.cfg.k) * B).sort().values
+        weights = F.relu(pre_BL.view(-1)[win])
+        latents_BL = torch.zeros_like(relu_BL).view(-1).index_copy_(0, win, weights.detach()).view(B, L)
+        return ForwardOutput(self._decode_entries(win // L, win % L, weights, B), latents_BL, relu_BL,
+                             norms_L)
+
     def forward(self, x_BCD: Tensor, mode: Mode = "eval", k: int | None = None,
                 sparse_decode: bool = False) -> ForwardOutput:
+        """Reconstruction, latents and pre-activations. With `sparse_decode` (BatchTopK only) the
+        decode touches only active latents; in training the latents then carry no graph (the
+        reconstruction and the pre-activations do)."""
         self.check_input(x_BCD)
         needed = mode == "train" or self.cfg.activation == "batchtopk"
         norms_L = self.selection_norms() if needed else None
-        latents, pre = self._activate(self.pre_acts(x_BCD), mode, k, norms_L)
         use_sparse = sparse_decode and self.cfg.activation == "batchtopk"
+        if use_sparse and mode == "train":
+            return self._train_batchtopk_sparse(self.pre_acts(x_BCD), k, norms_L)
+        latents, pre = self._activate(self.pre_acts(x_BCD), mode, k, norms_L)
         recon = self.decode_sparse(latents) if use_sparse else self.decode(latents)
         return ForwardOutput(recon, latents, pre, norms_L)
 
