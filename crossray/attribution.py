@@ -5,8 +5,8 @@ method.md §11-§12, for any number C of checkpoints, with §16.5-6 fixed. For c
    by the folded crosscoder into the shared latents f, and split into the reconstruction of
    checkpoint m plus its error e_m = x_m - x^_m;
 2. integrated gradients along the straight path from the real state (f, e_m) to the baseline state
-   (zero, or the patch prefix's state when the task gives one, `baseline`), K steps (1 = attribution
-   patching), left Riemann sum (the paper's
+   (zero, or the patch prefix's state when the task gives one, `baseline`) at the positions that count
+   (step 4; the others stay real all along), K steps (1 = attribution patching), left Riemann sum (the paper's
    alpha_k = k/K): x_k = x_base + (1 - alpha_k)(x_m - x_base); all K interpolants go through the
    suffix of the model (blocks L..) in one batch, with frozen parameters, and only the two answer
    rows of the unembedding at the last position;
@@ -184,14 +184,18 @@ def token_effects(cc_folded: Crosscoder, lm: LayerModel, state: _State, m: int, 
     """Integrated-gradient effects of every feature and of the error term, for checkpoint m.
 
     The baseline is the zero state (f = 0, e = 0, so x = b_dec) or, given `base`, the patch prefix's
-    crosscoder state (aligned position by position).
+    crosscoder state (aligned position by position), at the positions that count (`positions_BS`,
+    default every real token). The others (padding, and position 0 when it is skipped) stay at their
+    real activations along the whole path, so the counted effects plus the error effect add up to
+    the metric change of moving the counted positions alone (completeness).
     """
     if base is None:
         x_base, f_base, e_base = cc_folded.b_dec_CD[m].detach().expand_as(state.x_CBSD[m]), 0.0, 0.0
     else:
         x_base, f_base, e_base = base.x_CBSD[m], base.f_BSL, base.err_CBSD[m]
-    g_BSD, met_B = ig_gradient(lm, state.x_CBSD[m], x_base, ids, mask, clean, patch, steps)
     real_BS = mask.bool() if positions_BS is None else positions_BS
+    x_base = torch.where(real_BS[..., None], x_base, state.x_CBSD[m])
+    g_BSD, met_B = ig_gradient(lm, state.x_CBSD[m], x_base, ids, mask, clean, patch, steps)
     with torch.no_grad():
         dec_LD = cc_folded.W_dec_LCD[:, m].detach()
         ie_BSL = (f_base - state.f_BSL) * (g_BSD @ dec_LD.T) * real_BS[..., None]

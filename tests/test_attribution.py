@@ -80,6 +80,29 @@ def test_completeness_with_many_steps(toy_models, toy_tokenizer, examples):
         assert torch.allclose(total, want, rtol=0.02, atol=0.02 * want.abs().max().item()), (total, want)
 
 
+@pytest.mark.parametrize("skip_first_position", [True, False])
+def test_completeness_holds_with_uncounted_positions(toy_models, toy_tokenizer, examples, skip_first_position):
+    """Positions that do not count (padding; position 0 when skipped) stay at their real activations
+    along the path, so the counted features' effects plus the error effect equal the metric change of
+    moving the counted positions alone to the baseline, within 2%."""
+    from crossray.attribution import effect_positions, metric
+
+    folded = _random_crosscoder().fold().requires_grad_(False)
+    ids, mask, clean, patch = _batch_inputs(toy_tokenizer, examples[:6], "cpu")
+    state = crosscoder_state(folded, toy_models, ids, mask)
+    counted = effect_positions(mask, skip_first_position)
+    for m in range(3):
+        eff = token_effects(folded, toy_models[m], state, m, ids, mask, clean, patch, steps=200,
+                            positions_BS=counted)
+        base = torch.where(counted[..., None], folded.b_dec_CD[m], state.x_CBSD[m])
+        with torch.no_grad():
+            m_base = metric(toy_models[m].last_logits_from(base, ids, mask), clean, patch)
+        total = eff.ie_BSL.sum(dim=(1, 2)) + eff.err_BS.sum(1)
+        want = m_base - eff.metric_B
+        assert want.abs().max() > 0.1  # the counted positions move the metric
+        assert torch.allclose(total, want, rtol=0.02, atol=0.02 * want.abs().max().item()), (m, total, want)
+
+
 def test_aggregation_weights_examples_and_thresholds(toy_models, toy_tokenizer, examples):
     cc = _random_crosscoder()
     cfg = AttributionConfig(steps=2, threshold=None, batch_size=3)
@@ -224,7 +247,9 @@ def test_first_position_is_left_out_by_default(toy_models, toy_tokenizer, exampl
     ids, mask, clean, patch = _batch_inputs(toy_tokenizer, chunk, "cpu")
     state = crosscoder_state(folded, toy_models, ids, mask)
     eff = token_effects(folded, toy_models[2], state, 2, ids, mask, clean, patch, steps=2)
-    later = eff.ie_BSL * effect_positions(mask, True)[..., None]
+    later = token_effects(folded, toy_models[2], state, 2, ids, mask, clean, patch, steps=2,
+                          positions_BS=effect_positions(mask, True)).ie_BSL
+    assert not later[~effect_positions(mask, True)].any()
     cfg = AttributionConfig(steps=2, threshold=None, batch_size=6)
     skipped = task_effects(cc, toy_models, toy_tokenizer, chunk, cfg, checkpoints=[2]).ie_sum_CL[2]
     every = task_effects(cc, toy_models, toy_tokenizer, chunk,
