@@ -60,13 +60,18 @@ def pairwise(values_LC: Tensor) -> dict[tuple[int, int], Shares]:
     return out
 
 
-def pair_columns(values_LC: Tensor, names: Sequence[str], prefix: str) -> list[dict[str, float]]:
+def pair_columns(values_LC: Tensor, names: Sequence[str], prefix: str) -> list[dict[str, float | bool]]:
     """Per feature, the share of b in every pair a < b as `<prefix>/<a>-<b>` (method.md's 3-way
-    tables); empty dicts for 2 checkpoints, where the one pair is the one-vs-all share."""
+    tables), and whether the pair summed to 0 (its share then 0.5) as `<prefix>_all_zero/<a>-<b>`;
+    empty dicts for 2 checkpoints, where the one pair is the one-vs-all share and its flag."""
     if values_LC.shape[1] < 3:
         return [{} for _ in range(values_LC.shape[0])]
-    pairs = {f"{prefix}/{names[a]}-{names[b]}": s.share_LC for (a, b), s in pairwise(values_LC).items()}
-    return [{k: float(v[i]) for k, v in pairs.items()} for i in range(values_LC.shape[0])]
+    cols: dict[str, list] = {}
+    for (a, b), s in pairwise(values_LC).items():
+        pair = f"{names[a]}-{names[b]}"
+        cols[f"{prefix}/{pair}"] = s.share_LC.tolist()
+        cols[f"{prefix}_all_zero/{pair}"] = s.all_zero_L.tolist()
+    return [{k: v[i] for k, v in cols.items()} for i in range(values_LC.shape[0])]
 
 
 def classify(share: Tensor, low: float = 0.3, high: float = 0.7) -> Tensor:

@@ -36,10 +36,18 @@ def _fmt(x) -> str:
     return "–" if x is None or x != x else f"{x:.3f}"
 
 
+def pair_cell(row, column: str) -> str:
+    """A pairwise share as a table shows it: `0/0` where the pair summed to 0 (its share 0.5 is a
+    convention, not a measurement; method.md §16.6)."""
+    flag = column.replace("_pair/", "_pair_all_zero/", 1)
+    return "0/0" if bool(row.get(flag, False)) else _fmt(row[column])
+
+
 def top_feature_table(effects: pd.DataFrame, task: str, selected: Sequence[int], revisions: Sequence[str],
                       k: int = 8) -> pd.DataFrame:
     """A task's selected features with the largest |IE| at any checkpoint, one row each: group, IE and
-    RelIE per checkpoint (`ie/<rev>`, `relie/<rev>`) and pairwise RelIE (`relie_pair/<a>-<b>`)."""
+    RelIE per checkpoint (`ie/<rev>`, `relie/<rev>`) and pairwise RelIE (`relie_pair/<a>-<b>`, with
+    its 0/0 flag `relie_pair_all_zero/<a>-<b>`)."""
     sub = effects[(effects.task == task) & effects.feature.isin(list(selected))]
     if sub.empty:
         return pd.DataFrame()
@@ -49,7 +57,7 @@ def top_feature_table(effects: pd.DataFrame, task: str, selected: Sequence[int],
     for rev in revisions:
         table[f"ie/{rev}"] = wide["ie"][rev].to_numpy()
         table[f"relie/{rev}"] = wide["relie"][rev].to_numpy()
-    for c in [c for c in sub.columns if c.startswith("relie_pair/")]:
+    for c in [c for c in sub.columns if c.startswith(("relie_pair/", "relie_pair_all_zero/"))]:
         table[c] = per.loc[wide.index, c].to_numpy()
     strength = table[[f"ie/{r}" for r in revisions]].abs().max(axis=1)
     return table.loc[strength.sort_values(ascending=False).index[:k]].reset_index(drop=True)
@@ -71,7 +79,7 @@ def feature_table(top: pd.DataFrame, features: pd.DataFrame, contexts: pd.DataFr
                  f'<td class="l">{html.escape(str(trajectory.get(f, "")))}</td>']
         cells += [f"<td>{_fmt(row[f'ie/{r}'])}</td>" for r in revisions]
         cells += [f"<td>{_fmt(row[f'relie/{r}'])}</td>" for r in revisions]
-        cells += [f"<td>{_fmt(row[c])}</td>" for c in pairs]
+        cells += [f"<td>{pair_cell(row, c)}</td>" for c in pairs]
         for r in revisions:
             best = contexts[(contexts.feature == f) & (contexts.view == r)].sort_values("rank").head(1)
             cells.append(f'<td class="l ctx">{_context(best.iloc[0]) if len(best) else ""}</td>')
@@ -100,9 +108,21 @@ def write_report(path: Path, title: str, reasons: Sequence[str], revisions: Sequ
             parts.append(feature_table(tops[task], features, contexts, revisions))
         ablation = info.get("ablation")
         if ablation:
-            rhos = ", ".join(f"{r} {_fmt(v)}" for r, v in zip(revisions, ablation["rho_relie"], strict=True))
-            parts.append("<p>Ablation check: Spearman ρ between each checkpoint's share of the "
-                         f"zero-ablation effect and RelIE: {rhos} (mean {_fmt(ablation['mean_rho_relie'])}); "
-                         f"against RelDec: mean {_fmt(ablation['mean_rho_reldec'])}.</p>")
+            parts.append(_ablation_paragraph(ablation, revisions))
     path.write_text("\n".join(parts))
     return path
+
+
+def _ablation_paragraph(ablation: dict, revisions: Sequence[str]) -> str:
+    """The ablation check in both forms: per checkpoint (N-way) and per pair (the paper's 2-way rho)."""
+    rhos = ", ".join(f"{r} {_fmt(v)}" for r, v in zip(revisions, ablation["rho_relie"], strict=True))
+    text = ("<p>Ablation check: Spearman ρ between each checkpoint's share of the zero-ablation effect "
+            f"and RelIE: {rhos} (mean {_fmt(ablation['mean_rho_relie'])}); against RelDec: mean "
+            f"{_fmt(ablation['mean_rho_reldec'])}.")
+    pairs = ablation.get("pairs")
+    if pairs:  # runs before the pairwise form have none
+        each = ", ".join(f"{html.escape(p)} {_fmt(v['rho_relie'])}" for p, v in pairs.items())
+        text += (f" Per pair, the paper's 2-way ρ (|Δ<sub>b</sub>|/|Δ<sub>a</sub>| against b's share "
+                 f"of a + b): {each} (mean {_fmt(ablation['mean_pair_rho_relie'])}; against RelDec: "
+                 f"mean {_fmt(ablation['mean_pair_rho_reldec'])}).")
+    return text + "</p>"

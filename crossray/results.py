@@ -205,8 +205,11 @@ def nums(xs) -> list[float | None]:
     return [num(x) for x in xs]
 
 
-def _pairs(names: list[str], values) -> list[dict]:
-    return [{"pair": p, "share": num(v)} for p, v in zip(names, values, strict=True)]
+def _pairs(names: list[str], values, all_zero=None) -> list[dict]:
+    """Pairwise shares; `all_zero` marks pairs that summed to 0 (share 0.5 by convention)."""
+    flags = [False] * len(names) if all_zero is None else all_zero
+    return [{"pair": p, "share": num(v), "all_zero": bool(z)}
+            for p, v, z in zip(names, values, flags, strict=True)]
 
 
 class RunIndex:
@@ -233,10 +236,13 @@ class RunIndex:
             selected = np.zeros(L, bool)
             selected[[i for i in run.tasks.get(str(task), {}).get("selected", []) if 0 <= i < L]] = True
             pair_cols = [c for c in sub.columns if c.startswith("relie_pair/")]
-            pairs = sub.drop_duplicates("feature").set_index("feature")[pair_cols].reindex(range(L))
+            per_feature = sub.drop_duplicates("feature").set_index("feature")
+            pairs = per_feature[pair_cols].reindex(range(L))
+            flag_cols = [c.replace("relie_pair/", "relie_pair_all_zero/", 1) for c in pair_cols]
+            flags = per_feature.reindex(columns=flag_cols).reindex(range(L)).fillna(False).to_numpy(bool)
             self.tasks[str(task)] = {"ie": wide["ie"].reindex(columns=range(self.C)).to_numpy(float),
                                      "pairs": [c.removeprefix("relie_pair/") for c in pair_cols],
-                                     "relie_pairs": pairs.to_numpy(float),
+                                     "relie_pairs": pairs.to_numpy(float), "pairs_all_zero": flags,
                                      "relie": wide["relie"].reindex(columns=range(self.C)).to_numpy(float),
                                      "group": groups.fillna("").to_numpy(str), "selected": selected}
         self.contexts = {int(k): g for k, g in run.contexts.groupby("feature")}
@@ -304,7 +310,8 @@ class RunIndex:
                 "cosine": [{"pair": p, "value": num(v)} for p, v in zip(self.cos_cols, self.cos_LP[i],
                                                                          strict=True)],
                 "effects": {t: {"ie": nums(a["ie"][i]), "relie": nums(a["relie"][i]),
-                                "relie_pairs": _pairs(a["pairs"], a["relie_pairs"][i]),
+                                "relie_pairs": _pairs(a["pairs"], a["relie_pairs"][i],
+                                                      a["pairs_all_zero"][i]),
                                 "group": str(a["group"][i])} for t, a in self.tasks.items()},
                 "contexts": ctx}
 

@@ -55,6 +55,8 @@ class Cosine(BaseModel):
 class PairShare(BaseModel):
     pair: str = Field(description="'<revision a>-<revision b>'")
     share: float | None = Field(description="b's share of a + b")
+    all_zero: bool = Field(default=False,
+                           description="a + b is 0: the share 0.5 is a convention (a 0/0 pair)")
 
 
 class TaskEffect(BaseModel):

@@ -81,7 +81,8 @@ def test_completeness_with_many_steps(toy_models, toy_tokenizer, examples):
 
 
 @pytest.mark.parametrize("skip_first_position", [True, False])
-def test_completeness_holds_with_uncounted_positions(toy_models, toy_tokenizer, examples, skip_first_position):
+def test_completeness_holds_with_uncounted_positions(toy_models, toy_tokenizer, examples,
+                                                     skip_first_position):
     """Positions that do not count (padding; position 0 when skipped) stay at their real activations
     along the path, so the counted features' effects plus the error effect equal the metric change of
     moving the counted positions alone to the baseline, within 2%."""
@@ -131,6 +132,36 @@ def test_relie_rows_and_selection():
     assert by[2, "a"]["relie_pair/a-b"] == 1.0 and by[2, "a"]["relie_pair/b-c"] == 0.25
     assert by[3, "c"]["relie_pair/a-c"] == pytest.approx(0.6) and by[0, "a"]["relie_pair/a-b"] == 0.5
     assert "relie_pair/a-b" not in effects_rows("t", ie[:2], ["a", "b"], AttributionConfig())[0]
+    # a pair that sums to 0 gets 0.5 and says so, pair by pair
+    zero = effects_rows("t", torch.tensor([[0.0, 1.0], [0.0, 0.0], [2.0, 0.0]]), ["a", "b", "c"],
+                        AttributionConfig())
+    flags = [[zero[r][f"relie_pair_all_zero/{p}"] for p in ("a-b", "a-c", "b-c")] for r in (0, 3)]
+    assert flags == [[True, False, False], [False, False, True]]  # feature 0: a-b; feature 1: b-c
+    assert zero[0]["relie_pair/a-b"] == 0.5 and zero[3]["relie_pair/b-c"] == 0.5
+
+
+def test_ablation_rho_pairwise_is_the_papers_two_way_rho():
+    """For every pair, rho between the paper's |d_b| / |d_a| and b's pairwise RelIE; with 2
+    checkpoints it is the N-way rho, with 3 it is not (the N-way mean is not the paper's number)."""
+    from crossray.attribution import ablation_correlations
+
+    gen = torch.Generator().manual_seed(1)
+    deltas = torch.rand(14, 3, generator=gen) + 0.01
+    ie = deltas * (0.5 + torch.rand(14, 3, generator=gen))
+    dec = torch.rand(14, 3, generator=gen)
+    out = ablation_correlations(deltas, ie, dec, ["a", "b", "c"])
+    for (a, b) in [(0, 1), (0, 2), (1, 2)]:
+        ratio = (deltas[:, b].abs() / (deltas[:, a].abs() + 1e-16)).numpy()  # the paper's ratio, eps 1e-16
+        relie_b = (ie[:, b].abs() / (ie[:, a].abs() + ie[:, b].abs())).numpy()
+        pair = out["pairs"]["abc"[a] + "-" + "abc"[b]]
+        assert pair["rho_relie"] == pytest.approx(spearman(ratio, relie_b))
+        assert pair["all_zero_features"] == 0
+    pair_rhos = [p["rho_relie"] for p in out["pairs"].values()]
+    assert out["mean_pair_rho_relie"] == pytest.approx(np.mean(pair_rhos))
+    assert abs(out["mean_pair_rho_relie"] - out["mean_rho_relie"]) > 0.05
+    two = ablation_correlations(deltas[:, :2], ie[:, :2], dec[:, :2], ["a", "b"])
+    assert two["pairs"]["a-b"]["rho_relie"] == pytest.approx(two["mean_rho_relie"])
+    assert two["mean_pair_rho_relie"] == pytest.approx(two["mean_rho_relie"])
 
 
 def test_spearman():

@@ -87,7 +87,7 @@ def _relie_tables(o: RunOutcome, revisions: list[str]) -> list[str]:
     lines = ["", "## Top features per task (RelIE one-vs-all; pairwise: share of b in a+b)"]
     import pandas as pd
 
-    from crossray.report import top_feature_table
+    from crossray.report import pair_cell, top_feature_table
 
     effects = pd.read_parquet(f"{o.results['attribute'].effects}/effects.parquet")
     for task, info in o.results["attribute"].tasks.items():
@@ -99,7 +99,7 @@ def _relie_tables(o: RunOutcome, revisions: list[str]) -> list[str]:
         lines += ["", f"### {task}", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for _, row in table.iterrows():
             values = [str(int(row["feature"])), str(row["group"])]
-            values += [_fmt(float(row[c])) for c in [*[f"relie/{r}" for r in revisions], *pairs]]
+            values += [_fmt(float(row[f"relie/{r}"])) for r in revisions] + [pair_cell(row, c) for c in pairs]
             lines.append("| " + " | ".join(values) + " |")
     return lines
 

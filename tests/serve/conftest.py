@@ -36,7 +36,8 @@ def write_fake_run(folder: Path) -> Path:
                 "relie": RELIE[f][c] if t == "t1" else 1 / 3, "relie_class": 0.5,
                 "group": "step3 specific" if f in (0, 2) else "others", "all_zero": False,
                 "relie_pair/step1-step2": 0.25 * f, "relie_pair/step1-step3": 0.5,
-                "relie_pair/step2-step3": 0.75}
+                "relie_pair/step2-step3": 0.75, "relie_pair_all_zero/step1-step2": t == "t1" and f == 2,
+                "relie_pair_all_zero/step1-step3": False, "relie_pair_all_zero/step2-step3": False}
                for t in ("t1", "t2") for f in range(4) for c, r in enumerate(REVS)]
     pd.DataFrame(effects).to_parquet(folder / "attribute" / "effects" / "effects.parquet")
     (folder / "attribute" / "effects" / "summary.json").write_text(json.dumps(

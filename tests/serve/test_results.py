@@ -55,10 +55,12 @@ def test_feature_card_matches_tables(index):
     assert card["checkpoints"] == REVS and card["trajectory"] == "emerging"
     assert card["decoder_norm"] == pytest.approx([0.1, 0.2, 0.3])
     assert card["relative_norm"] == pytest.approx([1 / 6, 2 / 6, 3 / 6])
-    assert card["relative_norm_pairs"] == [{"pair": "step1-step2", "share": 2 / 3},
-                                           {"pair": "step1-step3", "share": 3 / 4},
-                                           {"pair": "step2-step3", "share": 0.6}]
-    assert [p["share"] for p in index.card(2)["effects"]["t1"]["relie_pairs"]] == [0.5, 0.5, 0.75]
+    assert card["relative_norm_pairs"] == [{"pair": "step1-step2", "share": 2 / 3, "all_zero": False},
+                                           {"pair": "step1-step3", "share": 3 / 4, "all_zero": False},
+                                           {"pair": "step2-step3", "share": 0.6, "all_zero": False}]
+    pairs = index.card(2)["effects"]["t1"]["relie_pairs"]
+    assert [p["share"] for p in pairs] == [0.5, 0.5, 0.75]
+    assert [p["all_zero"] for p in pairs] == [True, False, False]  # the 0/0 pair says so
     assert card["effects"]["t1"]["ie"] == pytest.approx(IE[0]) and card["effects"]["t1"]["relie"] == RELIE[0]
     assert {c["pair"]: c["value"] for c in card["cosine"]} == {"step1-step2": 0.5, "step1-step3": 0.25,
                                                               "step2-step3": 0.75}

@@ -67,10 +67,11 @@ def test_every_endpoint_matches_the_stored_tables(served):
     sub = effects[(effects.task == task) & (effects.feature == top["feature"])]
     sub = sub.sort_values("checkpoint_index")
     pairs = [c for c in sub.columns if c.startswith("relie_pair/")]
+    flag = lambda c: bool(sub[c.replace("_pair/", "_pair_all_zero/")].iloc[0])  # noqa: E731
     assert card["effects"][task] == {"ie": sub.ie.tolist(), "relie": sub.relie.tolist(),
                                      "group": sub.group.iloc[0],
-                                     "relie_pairs": [{"pair": c.split("/", 1)[1], "share": sub[c].iloc[0]}
-                                                     for c in pairs]}
+                                     "relie_pairs": [{"pair": c.split("/", 1)[1], "share": sub[c].iloc[0],
+                                                      "all_zero": flag(c)} for c in pairs]}
     assert len(pairs) == 3 and [p["pair"] for p in card["relative_norm_pairs"]] == \
         [c.removeprefix("reldec_pair/") for c in row.index if c.startswith("reldec_pair/")]
     assert set(card["effects"]) == set(effects.task)
