@@ -34,6 +34,7 @@ from crossray.schema import (
     shallow,
 )
 
+Method = Literal["crossray", "paper"]
 Activation = Literal["relu", "batchtopk", "jumprelu"]
 ACTIVATIONS = get_args(Activation)
 AtLeastTwo = Annotated[int, Range(lo=2)]
@@ -208,10 +209,15 @@ class ExtractSettings(Checked):
     """Sequences per Parquet shard (the unit of retry and resume; larger amortises task overhead)."""
     norm_sequences: PositiveInt = 64
     """Sequences used to estimate the normalisation factors (the paper: 4,000)."""
+    norm_first_position: bool = False
+    """Estimate the normalisation factors with position 0 (the paper's estimate, §3.4, though training
+    drops it) or without it (training's view). Both are computed and recorded; this picks the one
+    that scales. Default from `pipeline.method` (paper: true)."""
     storage_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Activations as stored in the Parquet shards."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype the checkpoints run in during extraction."""
+    """Dtype of the checkpoints' weights during extraction; float32 runs under bf16 autocast on a GPU
+    (the paper's extraction), in plain fp32 on a CPU."""
     mode: Literal["auto", "stream", "parquet"] = "auto"
     """stream: activations go from the extraction actors through a shuffle buffer into training, never
     to disk; parquet: written as shards first; auto: parquet when they fit `max_disk_gb`."""
@@ -253,6 +259,13 @@ class PipelineConfig(Checked):
 
     name: Name
     """Run name: results go to <out>/<name>/ and the MLflow parent run is named after it."""
+    method: Method = "crossray"
+    """crossray: the fixed computation (method.md §16: position 0 left out of the effects, of the
+    norm estimate and of the headline ΔCE; the N-way ablation rho); paper: the paper's computation
+    where §16 changed it (position 0 counted in the effects and spliced in the headline ΔCE, norm
+    factors estimated with it, the 2-way ablation rho per pair as the headline). Settings the config
+    leaves out follow the method (METHOD_DEFAULTS); a setting given explicitly wins. Both headline
+    forms of ΔCE and rho are recorded whichever method runs."""
     family: str
     """`toy`, a local family folder, or a hub repo."""
     layer: NonNegativeInt
@@ -290,6 +303,9 @@ class EvaluateConfig(Checked):
     eval_sequences: PositiveInt = 32
     """Held-out sequences (after the training ones) for FVE, L0, dead latents and the spliced ΔCE
     (the paper: 240 x 1024 tokens)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the checkpoints' weights for the held-out activations and ΔCE, whatever extraction ran
+    in (the paper: fp32 weights, under bf16 autocast on a GPU as extraction does)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,9 +330,10 @@ class AttributionConfig(Checked):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the checkpoints run in for IE and the ablation check (the paper: fp32)."""
     skip_first_position: bool = True
-    """Leave each example's first token out of the effects, as training leaves position 0 out (the
-    crosscoder never saw it; the attention-sink outlier inflates the error term there). False: the
-    paper's attribution, over every position."""
+    """Leave each example's first token out of the effects (it stays at its real activation along the
+    integrated-gradient path), as training leaves position 0 out (the crosscoder never saw it; the
+    attention-sink outlier inflates the error term there). False: the paper's attribution, over every
+    position. Default from `pipeline.method` (paper: false)."""
     low: Share = 0.3
     """Share below which a checkpoint does not count for a feature (group labels)."""
     high: Share = 0.7
@@ -374,6 +391,27 @@ class Config(Checked):
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "crossray": {"attribution.skip_first_position": True, "extract.norm_first_position": False},
+    "paper": {"attribution.skip_first_position": False, "extract.norm_first_position": True},
+}
+"""What `pipeline.method` sets where the config is silent (thresholds and top-k stay config values:
+the paper configs set the paper's)."""
+
+
+def apply_method(data: dict) -> dict:
+    """Fill the settings that the config data leaves out from its `pipeline.method`'s defaults."""
+    pipeline = data.get("pipeline")
+    method = pipeline.get("method", "crossray") if isinstance(pipeline, dict) else "crossray"
+    for dotted, value in METHOD_DEFAULTS.get(method, {}).items():  # an unknown method: from_dict says so
+        section, name = dotted.split(".")
+        if section not in data and section == "attribution":  # a section with defaults of its own
+            data[section] = {}
+        if isinstance(data.get(section), dict):
+            data[section].setdefault(name, value)
+    return data
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -438,7 +476,7 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Co
         raise ValueError(f"{path}: cannot read the config: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    return from_dict(Config, apply_overrides(Config, data, overrides or {}), f"{path}:")
+    return from_dict(Config, apply_method(apply_overrides(Config, data, overrides or {})), f"{path}:")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from crossray.checkpoints import CheckpointError, Family
-from crossray.config import ExtractConfig
+from crossray.config import ExtractConfig, ExtractSettings
 from crossray.models.crosscoder import norm_factors
 from crossray.models.layer import LayerModel, load_layer_model
 from crossray.store import write_json_atomic
@@ -75,9 +75,12 @@ class CheckpointSetExtractor:
     @torch.inference_mode()
     def __call__(self, tokens_NS: torch.Tensor) -> torch.Tensor:
         out = []
+        # fp32 weights run under bf16 autocast on a GPU, as the paper's extraction did (method.md §3.3)
+        autocast = self.device.type == "cuda" and self.cfg.compute_dtype == "float32"
         for i in range(0, len(tokens_NS), self.cfg.batch_sequences):
             ids = tokens_NS[i:i + self.cfg.batch_sequences].to(self.device)
-            acts = [m.resid_pre(ids).float() for m in self.models]  # C x (n, S, D)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                acts = [m.resid_pre(ids).float() for m in self.models]  # C x (n, S, D)
             out.append(torch.stack(acts, dim=2).cpu())  # (n, S, C, D)
         return torch.cat(out)
 
@@ -92,11 +95,41 @@ def to_rows(seq_ids: np.ndarray, acts_NSCD: torch.Tensor, drop_first_position: b
     return {"seq": seq, "pos": pos, "acts": acts.numpy()}
 
 
-def norm_stats(rows: dict, seq_limit: int) -> tuple[np.ndarray, int]:
-    """(sum over rows of ||x_c||, row count) for rows of sequences below `seq_limit`."""
-    keep = rows["seq"] < seq_limit
-    acts = rows["acts"][keep].astype(np.float64)
-    return np.linalg.norm(acts, axis=-1).sum(0), int(keep.sum())
+NORM_POLICIES = ("without_position0", "with_position0")
+"""The two normalisation estimates (method.md §3.4, §16.8): training's view (positions 1..), and the
+paper's (every position, position 0 included, though training drops it)."""
+
+
+def norm_stats(seq_ids: np.ndarray, acts_NSCD: torch.Tensor, seq_limit: int) -> dict:
+    """Sums of ||x_c|| and their counts over the sequences below `seq_limit`, for position 0
+    (`first_*`) and for the others (`rest_*`), from the extractor's (N, S, C, D) output before any
+    position is dropped; norms in fp32 (one vector at a time), sums in fp64, no copy of the batch."""
+    keep = torch.from_numpy(np.asarray(seq_ids) < seq_limit)
+    n = int(keep.sum())
+    norms_nSC = acts_NSCD[keep].norm(dim=-1).double() if n else torch.zeros(0, 1, acts_NSCD.shape[2])
+    return {"first_sum": norms_nSC[:, :1].sum((0, 1)).tolist(), "first_count": n,
+            "rest_sum": norms_nSC[:, 1:].sum((0, 1)).tolist(), "rest_count": n * (acts_NSCD.shape[1] - 1)}
+
+
+def merge_norm_stats(parts: Sequence[dict]) -> dict:
+    """`norm_stats` of several batches or shards, added up."""
+    out = {k: 0 for k in ("first_count", "rest_count")}
+    for key in ("first_sum", "rest_sum"):
+        out[key] = np.sum([p[key] for p in parts], axis=0).tolist()
+    for key in ("first_count", "rest_count"):
+        out[key] = sum(int(p[key]) for p in parts)
+    return out
+
+
+def norm_factor_policies(stats: dict, d_model: int) -> dict[str, list[float]]:
+    """The normalisation factors under both position-0 policies (`NORM_POLICIES`)."""
+    both = np.add(stats["first_sum"], stats["rest_sum"])
+    return {"without_position0": norm_factors(stats["rest_sum"], stats["rest_count"], d_model),
+            "with_position0": norm_factors(both, stats["first_count"] + stats["rest_count"], d_model)}
+
+
+def chosen_policy(cfg: ExtractSettings) -> str:
+    return "with_position0" if cfg.norm_first_position else "without_position0"
 
 
 # -- Parquet shards ----------------------------------------------------------------------------------
@@ -170,16 +203,25 @@ def extract_shard(extractor: CheckpointSetExtractor, tokens_NS: np.ndarray, inde
     acts = extractor(torch.from_numpy(np.asarray(tokens_NS)).long())
     rows = to_rows(np.arange(start, stop), acts, cfg.corpus.drop_first_position)
     info = write_shard(out / shard_name(index), rows, cfg.storage_dtype)
-    norm_sum, norm_count = norm_stats(rows, cfg.norm_sequences)
-    info.update(index=index, seq_start=start, seq_stop=stop, norm_sum=norm_sum.tolist(),
-                norm_count=norm_count, pid=os.getpid())
+    info.update(index=index, seq_start=start, seq_stop=stop, pid=os.getpid(),
+                **norm_stats(np.arange(start, stop), acts, cfg.norm_sequences))
     write_json_atomic(out / (info["name"] + ".json"), info)
     return info
 
 
-def factors_from_shards(shards: Sequence[dict], d_model: int) -> list[float]:
-    norm_sum = np.sum([s["norm_sum"] for s in shards], axis=0)
-    return norm_factors(norm_sum, sum(s["norm_count"] for s in shards), d_model)
+def factors_from_shards(shards: Sequence[dict], d_model: int, drop_first_position: bool
+                        ) -> dict[str, list[float]]:
+    """Both policies' factors from the shards' sidecar statistics. Shards written before both were
+    kept carry one sum (`norm_sum`) over the rows they stored: position 0 included exactly when it was
+    not dropped, so only that policy is known (`extraction_key` keeps them from a run wanting the
+    other)."""
+    if all("rest_sum" in s for s in shards):
+        return norm_factor_policies(merge_norm_stats(shards), d_model)
+    if any("rest_sum" in s for s in shards):
+        raise ManifestError("the shards mix two formats of normalisation statistics; extract again")
+    legacy = "without_position0" if drop_first_position else "with_position0"
+    return {legacy: norm_factors(np.sum([s["norm_sum"] for s in shards], axis=0),
+                                 sum(s["norm_count"] for s in shards), d_model)}
 
 
 # -- manifest ------------------------------------------------------------------------------------------
@@ -198,8 +240,11 @@ class Manifest:
     drop_first_position: bool
     storage_dtype: str
     norm_factors: list[float]
+    """The factors that scale training's inputs (the policy `extract.norm_first_position` picks)."""
     token_count: int = 0
     shards: list[dict] = field(default_factory=list)
+    norm_factors_by_policy: dict[str, list[float]] = field(default_factory=dict)
+    """The factors under both position-0 policies (`NORM_POLICIES`), for the record."""
 
     def write(self, folder: Path) -> None:
         write_json_atomic(folder / MANIFEST, asdict(self))
@@ -230,10 +275,14 @@ class Manifest:
 
 
 def extraction_key(cfg: ExtractConfig, weight_hashes: Sequence[str], corpus_hash: str) -> str:
-    blob = json.dumps({"hashes": list(weight_hashes), "layer": cfg.layer, "corpus": corpus_hash,
-                       "drop0": cfg.corpus.drop_first_position, "dtype": cfg.storage_dtype,
-                       "compute": cfg.compute_dtype, "shard": cfg.shard_sequences,
-                       "norm": cfg.norm_sequences}, sort_keys=True)
+    inputs = {"hashes": list(weight_hashes), "layer": cfg.layer, "corpus": corpus_hash,
+              "drop0": cfg.corpus.drop_first_position, "dtype": cfg.storage_dtype,
+              "compute": cfg.compute_dtype, "shard": cfg.shard_sequences, "norm": cfg.norm_sequences}
+    # Before both policies were kept, the factors included position 0 exactly when the rows did; an
+    # extraction whose policy is that one keeps its key (and its shards: hours at the paper's scale).
+    if cfg.norm_first_position != (not cfg.corpus.drop_first_position):
+        inputs["norm0"] = cfg.norm_first_position
+    blob = json.dumps(inputs, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -137,18 +137,29 @@ class RowExtractor:
 
 
 def estimate_norms(prep: Prepared, num_cpus: float = 0.5, num_gpus: float = 0) -> list[float]:
-    """Normalisation factors from the first `norm_sequences` sequences, computed once in a Ray task."""
+    """The normalisation factors that scale training (the policy the config picks)."""
+    return estimate_norm_policies(prep, num_cpus, num_gpus)[X.chosen_policy(prep.cfg)]
+
+
+def estimate_norm_policies(prep: Prepared, num_cpus: float = 0.5, num_gpus: float = 0
+                           ) -> dict[str, list[float]]:
+    """Normalisation factors under both position-0 policies from the first `norm_sequences`
+    sequences, computed once in a Ray task, a batch at a time (4,000 x 1024 x C x D floats at the
+    paper's scale would not fit in memory)."""
     n = min(prep.cfg.norm_sequences, prep.n_sequences)
 
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)
     def task(cfg, store):
-        tokens = store.get(0, n)
-        acts = X.CheckpointSetExtractor(cfg, compute_device(num_gpus))(torch.from_numpy(tokens).long())
-        rows = X.to_rows(np.arange(n), acts, cfg.corpus.drop_first_position)
-        return X.norm_stats(rows, n)
+        extractor = X.CheckpointSetExtractor(cfg, compute_device(num_gpus))
+        parts = []
+        for start in range(0, n, cfg.batch_sequences):
+            stop = min(start + cfg.batch_sequences, n)
+            acts = extractor(torch.from_numpy(store.get(start, stop)).long())
+            parts.append(X.norm_stats(np.arange(start, stop), acts, n))
+        return X.merge_norm_stats(parts)
 
-    norm_sum, count = ray.get(task.remote(prep.cfg, prep.corpus.store))
-    return X.norm_factors(norm_sum, count, prep.d_model)
+    stats = ray.get(task.remote(prep.cfg, prep.corpus.store))
+    return X.norm_factor_policies(stats, prep.d_model)
 
 
 def _actor_args(launch: LaunchConfig, spread: bool) -> dict:
@@ -212,8 +223,8 @@ def run_extract(cfg: X.ExtractConfig, out: str | Path, launch: LaunchConfig | No
             progress.update(info["rows"], sequences=info["seq_stop"] - info["seq_start"])
         progress.close()
     shards = [done[i] for i, _, _ in plan]
-    manifest = _manifest(prep, X.factors_from_shards(shards, prep.d_model), sum(s["rows"] for s in shards),
-                         shards)
+    factors = X.factors_from_shards(shards, prep.d_model, cfg.corpus.drop_first_position)
+    manifest = _manifest(prep, factors, sum(s["rows"] for s in shards), shards)
     manifest.write(out)
     return manifest
 
@@ -276,18 +287,22 @@ def stream_manifest(prep: Prepared, launch: LaunchConfig | None = None) -> X.Man
     (from the first `norm_sequences` sequences) and the row count; no shard."""
     launch = launch or LaunchConfig()
     rows = prep.n_sequences * _rows_per_sequence(prep.cfg)
-    return _manifest(prep, estimate_norms(prep, launch.cpus_per_actor, launch.gpus_per_actor), rows, [])
+    factors = estimate_norm_policies(prep, launch.cpus_per_actor, launch.gpus_per_actor)
+    return _manifest(prep, factors, rows, [])
 
 
-def _manifest(prep: Prepared, norm_factors: list[float], token_count: int, shards: list[dict]) -> X.Manifest:
-    """The manifest of an extraction: its key and lineage from `prep`, with what the run measured."""
+def _manifest(prep: Prepared, factors: dict[str, list[float]], token_count: int, shards: list[dict]
+              ) -> X.Manifest:
+    """The manifest of an extraction: its key and lineage from `prep`, with what the run measured;
+    the normalisation factors of the policy the config picks scale training."""
     cfg = prep.cfg
     return X.Manifest(
         key=prep.key, family=cfg.family, revisions=list(cfg.revisions), weight_hashes=prep.weight_hashes,
         layer=cfg.layer, d_model=prep.d_model, corpus_hash=prep.corpus.corpus_hash,
         seq_len=cfg.corpus.seq_len, n_sequences=prep.n_sequences,
         drop_first_position=cfg.corpus.drop_first_position, storage_dtype=cfg.storage_dtype,
-        norm_factors=norm_factors, token_count=token_count, shards=shards)
+        norm_factors=factors[X.chosen_policy(cfg)], norm_factors_by_policy=factors, token_count=token_count,
+        shards=shards)
 
 
 def extract_config(cfg: Config) -> X.ExtractConfig:

@@ -51,6 +51,20 @@ def test_every_field_has_its_flag_in_every_job(capsys, monkeypatch):
         assert not missing, f"{job.__name__} lacks flags {missing}"
 
 
+def test_method_sets_what_the_config_leaves_out():
+    """`pipeline.method` fills the position-0 policies the config is silent on; an explicit setting
+    wins; an unknown method is refused by name."""
+    crossray, paper = _parse([]), _parse(["--pipeline.method", "paper"])
+    assert crossray.pipeline.method == "crossray" and paper.pipeline.method == "paper"
+    assert crossray.attribution.skip_first_position is True and crossray.extract.norm_first_position is False
+    assert paper.attribution.skip_first_position is False and paper.extract.norm_first_position is True
+    mixed = _parse(["--pipeline.method", "paper", "--attribution.skip_first_position", "true"])
+    assert mixed.attribution.skip_first_position is True and mixed.extract.norm_first_position is True
+    assert paper.train == crossray.train and paper.attribution.threshold == crossray.attribution.threshold
+    with pytest.raises(ValueError, match="pipeline.method.*'papr'"):
+        _parse(["--pipeline.method", "papr"])
+
+
 def test_unknown_keys_name_the_path(tmp_path):
     data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     data["train"]["crosscoder"]["n_latent"] = 3

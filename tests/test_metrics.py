@@ -124,3 +124,34 @@ def test_spliced_ce_in_batches_equals_one_batch(two_models):
     for a, b in zip(whole, batched, strict=True):
         for field in ("ce_clean_C", "ce_spliced_C", "ce_zero_C"):
             torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_runs_fp32_weights_whatever_extraction_ran_in(toy_extract_cfg, tmp_path, monkeypatch):
+    """The held-out activations and ΔCE come from fp32 checkpoints even when the extraction ran in
+    bf16 (the paper configs' old setting); `evaluate.dtype` says otherwise when asked."""
+    import dataclasses
+
+    import numpy as np
+
+    from crossray import extract
+    from crossray.config import CrosscoderConfig, EvaluateConfig
+    from crossray.pipeline.stages import evaluate
+    from crossray.store import save_crosscoder
+
+    cc = Crosscoder(CrosscoderConfig(n_checkpoints=3, d_model=64, n_latents=32, seed=0,
+                                     revisions=toy_extract_cfg.revisions, layer=2))
+    save_crosscoder(cc, tmp_path / "cc")
+    seen = []
+    real = extract.CheckpointSetExtractor.__init__
+
+    def spy(self, cfg, device="cpu"):
+        real(self, cfg, device)
+        seen.append({str(p.dtype) for m in self.models for p in m.model.parameters()})
+
+    monkeypatch.setattr(extract.CheckpointSetExtractor, "__init__", spy)
+    bf16 = dataclasses.replace(toy_extract_cfg, compute_dtype="bfloat16")
+    held_out = np.zeros((2, 16), dtype=np.int64)
+    metrics = evaluate(bf16, str(tmp_path / "cc"), held_out, EvaluateConfig(eval_sequences=2)).metrics
+    assert seen == [{"torch.float32"}] and "delta_ce_pos0/step1000" in metrics
+    evaluate(bf16, str(tmp_path / "cc"), held_out, EvaluateConfig(eval_sequences=2, dtype="bfloat16"))
+    assert seen[1] == {"torch.bfloat16"}

@@ -81,7 +81,7 @@ class Pipeline:
         self.out = run_folder(self.p.out, self.p.name)
         self.tasks = I.task_files(self.p.tasks, self.family)
         self.config_name = config_name
-        self.outcome = RunOutcome(self.p.name, self.family, self.p.layer)
+        self.outcome = RunOutcome(self.p.name, self.family, self.p.layer, method=self.p.method)
         self.tracker: Tracker | None = None
         self.current: str | None = None
         """The stage running now (for error messages)."""
@@ -237,7 +237,7 @@ class Pipeline:
         cc = self.cfg.train.crosscoder
         return {"family": self.family.name, "layer": str(self.p.layer),
                 "revisions": ",".join(self.outcome.results["select"].revisions),
-                "n_latents": str(cc.n_latents), "activation": cc.activation}
+                "n_latents": str(cc.n_latents), "activation": cc.activation, "method": self.p.method}
 
     def log_tasks(self, context: str) -> None:
         for name, digest in I.task_contents(self.tasks).items():
@@ -284,8 +284,12 @@ class Pipeline:
         self.tracker.log_dataset(  # type: ignore[union-attr]
             f"corpus:{Path(corpus.source).name}", corpus.source, m.corpus_hash,
             {"sequences": m.n_sequences, "seq_len": corpus.seq_len, "rows": m.token_count}, "training")
+        mlflow.log_metrics({metric_name(f"norm_factor_{policy}", rev): factor
+                            for policy, factors in m.norm_factors_by_policy.items()
+                            for rev, factor in zip(ecfg.revisions, factors, strict=True)})
         return S.ExtractResult(str(folder / "acts") if mode == "parquet" else "", m.key, m.weight_hashes,
-                               m.corpus_hash, m.norm_factors, m.d_model, m.n_sequences, m.token_count, mode)
+                               m.corpus_hash, m.norm_factors, m.d_model, m.n_sequences, m.token_count, mode,
+                               m.norm_factors_by_policy)
 
     def train_config(self) -> TrainConfig:
         ex, sel = self.outcome.results["extract"], self.outcome.results["select"]
@@ -330,8 +334,10 @@ class Pipeline:
         summary = self.backend.attribute(self.outcome.results["train"].crosscoder, self.family, self.tasks,
                                          folder / "effects", self.cfg.attribution)
         for task, info in summary["tasks"].items():
-            if "ablation" in info:
-                mlflow.log_metric(metric_name("ablation_rho", task), info["ablation"]["mean_rho_relie"])
+            if "ablation" in info:  # both forms, named as the parent run names them
+                ablation = info["ablation"]
+                mlflow.log_metrics({metric_name("ablation_rho", task): ablation["mean_rho_relie"],
+                                    metric_name("ablation_rho_2way", task): ablation["mean_pair_rho_relie"]})
         return S.AttributeResult(str(folder / "effects"), summary["tasks"])
 
     def analyse(self, folder: Path) -> S.AnalyseResult:

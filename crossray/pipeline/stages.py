@@ -59,6 +59,8 @@ class ExtractResult:
     token_count: int
     mode: str = "parquet"
     """parquet (shards in `acts`) or stream (nothing on disk: training read the extraction stream)."""
+    norm_factors_by_policy: dict[str, list[float]] = field(default_factory=dict)
+    """The factors under both position-0 policies (`norm_factors` is the one that scaled)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,8 @@ class RunOutcome:
     keys: dict[str, str] = field(default_factory=dict)
     mlflow_run_id: str = ""
     registered: dict | None = None
-
+    method: str = "crossray"
+    """`pipeline.method`: which forms of ΔCE and the ablation rho are the headline."""
 
 
 RESULTS = {"screen": ScreenResult, "select": SelectResult, "extract": ExtractResult, "train": TrainResult,
@@ -179,7 +182,9 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, 
              ) -> EvaluateResult:
     """FVE, L0, dead latents and spliced ΔCE / CE recovered on `held_out_NS`, the sequences after the
     training ones: `delta_ce/<rev>` with position 0 left real (the training convention),
-    `delta_ce_pos0/<rev>` with it spliced too (the paper's evaluation)."""
+    `delta_ce_pos0/<rev>` with it spliced too (the paper's evaluation). The checkpoints run with
+    `cfg.dtype` weights (fp32 by default, under bf16 autocast on a GPU, as the paper evaluated),
+    whatever the extraction ran in."""
     from crossray.extract import CheckpointSetExtractor
     from crossray.metrics import evaluate as evaluate_rows
     from crossray.metrics import spliced_ce_policies
@@ -189,7 +194,7 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, 
         raise ValueError(f"corpus {ecfg.corpus.source} has no sequence left after the training ones for "
                          f"evaluation (evaluate.eval_sequences {cfg.eval_sequences})")
     held_out = torch.from_numpy(np.asarray(held_out_NS)).long()
-    extractor = CheckpointSetExtractor(ecfg)
+    extractor = CheckpointSetExtractor(dataclasses.replace(ecfg, compute_dtype=cfg.dtype))
     start = 1 if ecfg.corpus.drop_first_position else 0
     cc = load_crosscoder(crosscoder_dir)
 

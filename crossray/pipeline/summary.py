@@ -12,29 +12,50 @@ def _num(x) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
+# Which form of ΔCE and of the ablation rho each method puts first (both are always recorded):
+# ΔCE with position 0 left real (`delta_ce`) or spliced like the paper (`delta_ce_pos0`); rho as the
+# mean over checkpoints of the N-way rho, or the mean over pairs of the paper's 2-way rho.
+HEADLINE = {"crossray": {"delta_ce": "delta_ce", "ablation_rho": "mean_rho_relie"},
+            "paper": {"delta_ce": "delta_ce_pos0", "ablation_rho": "mean_pair_rho_relie"}}
+
+
+def _ablation(info: dict, method: str) -> dict:
+    ablation = info.get("ablation", {})
+    return {"ablation_rho": _num(ablation.get(HEADLINE[method]["ablation_rho"])),
+            "ablation_rho_nway": _num(ablation.get("mean_rho_relie")),
+            "ablation_rho_2way": _num(ablation.get("mean_pair_rho_relie")),
+            "ablation_rho_pairs": {p: _num(v["rho_relie"]) for p, v in ablation.get("pairs", {}).items()}}
+
+
+def _checkpoint(o: RunOutcome, metrics: dict, rev: str) -> dict:
+    value = lambda m: _num(metrics.get(metric_name(m, rev)))  # noqa: E731
+    head = HEADLINE[o.method]["delta_ce"]
+    return {"revision": rev, "tokens_seen": o.family.revision(rev).tokens_seen, "fve": value("fve"),
+            "delta_ce": value(head), "ce_recovered": value(head.replace("delta_ce", "ce_recovered")),
+            "delta_ce_skip_pos0": value("delta_ce"), "delta_ce_pos0": value("delta_ce_pos0")}
+
+
 def summary_json(o: RunOutcome) -> dict:
-    """{"run", "mlflow_run_id", "registered", "revisions", "stages", "screen", "checkpoints", "l0",
-    "dead_latents", "tasks"} (the pipeline issue's schema)."""
+    """{"run", "method", "mlflow_run_id", "registered", "revisions", "stages", "screen", "checkpoints",
+    "l0", "dead_latents", "tasks"} (the pipeline issue's schema). A checkpoint's `delta_ce` and a
+    task's `ablation_rho` are the method's headline form (`HEADLINE`); both forms sit beside them."""
     r = o.results
     revisions = r["select"].revisions
     metrics = r["evaluate"].metrics
     screen = r["screen"]
     return {
         "run": o.name,
+        "method": o.method,
         "mlflow_run_id": o.mlflow_run_id,
         "registered": o.registered["uri"] if o.registered else None,
         "revisions": revisions,
         "stages": {s: o.status.get(s, "not run") for s in STAGES},
         "screen": {task: dict(zip(screen.revisions, map(_num, acc), strict=True))
                    for task, acc in screen.accuracy.items()},
-        "checkpoints": [{"revision": rev, "tokens_seen": o.family.revision(rev).tokens_seen,
-                         **{m: _num(metrics.get(metric_name(m, rev))) for m in ("fve", "delta_ce",
-                                                                                 "ce_recovered")}}
-                        for rev in revisions],
+        "checkpoints": [_checkpoint(o, metrics, rev) for rev in revisions],
         "l0": _num(metrics["l0"]),
         "dead_latents": int(metrics["dead"]),
-        "tasks": {task: {"examples": info["examples"],
-                         "ablation_rho": _num(info.get("ablation", {}).get("mean_rho_relie")),
+        "tasks": {task: {"examples": info["examples"], **_ablation(info, o.method),
                          "selected": info["selected"]}
                   for task, info in r["attribute"].tasks.items()},
     }
@@ -42,7 +63,7 @@ def summary_json(o: RunOutcome) -> dict:
 
 def summary_text(o: RunOutcome) -> str:
     s = summary_json(o)
-    lines = ["stages: " + ", ".join(f"{k} {v}" for k, v in s["stages"].items()),
+    lines = [f"method: {s['method']}", "stages: " + ", ".join(f"{k} {v}" for k, v in s["stages"].items()),
              "checkpoint      FVE     ΔCE"]
     for ck in s["checkpoints"]:
         fve, dce = (math.nan if ck[m] is None else ck[m] for m in ("fve", "delta_ce"))
@@ -64,19 +85,27 @@ def summary_markdown(o: RunOutcome) -> str:
     """The parent run's description (MLflow's run note): the checkpoint set and why, the
     reconstruction table, the feature groups, and per task the top features and the ablation check."""
     s, r = summary_json(o), o.results
-    lines = [f"# {o.name}: {o.family.name}, layer {o.layer}", "",
+    lines = [f"# {o.name}: {o.family.name}, layer {o.layer}", "", f"Method: `{o.method}` ("
+             + ("the paper's computation: ΔCE with position 0 spliced, the 2-way ablation ρ per pair"
+                if o.method == "paper" else "ΔCE with position 0 left real, the N-way ablation ρ")
+             + "; both forms of each are in the tables below).", "",
              "## Checkpoints", ", ".join(f"`{rev}`" for rev in s["revisions"]), ""]
     lines += [f"- {reason}" for reason in r["select"].reasons]
-    lines += ["", "| revision | tokens seen | FVE | ΔCE | CE recovered |", "|---|---|---|---|---|"]
+    lines += ["", "| revision | tokens seen | FVE | ΔCE | CE recovered | ΔCE, position 0 real | "
+              "ΔCE, position 0 spliced (paper) |", "|---|---|---|---|---|---|---|"]
     for ck in s["checkpoints"]:
-        cells = [_fmt(ck[m]) for m in ("fve", "delta_ce", "ce_recovered")]
+        cells = [_fmt(ck[m]) for m in ("fve", "delta_ce", "ce_recovered", "delta_ce_skip_pos0",
+                                       "delta_ce_pos0")]
         lines.append(f"| {ck['revision']} | {ck['tokens_seen']} | " + " | ".join(cells) + " |")
     lines += ["", f"L0 {_fmt(s['l0'])}, dead latents {s['dead_latents']}", "", "## Feature groups (RelDec)"]
     lines += [f"- {group}: {n}" for group, n in r["analyse"].groups_by_reldec.items()]
-    lines += ["", "## Tasks", "| task | examples | ablation ρ (RelIE) | top features |", "|---|---|---|---|"]
+    lines += ["", "## Tasks", "| task | examples | ablation ρ (RelIE) | N-way ρ | 2-way ρ per pair | "
+              "top features |", "|---|---|---|---|---|---|"]
     for task, info in s["tasks"].items():
         top = ", ".join(f"#{f}" for f in info["selected"][:10])
-        lines.append(f"| {task} | {info['examples']} | {_fmt(info['ablation_rho'])} | {top} |")
+        pairs = ", ".join(f"{p} {_fmt(v)}" for p, v in info["ablation_rho_pairs"].items()) or "–"
+        lines.append(f"| {task} | {info['examples']} | {_fmt(info['ablation_rho'])} | "
+                     f"{_fmt(info['ablation_rho_nway'])} | {pairs} | {top} |")
     lines += _relie_tables(o, s["revisions"])
     if s["registered"]:
         lines += ["", f"Crosscoder: `{s['registered']}`"]
@@ -107,9 +136,12 @@ def _relie_tables(o: RunOutcome, revisions: list[str]) -> list[str]:
 def parent_metrics(o: RunOutcome) -> dict[str, float]:
     """The headline numbers as parent-run metrics, so the experiment table compares checkpoint sets."""
     s = summary_json(o)
-    out = {metric_name(m, ck["revision"]): ck[m] for ck in s["checkpoints"] for m in ("fve", "delta_ce")}
+    forms = (("fve", "fve"), ("delta_ce", "delta_ce_skip_pos0"), ("delta_ce_pos0", "delta_ce_pos0"))
+    out = {metric_name(name, ck["revision"]): ck[m] for ck in s["checkpoints"] for name, m in forms}
     out.update(l0=s["l0"], dead_latents=s["dead_latents"])
-    out.update({metric_name("ablation_rho", t): i["ablation_rho"] for t, i in s["tasks"].items()})
+    for t, i in s["tasks"].items():  # names fixed by form, whatever the method: one experiment table
+        out[metric_name("ablation_rho", t)] = i["ablation_rho_nway"]
+        out[metric_name("ablation_rho_2way", t)] = i["ablation_rho_2way"]
     return {k: float(v) for k, v in out.items() if v is not None}
 
 

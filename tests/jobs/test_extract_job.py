@@ -22,7 +22,7 @@ from crossray.extract import (
     ManifestError,
     read_shard,
 )
-from jobs.extract import estimate_norms, prepare, row_stream, run_extract, stream_plan
+from jobs.extract import estimate_norm_policies, estimate_norms, prepare, row_stream, run_extract, stream_plan
 from tests.conftest import save_tiny_family
 
 pytestmark = pytest.mark.ray
@@ -89,7 +89,12 @@ def test_interrupted_extraction_resumes(toy_acts, toy_extract_cfg, tmp_path):
 
 def test_streaming_gives_the_same_rows(ray_cluster, toy_acts, toy_extract_cfg):
     prep = prepare(toy_extract_cfg)
-    assert estimate_norms(prep) == pytest.approx(Manifest.read(toy_acts).norm_factors)
+    manifest = Manifest.read(toy_acts)
+    assert estimate_norms(prep) == pytest.approx(manifest.norm_factors)
+    both = manifest.norm_factors_by_policy  # both position-0 policies recorded; training's view scales
+    assert both["without_position0"] == manifest.norm_factors
+    assert estimate_norm_policies(prep)["with_position0"] == pytest.approx(both["with_position0"])
+    assert all(a < b for a, b in zip(both["with_position0"], both["without_position0"], strict=True))
     assert prep.key == Manifest.read(toy_acts).key  # the same extraction, streamed
     plan = stream_plan(prep, rows=1)  # the fewest epochs: 2 (one more for what buffers hold back)
     rows = row_stream(prep, plan).dataset.take_all()

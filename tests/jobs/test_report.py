@@ -51,10 +51,15 @@ def test_tiny_config_finds_the_dip_and_agrees_with_ablation(toy_dir, tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line is the summary
-    assert set(summary) == {"run", "mlflow_run_id", "registered", "revisions", "stages", "screen",
+    assert set(summary) == {"run", "method", "mlflow_run_id", "registered", "revisions", "stages", "screen",
                             "checkpoints", "l0", "dead_latents", "tasks"}
-    assert set(summary["checkpoints"][0]) == {"revision", "tokens_seen", "fve", "delta_ce", "ce_recovered"}
-    assert set(summary["tasks"]["agreement_across_pp"]) == {"examples", "ablation_rho", "selected"}
+    assert summary["method"] == "crossray"
+    assert set(summary["checkpoints"][0]) == {"revision", "tokens_seen", "fve", "delta_ce", "ce_recovered",
+                                              "delta_ce_skip_pos0", "delta_ce_pos0"}
+    assert all(c["delta_ce"] == c["delta_ce_skip_pos0"] for c in summary["checkpoints"])
+    assert set(summary["tasks"]["agreement_across_pp"]) == {"examples", "ablation_rho", "ablation_rho_nway",
+                                                             "ablation_rho_2way", "ablation_rho_pairs",
+                                                             "selected"}
     pp = summary["screen"]["agreement_across_pp"]
     chosen = [pp[r] for r in summary["revisions"]]
     print(f"\ntiny: {summary['revisions']}, across-PP accuracy {chosen}, ablation rho "
@@ -67,3 +72,45 @@ def test_tiny_config_finds_the_dip_and_agrees_with_ablation(toy_dir, tmp_path):
     print(f"MLflow artifact store: {len(store)} files, {total / 1e6:.1f} MB")
     assert store and total < 25e6
     assert not [p for p in store if p.name.startswith("shard-") or p.name == "train_state.safetensors"]
+    # the chosen set ends at the final model (selection keeps it)
+    assert summary["revisions"][-1] == max(summary["screen"]["agreement_across_pp"], key=_step)
+
+
+def _step(revision: str) -> int:
+    return int(revision.removeprefix("step"))
+
+
+def test_tiny_config_runs_the_papers_method(toy_dir, tmp_path):
+    """`--pipeline.method paper` runs too (a smaller budget: what is checked is the method, not the
+    numbers): the summary says so and takes the paper's forms as its headline (ΔCE with position 0
+    spliced, the 2-way ablation rho), and the parent run records the method and both forms of each."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    root = Path(__file__).resolve().parents[2]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": uri}
+    env.pop("RAY_ADDRESS", None)
+    small = ["--extract.corpus.n_sequences", "600", "--train.n_steps", "300", "--attribution.steps", "4",
+             "--analysis.context_sequences", "64", "--pipeline.revisions", "step0,step128,step1000"]
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(root / "configs" / "tiny.yaml"),
+                           "--pipeline.out", str(tmp_path / "runs"), "--pipeline.method", "paper", *small,
+                           "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["method"] == "paper"
+    assert all(c["delta_ce"] == c["delta_ce_pos0"] and c["delta_ce_skip_pos0"] is not None
+               for c in summary["checkpoints"])
+    assert all(t["ablation_rho"] == t["ablation_rho_2way"] and len(t["ablation_rho_pairs"]) == 3
+               for t in summary["tasks"].values() if t["ablation_rho"] is not None)
+    run = MlflowClient(uri).get_run(summary["mlflow_run_id"]).data
+    assert run.params["method"] == "paper"
+    for rev in summary["revisions"]:
+        assert {f"delta_ce/{rev}", f"delta_ce_pos0/{rev}"} <= set(run.metrics)
+    assert any(k.startswith("ablation_rho/") for k in run.metrics)
+    assert {k.replace("ablation_rho/", "ablation_rho_2way/") for k in run.metrics
+            if k.startswith("ablation_rho/")} <= set(run.metrics)
