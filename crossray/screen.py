@@ -4,9 +4,12 @@
   + clean answer, real tokens only); the mean per-token cosine similarity between every pair of
   revisions, as an (R, R) matrix. One revision is in memory at a time.
 - `select_checkpoints`: the screened revisions are split into N phases at the change points of all
-  task accuracy curves at once (optimal segmentation, so a drop starts a phase as a rise does), and
-  each phase is represented by its most typical revision (activation similarity breaks ties). The
-  reasons say which phase each checkpoint stands for and what changed. A user-given set always wins.
+  task accuracy curves at once (optimal segmentation, so a drop starts a phase as a rise does); the
+  last phase is represented by the final model (every set of the paper ends with it), each other
+  phase by its most typical revision (activation similarity breaks ties), so a transient phase (a
+  dip at a single revision) is kept rather than averaged away. Revisions with identical weights count
+  once (the later name stays: `main` over `step143000`). The reasons say which phase each checkpoint
+  stands for and what changed. A user-given set always wins.
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ def _describe(revisions: Sequence[str], tasks: Sequence[str], curves_RT: torch.T
     i, j = phase
     span = revisions[i] if i == j else f"{revisions[i]}..{revisions[j]}"
     accs = ", ".join(f"{t} {curves_RT[pick, k]:.2f}" for k, t in enumerate(tasks))
-    text = f"{revisions[pick]} stands for {span} ({accs})"
+    final = " (the final model, always kept)" if pick == len(revisions) - 1 else ""
+    text = f"{revisions[pick]}{final} stands for {span} ({accs})"
     if previous is not None:
         change = curves_RT[i:j + 1].mean(0) - curves_RT[previous[0]:previous[1] + 1].mean(0)
         moves = [f"{tasks[k]} {'rises' if change[k] > 0 else 'drops'} {abs(float(change[k])):.2f}"
@@ -109,16 +113,26 @@ def _describe(revisions: Sequence[str], tasks: Sequence[str], curves_RT: torch.T
     return text
 
 
+def distinct_weights(revisions: Sequence[str], hashes: Sequence[str] | None) -> list[int]:
+    """Indices of the revisions to screen-select from: of several with identical weights, the last."""
+    if hashes is None:
+        return list(range(len(revisions)))
+    last = {h: i for i, h in enumerate(hashes)}
+    return [i for i, h in enumerate(hashes) if last[h] == i]
+
+
 def select_checkpoints(revisions: Sequence[str], accuracy: dict[str, Sequence[float]],
                        similarity: torch.Tensor | None, n: int = 3,
-                       given: Sequence[str] | None = None) -> Selection:
+                       given: Sequence[str] | None = None, hashes: Sequence[str] | None = None) -> Selection:
     """One checkpoint per phase of the task accuracy curves, or the user's set when given.
 
-    The screened revisions are split into `n` phases at the change points of all task curves at
-    once, drops included (a task that is learned, then unlearned for a heuristic, then learned again
-    has three phases); each phase is represented by its most typical revision. So a transient phase,
-    like the toy's nearest-noun dip on agreement across a prepositional phrase, is crosscoded rather
-    than jumped over. Without accuracy curves the activation dissimilarity is segmented instead.
+    The screened revisions (in training order; of several with identical `hashes`, the last) are
+    split into `n` phases at the change points of all task curves at once, drops included (a task
+    that is learned, then unlearned for a heuristic, then learned again has three phases). The last
+    phase is represented by the final model, each other phase by its most typical revision. So a
+    transient phase, like the toy's nearest-noun dip on agreement across a prepositional phrase, is
+    crosscoded rather than jumped over, and the set ends where training ended, as the paper's sets
+    do. Without accuracy curves the activation dissimilarity is segmented instead.
     """
     revisions = list(revisions)
     if given:
@@ -128,16 +142,20 @@ def select_checkpoints(revisions: Sequence[str], accuracy: dict[str, Sequence[fl
         if len(set(given)) < 2:
             raise CheckpointError(f"a checkpoint set needs at least 2 distinct revisions, got {list(given)}")
         return Selection(tuple(given), ("given by the user",))
-    if n < 2 or len(revisions) < 2 or n > len(revisions):
-        raise CheckpointError(f"cannot select {n} checkpoints from {len(revisions)} revisions")
+    keep = distinct_weights(revisions, hashes)
+    if n < 2 or len(keep) < 2 or n > len(keep):
+        raise CheckpointError(f"cannot select {n} checkpoints from {len(keep)} revisions with distinct "
+                              "weights")
     tasks = list(accuracy)
     if tasks:
         curves_RT = torch.tensor([list(accuracy[t]) for t in tasks], dtype=torch.float32).T.nan_to_num(0.5)
     else:  # no task: the activations' own drift (1 - cosine to the first revision)
         assert similarity is not None, "selection needs accuracy curves or activation similarity"
         curves_RT, tasks = (1 - similarity[:, :1]).float(), ["activation drift"]
+    revisions, curves_RT = [revisions[i] for i in keep], curves_RT[keep]
+    similarity = similarity[keep][:, keep] if similarity is not None else None
     phases = segment(curves_RT, n)
-    picks = [_representative(curves_RT, similarity, i, j) for i, j in phases]
+    picks = [_representative(curves_RT, similarity, i, j) for i, j in phases[:-1]] + [len(revisions) - 1]
     reasons = tuple(_describe(revisions, tasks, curves_RT, ph, pick, phases[k - 1] if k else None)
                     for k, (ph, pick) in enumerate(zip(phases, picks, strict=True)))
     return Selection(tuple(revisions[p] for p in picks), reasons,

@@ -60,3 +60,34 @@ def test_given_set_wins_and_bad_sets_are_refused(screened):
         select_checkpoints(revs, acc, sim, given=["step0", "step0"])
     with pytest.raises(CheckpointError, match="cannot select"):
         select_checkpoints(revs[:1], {"t": [0.5]}, None, n=3)
+
+
+def test_selection_reads_sentence_curves_with_prefix_accuracy_beside():
+    """Screening's curves are full-sentence accuracy where a task has sentence pairs (the paper's
+    curves); prefix accuracy stays beside them; a task with no sentence pairs keeps its prefix curve."""
+    from crossray.pipeline.stages import combine_screen
+
+    def row(task, prefix, sentence, n_sentence=10):
+        return {"task": task, "prefix_accuracy": prefix, "sentence_accuracy": sentence,
+                "n_sentence": n_sentence}
+
+    parts = [([row("a", 0.9, 0.6), row("b", 0.7, float("nan"), 0)], torch.eye(2)),
+             ([row("a", 0.8, 0.4), row("b", 0.3, float("nan"), 0)], torch.eye(2))]
+    screen, _ = combine_screen(["r1", "r2"], parts)
+    assert screen.accuracy == {"a": [0.6, 0.4], "b": [0.7, 0.3]}
+    assert screen.prefix_accuracy == {"a": [0.9, 0.8], "b": [0.7, 0.3]}
+
+
+def test_selection_keeps_the_final_model_and_a_transient_dip():
+    """On a curve shaped like the paper's Pythia ones (chance, a one-revision dip, learned with small
+    late wiggles) the set ends at the final model, not the most typical late revision, and the dip
+    is kept; revisions with identical weights count once (the later name stays)."""
+    revs = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "main"]
+    curve = [0.5, 0.52, 0.49, 0.1, 0.9, 0.95, 0.96, 0.95, 0.99]
+    sel = select_checkpoints(revs, {"t": curve}, None, n=3)
+    assert sel.revisions == ("s0", "s3", "main"), sel  # s5 or s7 is the most typical of s4..main
+    assert "main (the final model, always kept) stands for s4..main" in sel.reasons[2]
+    same = select_checkpoints(revs, {"t": curve}, None, n=3, hashes=[*"abcdefgh", "h"])  # s7 == main
+    assert same.revisions[-1] == "main" and "s7" not in same.phases[-1][0]
+    with pytest.raises(CheckpointError, match="distinct weights"):
+        select_checkpoints(["a", "b"], {"t": [0.1, 0.2]}, None, n=2, hashes=["h", "h"])

@@ -186,10 +186,11 @@ class Pipeline:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out / "config.json", to_dict(self.cfg))  # live queries read the family
             k_screen = I.digest("screen", self.family.name, hashes, contents, p.layer, p.screen_examples,
-                                p.score_dtype)
+                                p.score_dtype, "sentence curves")  # what the curves are (v2)
             self._stage("screen", k_screen, lambda f: self.screen(f, screened))
-            k = I.digest("select", k_screen, p.n_checkpoints, p.revisions)
-            selected = self._stage("select", k, self.select).revisions
+            k = I.digest("select", k_screen, p.n_checkpoints, p.revisions, "final kept")  # the rule (v2)
+            selected = self._stage("select", k, lambda f: self.select(f, [hashes[r] for r in screened])
+                                   ).revisions
             # the resolved mode, not the budget that chose it, is what the stage's output depends on
             extract_identity = {**to_dict(self.cfg.extract), "mode": self.plan["mode"], "max_disk_gb": None}
             k = I.digest("extract", [(r, hashes[r]) for r in selected], p.layer,
@@ -259,15 +260,15 @@ class Pipeline:
         result, rows = S.combine_screen(revisions, parts)
         self.log_tasks("screening")
         for task, acc in result.accuracy.items():  # step = position in the screened revision list
-            for i, value in enumerate(acc):
-                mlflow.log_metric(f"accuracy/{task}", value, step=i)
+            for i, (value, prefix) in enumerate(zip(acc, result.prefix_accuracy[task], strict=True)):
+                mlflow.log_metrics({f"accuracy/{task}": value, f"prefix_accuracy/{task}": prefix}, step=i)
         write_tables(folder / "tables", {"accuracy": rows}, {"similarity.json": result.similarity})
         return result
 
-    def select(self, folder: Path) -> S.SelectResult:
+    def select(self, folder: Path, hashes: list[str]) -> S.SelectResult:
         import mlflow
 
-        result = S.select(self.outcome.results["screen"], self.p)
+        result = S.select(self.outcome.results["screen"], self.p, hashes)
         mlflow.log_params({"revisions": ",".join(result.revisions)})
         mlflow.set_tag("crossray.selection_reasons", " | ".join(result.reasons))
         return result

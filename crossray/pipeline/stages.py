@@ -31,9 +31,13 @@ class ScreenResult:
 
     revisions: list[str]
     accuracy: dict[str, list[float]]
-    """Prefix accuracy per task, one value per screened revision."""
+    """The curves selection reads, per task, one value per screened revision: full-sentence accuracy
+    (lm-eval's BLiMP comparison, the paper's curves) where the task has sentence pairs, prefix accuracy
+    where it has none."""
     similarity: list[list[float]]
     """Mean per-token activation cosine between every pair of screened revisions."""
+    prefix_accuracy: dict[str, list[float]] = field(default_factory=dict)
+    """Prefix accuracy per task (the single-token comparison IE measures), beside the curves."""
 
 
 @dataclass(frozen=True)
@@ -162,17 +166,22 @@ def combine_screen(revisions: Sequence[str], parts: Sequence[tuple[list[dict], t
 
     rows = [r for part, _ in parts for r in part]
     accuracy: dict[str, list[float]] = {}
+    prefix: dict[str, list[float]] = {}
     for r in rows:
-        accuracy.setdefault(r["task"], []).append(r["prefix_accuracy"])
+        accuracy.setdefault(r["task"], []).append(r["sentence_accuracy"] if r["n_sentence"] else
+                                                  r["prefix_accuracy"])
+        prefix.setdefault(r["task"], []).append(r["prefix_accuracy"])
     sim = similarity_matrix([acts for _, acts in parts])
-    return ScreenResult(list(revisions), accuracy, sim.tolist()), rows
+    return ScreenResult(list(revisions), accuracy, sim.tolist(), prefix), rows
 
 
-def select(screen: ScreenResult, cfg: PipelineConfig) -> SelectResult:
+def select(screen: ScreenResult, cfg: PipelineConfig, hashes: Sequence[str] | None = None) -> SelectResult:
+    """The checkpoint set from the screen's curves; `hashes` (one per screened revision) let
+    revisions with identical weights count once."""
     from crossray.screen import select_checkpoints
 
     sel = select_checkpoints(screen.revisions, screen.accuracy, torch.tensor(screen.similarity),
-                             cfg.n_checkpoints, list(cfg.revisions) or None)
+                             cfg.n_checkpoints, list(cfg.revisions) or None, hashes)
     return SelectResult(list(sel.revisions), list(sel.reasons))
 
 

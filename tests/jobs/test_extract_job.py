@@ -94,7 +94,7 @@ def test_streaming_gives_the_same_rows(ray_cluster, toy_acts, toy_extract_cfg):
     both = manifest.norm_factors_by_policy  # both position-0 policies recorded; training's view scales
     assert both["without_position0"] == manifest.norm_factors
     assert estimate_norm_policies(prep)["with_position0"] == pytest.approx(both["with_position0"])
-    assert all(a < b for a, b in zip(both["with_position0"], both["without_position0"], strict=True))
+    assert both["with_position0"] != pytest.approx(both["without_position0"], rel=1e-4)  # position 0 counts
     assert prep.key == Manifest.read(toy_acts).key  # the same extraction, streamed
     plan = stream_plan(prep, rows=1)  # the fewest epochs: 2 (one more for what buffers hold back)
     rows = row_stream(prep, plan).dataset.take_all()
