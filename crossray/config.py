@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -173,11 +174,34 @@ def resolve_train(settings: TrainSettings, n_checkpoints: int, d_model: int, **l
 # -- data -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class CorpusConfig(Checked):
-    """Where the token sequences come from and how they are cut (method.md §2)."""
+class MixtureSource(Checked):
+    """One source of a corpus mixture: where its documents come from, and its share of the sequences."""
 
     source: str
     """Local file or folder, `toy:SEED[:N_DOCS]`, or a hub data set name."""
+    weight: PositiveFloat
+    """Relative share of the mixture's sequences (and so of its tokens: every sequence has seq_len)."""
+    hub_config: str | None = None
+    """Hub data set configuration (e.g. the language: `en`, `zh`, ...)."""
+    split: str = "train"
+    """Hub data set split."""
+    text_field: str = "text"
+    """Field (JSONL) or column (Parquet) holding a document's text."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusConfig(Checked):
+    """Where the token sequences come from and how they are cut (method.md §2)."""
+
+    source: str = ""
+    """Local file or folder, `toy:SEED[:N_DOCS]`, or a hub data set name (or `mixture`)."""
+    mixture: tuple[MixtureSource, ...] = ()
+    """Instead of `source`: several sources interleaved by their weights (BLOOM's ten ROOTS languages
+    of mC4, method.md §2), each read and tokenised as a corpus of its own; sequence i comes from the
+    source the seeded schedule gives it (`crossray.corpus.mixture_schedule`: every prefix of the
+    corpus holds each source's share to within one sequence)."""
+    mixture_seed: NonNegativeInt = 0
+    """Seed of the mixture's interleaving."""
     seq_len: AtLeastTwo = 1024
     """Tokens per sequence (the first seq_len tokens of each long-enough document)."""
     n_sequences: PositiveInt | None = None
@@ -193,9 +217,29 @@ class CorpusConfig(Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if bool(self.source) == bool(self.mixture):
+            raise ValueError("a corpus needs exactly one of source and mixture")
+        if self.mixture and self.n_sequences is None:
+            raise ValueError("a corpus mixture needs n_sequences (each source's share is a share of it)")
         if self.n_sequences is None and (self.source == "toy" or self.source.count(":") == 1
                                          and self.source.startswith("toy:")):
             raise ValueError(f"corpus {self.source} never ends: set n_sequences, or toy:SEED:N_DOCS")
+
+    @property
+    def label(self) -> str:
+        """The corpus in a few words, for logs and errors."""
+        if not self.mixture:
+            return self.source
+        return "mixture of " + ", ".join(f"{m.source}" + (f"/{m.hub_config}" if m.hub_config else "")
+                                         + f" {m.weight:g}" for m in self.mixture[:4]) + \
+            (f" and {len(self.mixture) - 4} more" if len(self.mixture) > 4 else "")
+
+    def components(self, counts: Sequence[int]) -> list[CorpusConfig]:
+        """The mixture's sources, each as a corpus of its own: the same cut, `counts[k]` sequences."""
+        return [CorpusConfig(source=m.source, seq_len=self.seq_len, n_sequences=max(int(n), 1),
+                             text_field=m.text_field, split=m.split, hub_config=m.hub_config,
+                             drop_first_position=self.drop_first_position)
+                for m, n in zip(self.mixture, counts, strict=True)]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,6 +16,10 @@ each yielding its documents (`part_documents`), cut into sequences a batch of do
 (`pack`). One process (`load_sequences`) and Ray Data (`jobs/corpus.py`: a read task per part,
 tokenisation in parallel, the order preserved) run these same functions.
 
+A mixture (`CorpusConfig.mixture`: BLOOM's ten languages) reads each source as a corpus of its own and
+interleaves their sequences by a seeded schedule (`mixture_schedule`), so the sources are tokenised in
+parallel and each keeps its own order.
+
 The corpus hash is SHA-256 over a header (sequence count and length) and every sequence's own SHA-256
 (`sequence_digests`), in order. A block of sequences is digested wherever it lies and only the 32-byte
 digests are combined (`combine_digests`), so the hash is the same whether the corpus was read in one
@@ -28,7 +32,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -225,8 +229,38 @@ def pack(tokenizer, docs: list[str], seq_len: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int32).reshape(len(rows), seq_len)
 
 
+def mixture_schedule(weights: Sequence[float], n: int, seed: int) -> np.ndarray:
+    """The source of each of a mixture's first `n` sequences, (n,) int16.
+
+    Source k's j-th sequence is due at time (j + u_k) / w_k, with w_k its normalised weight and u_k in
+    [0, 1) drawn from `seed`; the n earliest are the corpus, in time order. So every prefix of the
+    corpus holds each source's share of it to within one sequence, and the schedule of n sequences is a
+    prefix of the schedule of more (the held-out sequences follow the training ones)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    u = np.random.default_rng(seed).random(len(w))
+    times = [(np.arange(int(np.ceil(n * wk)) + 1) + u[k]) / wk for k, wk in enumerate(w)]
+    owners = np.concatenate([np.full(len(t), k, np.int16) for k, t in enumerate(times)])
+    return owners[np.argsort(np.concatenate(times), kind="stable")[:n]]
+
+
+def mixture_counts(cfg: CorpusConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(schedule of the first n sequences, how many of them each source gives)."""
+    schedule = mixture_schedule([m.weight for m in cfg.mixture], n, cfg.mixture_seed)
+    return schedule, np.bincount(schedule, minlength=len(cfg.mixture))
+
+
+def check_share(cfg: CorpusConfig, k: int, got: int, wanted: int) -> None:
+    if got < wanted:
+        m = cfg.mixture[k]
+        raise CorpusError(f"mixture source {m.source}{'/' + m.hub_config if m.hub_config else ''} gave "
+                          f"{got} sequences of {cfg.seq_len} tokens; its weight {m.weight:g} asks {wanted}")
+
+
 def load_sequences(cfg: CorpusConfig, tokenizer) -> tuple[torch.Tensor, str]:
     """(token ids (N, seq_len), corpus hash) in one process; documents shorter than seq_len are dropped."""
+    if cfg.mixture:
+        return _load_mixture(cfg, tokenizer)
     blocks, n = [], 0
     for docs in batched(documents(cfg)):
         block = pack(tokenizer, docs, cfg.seq_len)
@@ -241,12 +275,24 @@ def load_sequences(cfg: CorpusConfig, tokenizer) -> tuple[torch.Tensor, str]:
     return tokens, tokens_hash(tokens)
 
 
+def _load_mixture(cfg: CorpusConfig, tokenizer) -> tuple[torch.Tensor, str]:
+    assert cfg.n_sequences is not None  # CorpusConfig refuses a mixture without it
+    schedule, counts = mixture_counts(cfg, cfg.n_sequences)
+    tokens = torch.empty(cfg.n_sequences, cfg.seq_len, dtype=torch.long)
+    for k, (part, n) in enumerate(zip(cfg.components(counts), counts, strict=True)):
+        if n:
+            ids = load_sequences(part, tokenizer)[0]
+            check_share(cfg, k, len(ids), int(n))
+            tokens[torch.from_numpy(schedule == k)] = ids[:n]
+    return tokens, tokens_hash(tokens)
+
+
 def check_count(cfg: CorpusConfig, n: int) -> None:
     """Refuse a corpus with no usable sequence; warn when it has fewer than asked."""
     if n == 0:
-        raise CorpusError(f"corpus {cfg.source} has no document of {cfg.seq_len} tokens")
+        raise CorpusError(f"corpus {cfg.label} has no document of {cfg.seq_len} tokens")
     if cfg.n_sequences is not None and n < cfg.n_sequences:
-        logger.warning("corpus %s gave %d sequences of %d asked", cfg.source, n, cfg.n_sequences)
+        logger.warning("corpus %s gave %d sequences of %d asked", cfg.label, n, cfg.n_sequences)
 
 
 def sequence_digests(tokens_NS: np.ndarray | torch.Tensor) -> bytes:

@@ -59,6 +59,31 @@ class TokenStore:
         return np.concatenate(parts) if parts else np.zeros((0, self.seq_len), np.int32)
 
 
+@dataclass(frozen=True)
+class MixedStore:
+    """A mixture's sequences 0..n-1: sequence i is the next unread one of source `schedule[i]`'s own
+    store (`crossray.corpus.mixture_schedule`). Picklable: the stores' refs and the schedule (2 bytes a
+    sequence: 0.8 MB at the paper's 400,240 sequences)."""
+
+    stores: tuple[TokenStore, ...]
+    schedule: np.ndarray
+    n: int
+    seq_len: int
+
+    def get(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, seq_len) int32: sequences start..stop-1, each fetched from its source."""
+        if not 0 <= start <= stop <= self.n:
+            raise IndexError(f"sequences {start}..{stop} outside 0..{self.n}")
+        owners = self.schedule[start:stop]
+        out = np.empty((stop - start, self.seq_len), np.int32)
+        for k, store in enumerate(self.stores):
+            rows = np.flatnonzero(owners == k)
+            if len(rows):
+                first = int(np.count_nonzero(self.schedule[:start] == k))
+                out[rows] = store.get(first, first + len(rows))
+        return out
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_get(ref) -> np.ndarray:  # a worker reading consecutive ranges fetches each block once
     return ray.get(ref)
@@ -66,7 +91,7 @@ def _cached_get(ref) -> np.ndarray:  # a worker reading consecutive ranges fetch
 
 @dataclass(frozen=True)
 class Corpus:
-    store: TokenStore
+    store: TokenStore | MixedStore
     """Every sequence read: the training ones, then the `extra` held out after them."""
     n_train: int
     """Sequences for extraction (n_sequences, or fewer when the corpus is shorter)."""
@@ -149,13 +174,45 @@ def _cause(e: BaseException) -> BaseException:
 
 
 def read_corpus(ecfg: ExtractConfig, launch: LaunchConfig | None = None, extra: int = 0) -> Corpus:
-    """The corpus's first `n_sequences` sequences plus `extra` after them, in the object store.
-
-    The driver iterates the blocks' refs as Ray Data produces them (in corpus order) and stops once
-    it has enough, which cancels the reading; each block is indexed where it lies."""
+    """The corpus's first `n_sequences` sequences plus `extra` after them, in the object store; a
+    mixture's sources each read as a corpus of their own, interleaved by the mixture's schedule."""
     launch = launch or LaunchConfig()
     corpus = ecfg.corpus
     wanted = None if corpus.n_sequences is None else corpus.n_sequences + extra
+    if corpus.mixture:
+        store, digests = _read_mixture(ecfg, launch, wanted)  # type: ignore[arg-type]
+    else:
+        store, digests = _read_source(ecfg, launch, wanted)
+    n_train = store.n if corpus.n_sequences is None else min(store.n, corpus.n_sequences)
+    K.check_count(corpus, n_train)
+    corpus_hash = K.combine_digests(digests[: n_train * K.DIGEST_BYTES], corpus.seq_len)
+    logger.info("corpus %s: %d sequences of %d tokens, the last %d held out", corpus.label, store.n,
+                corpus.seq_len, store.n - n_train)
+    return Corpus(store, n_train, corpus_hash)
+
+
+def _read_mixture(ecfg: ExtractConfig, launch: LaunchConfig, wanted: int) -> tuple[MixedStore, bytes]:
+    """Each source's share of `wanted` sequences, read as a corpus of its own, and the digests of the
+    mixture in its order (the driver holds 32 bytes a sequence, as for one source)."""
+    schedule, counts = K.mixture_counts(ecfg.corpus, wanted)
+    stores, digests = [], []
+    for k, part in enumerate(ecfg.corpus.components(counts)):
+        store, d = _read_source(dataclasses.replace(ecfg, corpus=part), launch, int(counts[k]))
+        K.check_share(ecfg.corpus, k, store.n, int(counts[k]))
+        stores.append(store)
+        digests.append(np.frombuffer(d, np.uint8).reshape(-1, K.DIGEST_BYTES))
+    mixed = np.empty((wanted, K.DIGEST_BYTES), np.uint8)
+    for k, d in enumerate(digests):
+        mixed[schedule == k] = d[: counts[k]]
+    return MixedStore(tuple(stores), schedule, wanted, ecfg.corpus.seq_len), mixed.tobytes()
+
+
+def _read_source(ecfg: ExtractConfig, launch: LaunchConfig, wanted: int | None) -> tuple[TokenStore, bytes]:
+    """One source's first `wanted` sequences (all when None) in the object store, and their digests.
+
+    The driver iterates the blocks' refs as Ray Data produces them (in corpus order) and stops once
+    it has enough, which cancels the reading; each block is indexed where it lies."""
+    corpus = ecfg.corpus
     indexed, seen = [], 0
     progress = Progress("corpus", wanted or 0, "sequences")
     try:
@@ -177,13 +234,7 @@ def read_corpus(ecfg: ExtractConfig, launch: LaunchConfig | None = None, extra: 
         raise
     sizes = [len(d) // K.DIGEST_BYTES for d in digests]
     n = sum(sizes) if wanted is None else min(sum(sizes), wanted)
-    n_train = n if corpus.n_sequences is None else min(n, corpus.n_sequences)
-    K.check_count(corpus, n_train)
     starts = np.cumsum([0, *sizes[:-1]]).tolist()
     keep = [i for i, s in enumerate(sizes) if s and starts[i] < n]
-    store = TokenStore(tuple(indexed[i][0] for i in keep), tuple(starts[i] for i in keep), n,
-                       corpus.seq_len)
-    corpus_hash = K.combine_digests(b"".join(digests)[: n_train * K.DIGEST_BYTES], corpus.seq_len)
-    logger.info("corpus %s: %d sequences of %d tokens in %d blocks, the last %d held out",
-                corpus.source, n, corpus.seq_len, len(keep), n - n_train)
-    return Corpus(store, n_train, corpus_hash)
+    store = TokenStore(tuple(indexed[i][0] for i in keep), tuple(starts[i] for i in keep), n, corpus.seq_len)
+    return store, b"".join(digests)[: n * K.DIGEST_BYTES]

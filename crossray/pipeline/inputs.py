@@ -71,7 +71,14 @@ def corpus_fingerprint(corpus: CorpusConfig) -> str:
     """The corpus's settings plus its content: local files by their bytes, files on a file system URI
     (s3://, gs://, ...) by their listing (size and modification time: reading a remote corpus at
     every run would cost as much as tokenising it), the toy generator by its spec, a hub data set
-    by its name, config and split (the token hash goes in the manifest)."""
+    by its name, config and split (the token hash goes in the manifest); a mixture by its sources'
+    contents, its weights and its seed."""
+    if corpus.mixture:
+        return digest(corpus, [_content(part) for part in corpus.components([1] * len(corpus.mixture))])
+    return digest(corpus, _content(corpus))
+
+
+def _content(corpus: CorpusConfig) -> Any:
     path = Path(corpus.source)
     if corpus.source.startswith("toy"):
         content: Any = corpus.source
@@ -83,7 +90,7 @@ def corpus_fingerprint(corpus: CorpusConfig) -> str:
         content = file_sha256(path)
     else:
         content = f"hub:{corpus.source}"
-    return digest(corpus, content)
+    return content
 
 
 def weight_hashes(family: Family, revisions: Sequence[str]) -> list[str]:

@@ -144,9 +144,11 @@ class Pipeline:
             if not task.examples:
                 raise TaskError(f"task {task.name} ({task.source}): no example with single-token answers "
                                 f"is left (skipped {dict(task.skipped)})")
-        source = self.cfg.extract.corpus.source
-        if not source.startswith("toy") and source.startswith(("/", ".", "~")) and not Path(source).exists():
-            raise ValueError(f"extract.corpus.source {source} does not exist")
+        corpus = self.cfg.extract.corpus
+        for source in [corpus.source] if corpus.source else [m.source for m in corpus.mixture]:
+            if not source.startswith("toy") and source.startswith(("/", ".", "~")) \
+                    and not Path(source).exists():
+                raise ValueError(f"extract.corpus source {source} does not exist")
         existing = next(d for d in [self.out, *self.out.parents] if d.exists())
         if not os.access(existing, os.W_OK):
             raise ValueError(f"cannot write the run folder {self.out}: {existing} is not writable")
@@ -283,7 +285,7 @@ class Pipeline:
         mlflow.log_metric("token_count", m.token_count)
         corpus = ecfg.corpus
         self.tracker.log_dataset(  # type: ignore[union-attr]
-            f"corpus:{Path(corpus.source).name}", corpus.source, m.corpus_hash,
+            f"corpus:{Path(corpus.source).name if corpus.source else 'mixture'}", corpus.label, m.corpus_hash,
             {"sequences": m.n_sequences, "seq_len": corpus.seq_len, "rows": m.token_count}, "training")
         mlflow.log_metrics({metric_name(f"norm_factor_{policy}", rev): factor
                             for policy, factors in m.norm_factors_by_policy.items()

@@ -200,7 +200,7 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, 
     from crossray.store import load_crosscoder
 
     if len(held_out_NS) == 0:
-        raise ValueError(f"corpus {ecfg.corpus.source} has no sequence left after the training ones for "
+        raise ValueError(f"corpus {ecfg.corpus.label} has no sequence left after the training ones for "
                          f"evaluation (evaluate.eval_sequences {cfg.eval_sequences})")
     held_out = torch.from_numpy(np.asarray(held_out_NS)).long()
     extractor = CheckpointSetExtractor(dataclasses.replace(ecfg, compute_dtype=cfg.dtype))

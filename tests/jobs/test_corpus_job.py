@@ -1,6 +1,7 @@
 """The corpus read and tokenised by Ray Data: the same sequences and the same hash as one process,
 however many blocks and files it comes in; bad files named by file and line; no token in the driver."""
 
+import dataclasses
 import gzip
 import json
 import pickle
@@ -86,3 +87,25 @@ def test_bad_corpus_files_name_file_and_line(ray_cluster, toy_dir, tmp_path):
         corpus_job.read_corpus(_ecfg(toy_dir, bad))
     with pytest.raises(CorpusError, match="does not exist"):
         corpus_job.read_corpus(_ecfg(toy_dir, tmp_path / "nowhere.jsonl"))
+
+
+def test_a_mixture_through_ray_data_is_the_one_process_mixture(ray_cluster, toy_dir, toy_tokenizer, tmp_path):
+    """Each source read as a corpus of its own by Ray Data, interleaved by the schedule: the same
+    sequences and hash as one process, the held-out tail after them, and only refs in the driver."""
+    from crossray.config import MixtureSource
+
+    docs = [json.loads(line)["text"] for line in (toy_dir / "corpus" / "train.jsonl").open()][:900]
+    for name, part in (("en.jsonl", docs[:600]), ("fr.jsonl", docs[600:])):
+        (tmp_path / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    mixture = CorpusConfig(mixture=(MixtureSource(source=str(tmp_path / "en.jsonl"), weight=2.0),
+                                    MixtureSource(source=str(tmp_path / "fr.jsonl"), weight=1.0)),
+                           seq_len=32, n_sequences=240, mixture_seed=3)
+    ecfg = ExtractConfig(family=str(toy_dir), revisions=("step0", "step128"), layer=2, corpus=mixture)
+    tokens, one_process_hash = load_sequences(mixture, toy_tokenizer)
+    got = corpus_job.read_corpus(ecfg, LaunchConfig(), extra=30)
+    assert (got.n_train, got.store.n) == (240, 270) and got.corpus_hash == one_process_hash
+    assert np.array_equal(got.store.get(0, 240), tokens.numpy())
+    assert np.array_equal(got.store.get(100, 130), tokens[100:130].numpy())  # a range from the middle
+    longer, _ = load_sequences(dataclasses.replace(mixture, n_sequences=270), toy_tokenizer)
+    assert np.array_equal(got.store.get(240, 270), longer[240:].numpy())
+    assert len(pickle.dumps(got.store)) < tokens.numel() * 4 / 10
