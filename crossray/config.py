@@ -64,13 +64,23 @@ class CrosscoderSettings(Checked):
     """BatchTopK: step after which the eval threshold EMA starts."""
     threshold_beta: Share = 0.999
     """BatchTopK: EMA factor of the eval threshold."""
-    jumprelu_init_threshold: NonNegativeFloat = 0.1
-    """JumpReLU: initial threshold (inputs are normalised to norm sqrt(D))."""
-    jumprelu_bandwidth: PositiveFloat = 0.1
-    """JumpReLU: width of the straight-through window for the threshold gradient."""
-    jumprelu_tanh_scale: PositiveFloat = 1.0
-    """JumpReLU: c in the tanh(c * f * ||W_dec||) sparsity penalty (where it saturates: 1 suits inputs
-    normalised to norm sqrt(D); 4, Anthropic's value at their scale, leaves L0 several times too high)."""
+    jumprelu_init_threshold: PositiveFloat = 1.1051709180756477
+    """JumpReLU: initial threshold theta (Anthropic's January 2025 recipe: log theta = 0.1), for inputs
+    normalised to mean norm sqrt(D) per checkpoint as the method does."""
+    jumprelu_bandwidth: PositiveFloat = 2.0
+    """JumpReLU: width epsilon of the straight-through window (Anthropic's: 2)."""
+    jumprelu_tanh_scale: PositiveFloat = 4.0
+    """JumpReLU: c in the tanh(c * f * ||W_dec||) sparsity penalty (Anthropic's: 4)."""
+    jumprelu_preact_coeff: NonNegativeFloat = 3e-6
+    """JumpReLU: lambda_P of the pre-activation loss lambda_P * sum_i ReLU(theta_i - h_i) * ||W_dec[i]||,
+    which pulls latents that never fire towards their threshold (Anthropic's: 3e-6)."""
+    jumprelu_init_firing: Share | None = 0.1
+    """JumpReLU: the encoder bias starts so that each latent fires on this share of the first batch's
+    tokens (b_enc = theta - that quantile of its pre-activations; Anthropic's data-dependent init);
+    None: b_enc starts at 0."""
+    jumprelu_ste_input: bool = True
+    """JumpReLU: the straight-through gradient of the jump reaches the pre-activations too (Anthropic's),
+    not only the thresholds (Rajamanoharan et al.)."""
     seed: NonNegativeInt = 4352
     """Seed of the decoder initialisation."""
 
@@ -131,8 +141,10 @@ class TrainSettings(Checked):
     """Adam beta2."""
     l1_coeff: NonNegativeFloat = 2.0
     """Sparsity coefficient (L1 for relu, L0 for jumprelu), after warm-up."""
-    l1_warmup_frac: Share = 0.05
-    """Fraction of steps over which the sparsity coefficient rises linearly from 0."""
+    l1_warmup_frac: Share | None = None
+    """Fraction of steps over which the sparsity coefficient rises linearly from 0; None: the
+    activation's published schedule (relu: 0.05, the paper's; jumprelu: 1.0, over all of training as
+    Anthropic's recipe ramps lambda_S)."""
     lr_decay_frac: Share = 0.2
     """LR is constant, then decays linearly to 0 over this last fraction of steps."""
     grad_clip: PositiveFloat = 1.0
@@ -155,6 +167,14 @@ class TrainSettings(Checked):
     """Rows in each worker's local shuffle buffer."""
     data_seed: NonNegativeInt = 0
     """Seed of the shuffle order."""
+
+
+    @property
+    def sparsity_warmup_frac(self) -> float:
+        """`l1_warmup_frac`, or the activation's published schedule when it is None."""
+        if self.l1_warmup_frac is not None:
+            return self.l1_warmup_frac
+        return 1.0 if self.crosscoder.activation == "jumprelu" else 0.05
 
 
 @dataclass(frozen=True, kw_only=True)

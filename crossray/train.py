@@ -3,7 +3,9 @@
 Per step: loss = L2 + sparsity, where L2 = mean_b sum_{c,d} (x^ - x)^2 and sparsity is
 - relu:      lambda(t) * mean_b sum_i f_i * sum_c ||W_dec[i, c]||   (L1 warm-up over the first 5%),
 - jumprelu:  lambda(t) * mean_b sum_i tanh(c * f_i * sum_c ||W_dec[i, c]||), a smooth L0, with the
-             thresholds learned through the jump's straight-through gradient,
+             thresholds learned through the jump's straight-through gradient, plus the pre-activation
+             loss lambda_P * mean_b sum_i ReLU(theta_i - h_i) * sum_c ||W_dec[i, c]|| (Anthropic's
+             January 2025 recipe; lambda ramps over all of training, b_enc starts from the data),
 - batchtopk: auxk_alpha * aux-k loss on dead latents, with the residual sign fixed (x - x^, §16.1);
 then gradient clipping, Adam, and an LR that is constant and decays linearly over the last 20%.
 
@@ -53,7 +55,7 @@ class Losses(NamedTuple):
 # -- schedules ------------------------------------------------------------------------------------
 
 def l1_coeff_at(step: int, cfg: TrainConfig) -> float:
-    warm = cfg.l1_warmup_frac * cfg.n_steps
+    warm = cfg.sparsity_warmup_frac * cfg.n_steps
     return cfg.l1_coeff * min(1.0, step / warm) if warm > 0 else cfg.l1_coeff
 
 
@@ -125,9 +127,10 @@ def compute_losses(cc: Crosscoder, x_BCD: Tensor, out: ForwardOutput, cfg: Train
         case "relu":
             l1 = (f_L * norms_L).sum() / x_BCD.shape[0]
             sparsity, aux = l1_coeff_at(step, cfg) * l1, zero
-        case "jumprelu":
+        case "jumprelu":  # aux: the pre-activation loss (constant lambda_P; lambda_S ramps)
             penalty = cc.jumprelu_penalty(out.latents_BL.float(), norms_L)
-            sparsity, aux = l1_coeff_at(step, cfg) * penalty, zero
+            aux = cc.jumprelu_preact_loss(out.pre_BL.float(), norms_L)
+            sparsity = l1_coeff_at(step, cfg) * penalty + cc.cfg.jumprelu_preact_coeff * aux
         case "batchtopk":
             aux = aux_k_loss(cc, x_BCD, recon, out.pre_BL, dead_L, norms_L) if dead_L is not None else zero
             sparsity = cfg.auxk_alpha * aux
@@ -254,6 +257,9 @@ class Trainer:
         x = x.to(self.device, torch.float32, non_blocking=True)
         check_batch(x, self.cc, self.batches_consumed)
         x = self.cc.normalise(x)
+        firing = self.cc.cfg.jumprelu_init_firing
+        if self.cc.cfg.activation == "jumprelu" and firing is not None and self.batches_consumed == 0:
+            self.cc.init_jumprelu_bias(x, firing)
         losses, out = self.train_step(x)
         self.step += 1
         self.batches_consumed += 1

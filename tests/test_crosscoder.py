@@ -142,7 +142,7 @@ def test_sparse_decode_matches_dense_with_gradients(with_aux):
 
 def test_jumprelu_gates_and_learns_threshold():
     cc = Crosscoder(make_cc_cfg(activation="jumprelu", jumprelu_init_threshold=0.2,
-                                jumprelu_bandwidth=0.2))
+                                jumprelu_bandwidth=0.2, jumprelu_ste_input=False))
     pre = torch.tensor([[0.05, 0.15, 0.25, 1.0] + [0.0] * 60])
     lat, _ = cc._activate(pre, "eval", None)
     assert lat[0, :4].tolist() == pytest.approx([0.0, 0.0, 0.25, 1.0])
@@ -152,6 +152,35 @@ def test_jumprelu_gates_and_learns_threshold():
     grad = cc.log_threshold_L.grad
     assert grad[0] == 0 and grad[3] == 0 and not grad[4:].any()
     assert grad[1] < 0 and grad[2] < 0
+
+
+def test_jumprelu_is_anthropics_january_2025_recipe():
+    """Published defaults (c = 4, epsilon = 2, log theta = 0.1, lambda_P = 3e-6, lambda_S ramped over
+    all of training); the jump's straight-through gradient reaches the pre-activations; the
+    pre-activation loss by hand; b_enc starts so each latent fires on the configured share."""
+    import math
+
+    from tests.helpers import make_train_cfg
+
+    cfg = make_cc_cfg(activation="jumprelu")
+    assert (cfg.jumprelu_tanh_scale, cfg.jumprelu_bandwidth, cfg.jumprelu_preact_coeff) == (4.0, 2.0, 3e-6)
+    assert math.log(cfg.jumprelu_init_threshold) == pytest.approx(0.1)
+    assert make_train_cfg(cfg).sparsity_warmup_frac == 1.0
+    assert make_train_cfg(make_cc_cfg()).sparsity_warmup_frac == 0.05  # ReLU: the paper's
+    cc = Crosscoder(make_cc_cfg(activation="jumprelu", jumprelu_init_threshold=1.0, jumprelu_bandwidth=2.0))
+    pre = torch.tensor([[0.5, 1.5, 2.5, -1.0] + [0.0] * 60], requires_grad=True)
+    lat, _ = cc._activate(pre, "train", None)
+    lat.sum().backward()
+    # d/dx [x H(x - 1)] = H + x K / 2, with the window K = 1 on (0, 2)
+    assert pre.grad[0, :4].tolist() == pytest.approx([0.25, 1 + 0.75, 1.0, 0.0])
+    norms = cc.selection_norms().detach()
+    want = (torch.relu(1.0 - pre.detach()) * norms).sum()
+    assert cc.jumprelu_preact_loss(pre.detach(), norms).item() == pytest.approx(want.item(), rel=1e-5)
+    fresh = Crosscoder(make_cc_cfg(activation="jumprelu", jumprelu_init_firing=0.25))
+    x = torch.randn(400, 2, 16)
+    fresh.init_jumprelu_bias(x, 0.25)
+    firing = (fresh.pre_acts(x) > fresh.log_threshold_L.exp()).float().mean(0)
+    assert firing.min() >= 0.24 and firing.max() <= 0.26
 
 
 @pytest.mark.parametrize("batch", ["random", "one_row_wins", "few_rows_win", "many_rows_win", "few_positive",

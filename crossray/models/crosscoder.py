@@ -96,12 +96,14 @@ def _flat_topk_indices(scaled_BL: Tensor, K: int) -> Tensor:
 
 
 class _JumpReLU(torch.autograd.Function):
-    """f = x * H(x - theta); straight-through rectangle-kernel gradient for theta (Rajamanoharan+ 2024)."""
+    """f = x * H(x - theta) with the step's straight-through gradient, a rectangle kernel K of width
+    epsilon: df/dtheta = -(theta / epsilon) K (Rajamanoharan et al. 2024) and, with `ste_input`,
+    df/dx = H + (x / epsilon) K (Anthropic, January 2025: the jump's gradient reaches the encoder)."""
 
     @staticmethod
-    def forward(ctx, x, theta, bandwidth):
+    def forward(ctx, x, theta, bandwidth, ste_input):
         ctx.save_for_backward(x, theta)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_input = bandwidth, ste_input
         return x * (x > theta)
 
     @staticmethod
@@ -110,7 +112,10 @@ class _JumpReLU(torch.autograd.Function):
         eps = ctx.bandwidth
         in_window = ((x - theta).abs() < eps / 2).to(grad.dtype)
         grad_theta = -(theta / eps) * in_window * grad
-        return grad * (x > theta), grad_theta.sum(0), None
+        grad_x = grad * (x > theta)
+        if ctx.ste_input:
+            grad_x = grad_x + grad * in_window * x / eps
+        return grad_x, grad_theta.sum(0), None, None
 
 
 class Crosscoder(nn.Module):
@@ -182,7 +187,8 @@ class Crosscoder(nn.Module):
                 return pre_BL * (scaled > self.threshold), pre_BL
             case "jumprelu":
                 theta = self.log_threshold_L.exp()
-                return _JumpReLU.apply(pre_BL, theta.to(pre_BL.dtype), self.cfg.jumprelu_bandwidth), pre_BL
+                return _JumpReLU.apply(pre_BL, theta.to(pre_BL.dtype), self.cfg.jumprelu_bandwidth,
+                                       self.cfg.jumprelu_ste_input), pre_BL
             case other:
                 raise ValueError(f"unknown activation {other!r}")
 
@@ -271,10 +277,26 @@ class Crosscoder(nn.Module):
 
         Unlike a pure straight-through L0, it gives the encoder and decoder a gradient towards
         sparsity, and the thresholds still learn through the jump's straight-through gradient
-        (Anthropic's crosscoder update, Jan 2025). NOTE: c sets where the penalty saturates; with
-        inputs normalised to norm sqrt(D) per checkpoint, c = 4 saturates for every active feature
-        (an L0 with no gradient left, L0 stays ~4x too high on planted data); c = 1 keeps the
-        gradient in the range features live in and recovers the planted L0 (tests/test_train.py).
+        (Anthropic's crosscoder update, Jan 2025); c = `jumprelu_tanh_scale`.
         """
         norms_L = self.selection_norms() if norms_L is None else norms_L
         return torch.tanh(self.cfg.jumprelu_tanh_scale * latents_BL * norms_L).sum(-1).mean()
+
+    def jumprelu_preact_loss(self, pre_BL: Tensor, norms_L: Tensor | None = None) -> Tensor:
+        """mean_b sum_i ReLU(theta_i - h_i) * sum_c ||W_dec[i, c]||: a latent below its threshold is
+        pulled up (and its threshold down), so latents that never fire get a gradient (Anthropic,
+        January 2025)."""
+        norms_L = self.selection_norms() if norms_L is None else norms_L
+        return (F.relu(self.log_threshold_L.exp() - pre_BL) * norms_L).sum(-1).mean()
+
+    @torch.no_grad()
+    def init_jumprelu_bias(self, x_BCD: Tensor, firing: float) -> None:
+        """b_enc so that each latent fires on a `firing` share of this batch's tokens: theta minus
+        the (1 - firing) quantile of its pre-activations without bias (Anthropic's data-dependent
+        init). Under data parallelism the workers' biases are averaged, so they start as one."""
+        pre_BL = self.pre_acts(x_BCD.float()) - self.b_enc_L
+        self.b_enc_L.copy_(self.log_threshold_L.exp() - pre_BL.quantile(1 - firing, dim=0))
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.b_enc_L)
+            self.b_enc_L.div_(dist.get_world_size())
