@@ -346,7 +346,8 @@ class Pipeline:
     def analyse(self, folder: Path) -> S.AnalyseResult:
         res = self.outcome.results
         revisions = ", ".join(res["select"].revisions)
-        title = f"{self.p.name}: {self.family.name} at layer {self.p.layer}, {revisions}"
+        title = (f"{self.p.name}: {self.family.name} at layer {self.p.layer}, {revisions} "
+                 f"({self.p.method} method)")
         ecfg, cfg = self.extract_config(), self.cfg.analysis
         tokens = self.backend.sequences(ecfg, 0, min(cfg.context_sequences, res["extract"].n_sequences))
         [contexts] = self.backend.map(S.top_contexts, [(res["train"].crosscoder, res["extract"], ecfg, cfg,

@@ -17,6 +17,7 @@ def test_report_shows_every_task(tracked_run, mlflow_server, tmp_path):
     text = report.read_text()
     tasks = list(results.results["attribute"].tasks)
     assert all(f'<h2 id="{t}">' in text for t in tasks) and "Ablation check" in text
+    assert "(crossray method)" in text and "the paper's 2-way ρ" in text  # the method, both rho forms
     assert text.count("data:image/png;base64,") >= 1 + len(tasks)  # plots inlined: one self-contained file
     assert "stands for" in text  # the selection reasons
     client = MlflowClient(mlflow_server)
