@@ -149,8 +149,10 @@ def test_queries_sent_together_get_each_their_own_answer(served, task_rows):
     """Queries that arrive together share model batches (a table replica sends them in one hop, the
     model runs their pairs through shared passes): each still gets the answer it gets alone, and a bad
     one in the batch is its own 4xx."""
-    url, _, _ = served
-    features = [0, 7, 27]
+    url, _, folder = served
+    effects = pd.read_parquet(folder / "attribute" / "effects" / "effects.parquet")
+    strength = effects[effects.task == TASK].groupby("feature").ie.apply(lambda v: v.abs().max())
+    features = strength.sort_values(ascending=False, kind="stable").index[:3].tolist()  # with effects
     sent = [("effects", {"pairs": [row], "features": features}) for row in task_rows[:8]]
     sent += [("effects", {"pairs": [{"clean_prefix": "The man", "clean_answer": " waits near the",
                                      "patch_answer": " wait near the"}]}),
