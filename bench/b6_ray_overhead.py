@@ -34,6 +34,7 @@ def main() -> None:
     from crossray.extract import (
         CheckpointSetExtractor,
         ExtractConfig,
+        extract_family,
         extract_shard,
         resolve_hashes,
         shard_plan,
@@ -51,7 +52,7 @@ def main() -> None:
     def in_process():
         out = Path(tempfile.mkdtemp())
         resolve_hashes(cfg)
-        tokens, _ = load_sequences(cfg.corpus, load_tokenizer(cfg.family_obj(), cfg.revisions[0]))
+        tokens, _ = load_sequences(cfg.corpus, load_tokenizer(extract_family(cfg), cfg.revisions[0]))
         extractor = CheckpointSetExtractor(cfg)
         for i, start, stop in shard_plan(len(tokens), cfg.shard_sequences):
             extract_shard(extractor, tokens[start:stop].numpy(), i, start, out)

@@ -19,6 +19,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CROSSRAY_CACHE") or Path.home() / ".cache" / "crossray")
 
 
+def serve_cache_dir() -> Path:
+    """Where Serve keeps the MLflow artifacts of the runs it serves (`<cache>/serve`)."""
+    return cache_dir() / "serve"
+
+
 def entry_lock(entry: Path) -> RunLock:
     """The lock of one cache entry (`<entry>.lock` beside it); waits for another holder."""
     return RunLock(entry, wait=True)

@@ -308,12 +308,6 @@ class ExtractConfig(ExtractSettings):
         if len(self.revisions) < 2:
             raise ValueError(f"a checkpoint set needs at least 2 revisions, got {list(self.revisions)}")
 
-    def family_obj(self):
-        from crossray.checkpoints import resolve_family
-
-        return resolve_family(self.family, revisions=self.revisions, naming=self.naming,
-                              tokenizer=self.tokenizer)
-
 
 # -- the other stages -------------------------------------------------------------------------------
 

@@ -41,6 +41,13 @@ class ManifestError(ValueError):
 
 # -- the extractor ---------------------------------------------------------------------------------
 
+def extract_family(cfg: ExtractConfig) -> Family:
+    """The family an extraction reads (resolving `toy` builds or reuses the toy in the cache)."""
+    from crossray.checkpoints import resolve_family
+
+    return resolve_family(cfg.family, revisions=cfg.revisions, naming=cfg.naming, tokenizer=cfg.tokenizer)
+
+
 def check_same_width(family: Family, revisions: Sequence[str], layer: int | None = None) -> int:
     """Hidden size shared by every checkpoint (read from configs only, no weights); refuse a mixed
     set, and a layer that some checkpoint does not have."""
@@ -64,7 +71,7 @@ class CheckpointSetExtractor:
     """Holds every checkpoint of the set once; maps token ids (N, S) to activations (N, S, C, D)."""
 
     def __init__(self, cfg: ExtractConfig, device: str | torch.device = "cpu"):
-        family = cfg.family_obj()
+        family = extract_family(cfg)
         self.d_model = check_same_width(family, cfg.revisions)
         dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
         self.cfg = cfg
@@ -287,7 +294,7 @@ def extraction_key(cfg: ExtractConfig, weight_hashes: Sequence[str], corpus_hash
 
 
 def resolve_hashes(cfg: ExtractConfig) -> list[str]:
-    family = cfg.family_obj()
+    family = extract_family(cfg)
     from crossray.checkpoints import resolve_checkpoint_set
 
     return list(resolve_checkpoint_set(family, cfg.revisions).hashes)

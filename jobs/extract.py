@@ -56,7 +56,7 @@ def check(cfg: X.ExtractConfig) -> Checked:
     source (a local path exists), from configs and files only: no Ray, no weights loaded."""
     from crossray.corpus import parts
 
-    d_model = X.check_same_width(cfg.family_obj(), cfg.revisions, cfg.layer)
+    d_model = X.check_same_width(X.extract_family(cfg), cfg.revisions, cfg.layer)
     hashes = X.resolve_hashes(cfg)
     parts(cfg.corpus)  # a missing path or an empty folder is a CorpusError now
     return Checked(d_model, hashes)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ray import serve
 
+from crossray.cache import serve_cache_dir
 from crossray.config import load_config
 from crossray.store import run_folder
 from serve.api import ServiceState, build_api
@@ -36,7 +37,6 @@ from serve.model import HandleClient, LiveModel
 from serve.schemas import LiveLimits
 
 logger = logging.getLogger(__name__)
-DEFAULT_CACHE = Path(os.environ.get("CROSSRAY_CACHE", Path.home() / ".cache" / "crossray")) / "serve"
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -48,7 +48,7 @@ class CrosscoderService:
         logging.basicConfig(level=logging.INFO)
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        self.state = ServiceState(runs, cache_dir or DEFAULT_CACHE)
+        self.state = ServiceState(runs, cache_dir or serve_cache_dir())
         # NOTE: loaded before the constructor returns, so Serve routes nothing to a replica (a fresh one,
         # or the replacement of a dead one) until its runs are loaded; the proxy answers 503 meanwhile.
         self.state.load()
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the pipeline's "
                    "sqlite:///runs/mlflow.db)")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where MLflow artifacts are cached")
+    p.add_argument("--cache-dir", default=str(serve_cache_dir()), help="where MLflow artifacts are cached")
     p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
     p.add_argument("--no-live", action="store_true", help="serve the stored tables only (no model "
                    "deployment, so no /effects, /ablate or /activations)")

@@ -76,9 +76,9 @@ class LiveModel:
                  max_batch_size: int = 16):
         import ray
 
+        from crossray.cache import serve_cache_dir
         from crossray.live import open_run
         from jobs._ray import compute_device
-        from serve.app import DEFAULT_CACHE
 
         logging.basicConfig(level=logging.INFO)
         if tracking_uri:
@@ -87,7 +87,7 @@ class LiveModel:
         self.runs, self.problems = {}, {}
         for source in runs:
             try:
-                run = open_run(source, cache_dir or DEFAULT_CACHE, device)
+                run = open_run(source, cache_dir or serve_cache_dir(), device)
                 self.runs[run.id] = run
             except Exception as e:  # the tables of this run are still served
                 logger.exception("no live model for %s", source)

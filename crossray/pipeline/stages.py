@@ -269,14 +269,14 @@ def top_contexts(crosscoder_dir: str, extract: ExtractResult, ecfg: ExtractConfi
     """Top-activating contexts per feature (joint and per checkpoint) over the first extracted
     sequences (`tokens_NS`), with each window's tokens and scores."""
     from crossray.analysis import contexts_table, extracted_batches, shard_batches
-    from crossray.extract import CheckpointSetExtractor, Manifest
+    from crossray.extract import CheckpointSetExtractor, Manifest, extract_family
     from crossray.models.layer import load_tokenizer
     from crossray.store import load_crosscoder
 
     cc = load_crosscoder(crosscoder_dir)
     tokens = torch.from_numpy(np.asarray(tokens_NS)).long()
     n_seq = len(tokens)
-    tokenizer = load_tokenizer(ecfg.family_obj(), ecfg.revisions[0])
+    tokenizer = load_tokenizer(extract_family(ecfg), ecfg.revisions[0])
     if extract.mode == "stream":  # nothing stored: extract the scanned sequences again (twice: 2 passes)
         extractor = CheckpointSetExtractor(ecfg)
         batches = functools.partial(extracted_batches, extractor, tokens, ecfg.corpus.drop_first_position)

@@ -20,6 +20,7 @@ from crossray.extract import (
     ExtractConfig,
     Manifest,
     ManifestError,
+    extract_family,
     read_shard,
 )
 from jobs.extract import estimate_norm_policies, estimate_norms, prepare, row_stream, run_extract, stream_plan
@@ -59,7 +60,7 @@ def test_parquet_extraction(toy_acts, toy_extract_cfg):
     from crossray.corpus import load_sequences
     from crossray.models.layer import load_tokenizer
 
-    family = toy_extract_cfg.family_obj()
+    family = extract_family(toy_extract_cfg)
     tokens, corpus_hash = load_sequences(toy_extract_cfg.corpus, load_tokenizer(family, "step0"))
     assert m.corpus_hash == corpus_hash  # Ray Data's tokenisation = one process's
     direct = CheckpointSetExtractor(toy_extract_cfg)(tokens[5:6])[0, 1:]  # (63, C, D)

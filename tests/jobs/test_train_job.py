@@ -12,7 +12,7 @@ import ray
 import torch
 
 from crossray.config import CrosscoderSettings, LaunchConfig, TrainSettings
-from crossray.extract import CheckpointSetExtractor, Manifest, shuffled_batches
+from crossray.extract import CheckpointSetExtractor, Manifest, extract_family, shuffled_batches
 from crossray.metrics import evaluate
 from crossray.models.crosscoder import Crosscoder
 from crossray.store import load_crosscoder
@@ -42,7 +42,7 @@ def heldout(toy_extract_cfg, toy_dir):
     from crossray.models.layer import load_tokenizer
 
     corpus = CorpusConfig(source=str(toy_dir / "corpus" / "validation.jsonl"), seq_len=64, n_sequences=48)
-    tokens, _ = load_sequences(corpus, load_tokenizer(toy_extract_cfg.family_obj(), "step0"))
+    tokens, _ = load_sequences(corpus, load_tokenizer(extract_family(toy_extract_cfg), "step0"))
     return CheckpointSetExtractor(toy_extract_cfg)(tokens)[:, 1:].reshape(-1, 3, 64)
 
 
