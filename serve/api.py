@@ -104,29 +104,20 @@ def _short_input(value):
     return value
 
 
-def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-              live=None, limits: S.LiveLimits | None = None) -> FastAPI:
-    """The application: JSON routes under /runs, `/health`, and the page at `/`. `live` (a
-    `serve.model.LiveClient`) answers the live routes; without it they answer 503."""
-    limits = limits or S.LiveLimits()
-    api = FastAPI(title="crossray", version="1", summary="Crosscoders across checkpoints: features, "
-                  "indirect effects (IE), RelIE and accuracy curves of finished pipeline runs.")
-    bearer = HTTPBearer(auto_error=False, description="only when the service was started with a token")
+class Service:
+    """What the routes read, held by the application (`app.state.service`): the loaded runs, the
+    bearer token, the live model client and its limits, and the encoded answers of the tables.
 
-    async def authorise(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if token is None:
-            return
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
-            raise Unauthorized("missing or wrong bearer token" if credentials
-                               else "a bearer token is required")
+    Answers are pure functions of the loaded tables: each is encoded once and its bytes kept
+    (bounded), returned as they are (the response models still document them). Errors are not
+    cached."""
 
-    documented = {status: {"model": S.Error} for status in (400, 401, 404, 413, 503)}
+    def __init__(self, state: ServiceState, token: str | None, live, limits: S.LiveLimits):
+        self.state, self.token, self.live, self.limits = state, token, live, limits
+        self.encoded = functools.lru_cache(maxsize=16384)(self._encode)
 
-    # Answers are pure functions of the loaded tables: encode each once and keep the bytes (bounded),
-    # returned as they are (the response models still document them). Errors are not cached.
-    @functools.lru_cache(maxsize=16384)
-    def encoded(run_id: str, kind: str, *args) -> bytes:
-        index = state.indexes[run_id]
+    def _encode(self, run_id: str, kind: str, *args) -> bytes:
+        index = self.state.indexes[run_id]
         match kind:
             case "card":
                 return _json(index.card(*args))
@@ -135,186 +126,238 @@ def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int
             case other:
                 raise AssertionError(f"unknown answer kind {other}")
 
-    def answer(run: str, kind: str, *args) -> Response:
-        return Response(encoded(state.index(run).run.id, kind, *args), media_type="application/json")
-    runs = APIRouter(prefix="/runs", dependencies=[Depends(authorise)], responses=documented)
+    def answer(self, run: str, kind: str, *args) -> Response:
+        run_id = self.state.index(run).run.id
+        return Response(self.encoded(run_id, kind, *args), media_type="application/json")
 
-    @api.middleware("http")
-    async def bounded_body(request: Request, call_next):
-        """Refuse a body over the limit (413) before reading it whole: by its Content-Length, or while
-        a chunked body streams in."""
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return _error(413, f"request body over the limit of {max_body_bytes} bytes")
-        if length is None and request.method in ("POST", "PUT", "PATCH"):
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body_bytes:
-                    return _error(413, f"request body over the limit of {max_body_bytes} bytes")
-            request._body = body  # read once; FastAPI takes it from here
-        return await call_next(request)
+    def ready_index(self) -> list[RunIndex]:
+        if not self.state.ready:
+            raise Unavailable(self.state.error or "runs are still loading")
+        return list(self.state.indexes.values())
 
-    @api.exception_handler(RequestValidationError)
-    def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{**{k: v for k, v in e.items() if k not in ("ctx", "url")},
-                   "input": _short_input(e.get("input"))} for e in exc.errors()[:20]]
-        return JSONResponse({"detail": errors}, status_code=422)
 
-    @api.exception_handler(NotFound)
-    def not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return _error(404, str(exc.args[0]))
+def _service(request: Request) -> Service:
+    return request.app.state.service
 
-    @api.exception_handler(Unavailable)
-    def unavailable(_: Request, exc: Unavailable) -> JSONResponse:
-        return _error(503, str(exc))
 
-    @api.exception_handler(Unauthorized)
-    def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
-        return _error(401, str(exc), {"WWW-Authenticate": "Bearer"})
+Svc = Annotated[Service, Depends(_service)]
+_bearer = HTTPBearer(auto_error=False, description="only when the service was started with a token")
 
-    @api.exception_handler(ValueError)
-    def bad_value(_: Request, exc: ValueError) -> JSONResponse:
-        return _error(400, str(exc))
 
-    @api.exception_handler(Exception)
-    def internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}); see the service log")
+async def authorise(svc: Svc, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+                    ) -> None:
+    """The bearer token, when the service was started with one (constant-time comparison)."""
+    if svc.token is None:
+        return
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), svc.token.encode()):
+        raise Unauthorized("missing or wrong bearer token" if credentials else "a bearer token is required")
 
-    @api.get("/", include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text())
 
-    @api.get("/health", response_model=S.Health, responses={503: {"model": S.Error}})
-    async def health():
-        """200 once every run is loaded; 503 while loading or when loading failed."""
-        if not state.ready:
-            raise Unavailable(state.error or "runs are still loading")
-        return {"status": "ok", "runs": sorted(state.indexes)}
+DOCUMENTED = {status: {"model": S.Error} for status in (400, 401, 404, 413, 503)}
+pages = APIRouter()
+tables = APIRouter(prefix="/runs", dependencies=[Depends(authorise)], responses=DOCUMENTED)
+live_routes = APIRouter(prefix="/runs", dependencies=[Depends(authorise)], responses=DOCUMENTED)
 
-    @runs.get("", response_model=list[S.RunInfo])
-    async def list_runs():
-        """The loaded crosscoders: family, layer, checkpoints (revision, tokens seen), metrics."""
-        if not state.ready:
-            raise Unavailable(state.error or "runs are still loading")
-        return [index.info() for index in state.indexes.values()]
 
-    @runs.get("/{run}", response_model=S.RunInfo)
-    async def get_run(run: Run):
-        return state.index(run).info()
+def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+              live=None, limits: S.LiveLimits | None = None) -> FastAPI:
+    """The application: JSON routes under /runs, `/health`, and the page at `/`. `live` (a
+    `serve.model.LiveClient`) answers the live routes; without it they answer 503."""
+    api = FastAPI(title="crossray", version="1", summary="Crosscoders across checkpoints: features, "
+                  "indirect effects (IE), RelIE and accuracy curves of finished pipeline runs.")
+    api.state.service = Service(state, token, live, limits or S.LiveLimits())
+    api.middleware("http")(functools.partial(bounded_body, max_body_bytes))
+    for exc, handler in ERROR_HANDLERS.items():
+        api.add_exception_handler(exc, handler)
+    for router in (pages, tables, live_routes):
+        api.include_router(router)
+    return api
 
-    @runs.get("/{run}/features/{feature}", response_model=S.FeatureCard)
-    async def feature_card(run: Run, feature: Feature, contexts: bool = True):
-        """Decoder norms, relative norms, class and group, cosine similarities, IE and RelIE per task
-        and checkpoint, and top-activating contexts (joint and per checkpoint)."""
-        return answer(run, "card", feature, contexts)
 
-    @runs.post("/{run}/features", response_model=S.BatchResponse)
-    async def feature_batch(run: Run, body: Annotated[S.BatchRequest, Body()]):
-        """Many feature cards in one request (contexts only when asked for)."""
-        index = state.index(run)
-        for i in body.ids:
-            index.feature_id(i)
-        cards = b",".join(encoded(index.run.id, "card", i, body.contexts) for i in body.ids)
-        body_bytes = b'{"run":%s,"features":[%s]}' % (_json(index.run.id), cards)
-        return Response(body_bytes, media_type="application/json")
+# -- bodies and errors ------------------------------------------------------------------------------
 
-    @runs.get("/{run}/tasks/{task}/ranking", response_model=S.Ranking)
-    async def ranking(run: Run, task: Annotated[str, PathParam(max_length=200)],
-                checkpoint: Annotated[str, Query(max_length=200, description="revision or index")],
-                by: Literal["relie", "abs_ie"] = "relie",
-                trajectory: Trajectory | None = None,
-                group: Annotated[str | None, Query(max_length=200)] = None,
-                min_relie: float | None = None, min_abs_ie: float | None = None, selected: bool = False,
-                offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
-                limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50):
-        """Features for a task ranked by RelIE (or |IE|) at a checkpoint, filtered and paginated."""
-        return answer(run, "ranking", task, checkpoint, by, trajectory, group, min_relie, min_abs_ie,
+async def bounded_body(max_body_bytes: int, request: Request, call_next):
+    """Refuse a body over the limit (413) before reading it whole: by its Content-Length, or while a
+    chunked body streams in."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+        return _error(413, f"request body over the limit of {max_body_bytes} bytes")
+    if length is None and request.method in ("POST", "PUT", "PATCH"):
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                return _error(413, f"request body over the limit of {max_body_bytes} bytes")
+        request._body = body  # read once; FastAPI takes it from here
+    return await call_next(request)
+
+
+def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{**{k: v for k, v in e.items() if k not in ("ctx", "url")},
+               "input": _short_input(e.get("input"))} for e in exc.errors()[:20]]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _internal(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s", request.url.path)
+    return _error(500, f"internal error ({type(exc).__name__}); see the service log")
+
+
+ERROR_HANDLERS = {
+    RequestValidationError: _invalid,
+    NotFound: lambda _, exc: _error(404, str(exc.args[0])),
+    Unavailable: lambda _, exc: _error(503, str(exc)),
+    Unauthorized: lambda _, exc: _error(401, str(exc), {"WWW-Authenticate": "Bearer"}),
+    ValueError: lambda _, exc: _error(400, str(exc)),
+    Exception: _internal,
+}
+
+
+# -- the page, health and the tables ----------------------------------------------------------------
+
+@pages.get("/", include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse(PAGE.read_text())
+
+
+@pages.get("/health", response_model=S.Health, responses={503: {"model": S.Error}})
+async def health(svc: Svc):
+    """200 once every run is loaded; 503 while loading or when loading failed."""
+    svc.ready_index()
+    return {"status": "ok", "runs": sorted(svc.state.indexes)}
+
+
+@tables.get("", response_model=list[S.RunInfo])
+async def list_runs(svc: Svc):
+    """The loaded crosscoders: family, layer, checkpoints (revision, tokens seen), metrics."""
+    return [index.info() for index in svc.ready_index()]
+
+
+@tables.get("/{run}", response_model=S.RunInfo)
+async def get_run(svc: Svc, run: Run):
+    return svc.state.index(run).info()
+
+
+@tables.get("/{run}/features/{feature}", response_model=S.FeatureCard)
+async def feature_card(svc: Svc, run: Run, feature: Feature, contexts: bool = True):
+    """Decoder norms, relative norms, class and group, cosine similarities, IE and RelIE per task and
+    checkpoint, and top-activating contexts (joint and per checkpoint)."""
+    return svc.answer(run, "card", feature, contexts)
+
+
+@tables.post("/{run}/features", response_model=S.BatchResponse)
+async def feature_batch(svc: Svc, run: Run, body: Annotated[S.BatchRequest, Body()]):
+    """Many feature cards in one request (contexts only when asked for)."""
+    index = svc.state.index(run)
+    for i in body.ids:
+        index.feature_id(i)
+    cards = b",".join(svc.encoded(index.run.id, "card", i, body.contexts) for i in body.ids)
+    body_bytes = b'{"run":%s,"features":[%s]}' % (_json(index.run.id), cards)
+    return Response(body_bytes, media_type="application/json")
+
+
+@tables.get("/{run}/tasks/{task}/ranking", response_model=S.Ranking)
+async def ranking(svc: Svc, run: Run, task: Annotated[str, PathParam(max_length=200)],
+                  checkpoint: Annotated[str, Query(max_length=200, description="revision or index")],
+                  by: Literal["relie", "abs_ie"] = "relie",
+                  trajectory: Trajectory | None = None,
+                  group: Annotated[str | None, Query(max_length=200)] = None,
+                  min_relie: float | None = None, min_abs_ie: float | None = None, selected: bool = False,
+                  offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+                  limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50):
+    """Features for a task ranked by RelIE (or |IE|) at a checkpoint, filtered and paginated."""
+    return svc.answer(run, "ranking", task, checkpoint, by, trajectory, group, min_relie, min_abs_ie,
                       selected, offset, limit)
 
-    @runs.get("/{run}/accuracy", response_model=S.Accuracy)
-    async def accuracy(run: Run, task: Annotated[str | None, Query(max_length=200)] = None):
-        """Task accuracy per screened checkpoint; the crosscoded ones are marked."""
-        return state.index(run).accuracy(task)
 
-    # -- live queries: computed by the model deployment -------------------------------------------
-    def over_cap(field: str, got: int, cap: int, unit: str) -> None:
-        if got > cap:
-            raise RequestValidationError([{"type": "too_long", "loc": ("body", field), "input": None,
-                                           "msg": f"at most {cap} {unit} per request (got {got})"}])
+@tables.get("/{run}/accuracy", response_model=S.Accuracy)
+async def accuracy(svc: Svc, run: Run, task: Annotated[str | None, Query(max_length=200)] = None):
+    """Task accuracy per screened checkpoint; the crosscoded ones are marked."""
+    return svc.state.index(run).accuracy(task)
 
-    def check_pairs(pairs: list[dict]) -> None:
-        """Every pair's text, before the model deployment sees it (a 422 names the row and field)."""
-        try:
-            check_request_rows(pairs, limits.pair_chars)
-        except PairError as e:
-            raise RequestValidationError([{"type": "value_error", "loc": ("body", "pairs", e.row, e.field),
-                                           "input": None, "msg": str(e)}]) from None
 
-    async def live_answer(run: str, kind: str, body: dict, field: str) -> Response:
-        index = state.index(run)
-        for i in body.get("features") or []:
-            index.feature_id(i)
-        if live is None:
-            raise Unavailable("live queries are off: the service runs without its model deployment")
-        # the model replica checks the token budget and stops computing past the deadline
-        body["limits"] = {"chars": limits.pair_chars, "tokens": limits.tokens,
-                          "deadline": time.time() + limits.deadline_s}
-        try:
-            result = await asyncio.wait_for(live(kind, index.run.id, body), limits.deadline_s)
-        except TimeoutError:
-            return _error(503, f"the model work took longer than the {limits.deadline_s:g} s deadline; "
-                          "retry later or send fewer pairs", {"Retry-After": "5"})
-        except Exception as e:  # the model replica failed (died, restarted): not the client's doing
-            logger.exception("live %s query failed", kind)
-            return _error(503, f"the model deployment failed ({type(e).__name__}); retry later",
-                          {"Retry-After": "5"})
-        if "error" in result:
-            if result["error"] == 422:
-                raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "input": None,
-                                               "msg": result["detail"]}])
-            retry = {"Retry-After": "5"} if result["error"] == 503 else None
-            return _error(result["error"], result["detail"], retry)
-        # encoded here: the answer is JSON-ready, and validating it against the response model costs
-        # more CPU than the rest of the route (the model still documents it)
-        return Response(_json({"run": index.run.id, **result}), media_type="application/json")
+# -- live queries: computed by the model deployment -----------------------------------------------
 
-    live_responses = {422: {"model": S.Error}, 503: {"model": S.Error, "description": "live queries "
-                      "unavailable, or over the deadline (Retry-After)"},
-                      500: {"model": S.Error, "description": "the model failed on this query alone (a "
-                            "defect: retrying does not help; the service log has the traceback)"}}
+def over_cap(field: str, got: int, cap: int, unit: str) -> None:
+    if got > cap:
+        raise RequestValidationError([{"type": "too_long", "loc": ("body", field), "input": None,
+                                       "msg": f"at most {cap} {unit} per request (got {got})"}])
 
-    @runs.post("/{run}/effects", response_model=S.EffectsResponse, responses=live_responses)
-    async def effects(run: Run, body: Annotated[S.EffectsRequest, Body()]):
-        """IE and RelIE per checkpoint of the features on the pairs sent, computed like the attribute
-        stage computes a task's (sending a task's examples reproduces its stored effects): the given
-        features, or the `top` by largest |IE| at any checkpoint."""
-        over_cap("pairs", len(body.pairs), limits.pairs, "pairs")
-        over_cap("features", len(body.features or []), limits.features, "features")
-        over_cap("top", body.top, limits.top, "features (top)")
-        over_cap("steps", body.steps or 0, limits.steps, "integrated-gradient steps")
-        check_pairs(body.pairs)
-        return await live_answer(run, "effects", body.model_dump(), "pairs")
 
-    @runs.post("/{run}/ablate", response_model=S.AblateResponse, responses=live_responses)
-    async def ablate(run: Run, body: Annotated[S.AblateRequest, Body()]):
-        """Logit difference and accuracy on the pairs before and after zero-ablating the features
-        (together) at a checkpoint, or at every checkpoint; and each feature's own delta."""
-        over_cap("pairs", len(body.pairs), limits.pairs, "pairs")
-        over_cap("features", len(body.features), limits.features, "features")
-        check_pairs(body.pairs)
-        if body.checkpoint is not None:
-            state.index(run).checkpoint(body.checkpoint)
-        return await live_answer(run, "ablate", body.model_dump(), "pairs")
+def check_pairs(pairs: list[dict], limits: S.LiveLimits) -> None:
+    """Every pair's text, before the model deployment sees it (a 422 names the row and field)."""
+    try:
+        check_request_rows(pairs, limits.pair_chars)
+    except PairError as e:
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "pairs", e.row, e.field),
+                                       "input": None, "msg": str(e)}]) from None
 
-    @runs.post("/{run}/activations", response_model=S.ActivationsResponse, responses=live_responses)
-    async def activations(run: Run, body: Annotated[S.ActivationsRequest, Body()]):
-        """The text's tokens and, at each, the top features by joint activation and by each
-        checkpoint's encoder contribution."""
-        over_cap("text", len(body.text), limits.text_chars, "characters of text")
-        over_cap("top", body.top, limits.top, "features (top)")
-        return await live_answer(run, "activations", body.model_dump(), "text")
 
-    api.include_router(runs)
-    return api
+async def live_answer(svc: Service, run: str, kind: str, body: dict, field: str) -> Response:
+    index, limits = svc.state.index(run), svc.limits
+    for i in body.get("features") or []:
+        index.feature_id(i)
+    if svc.live is None:
+        raise Unavailable("live queries are off: the service runs without its model deployment")
+    # the model replica checks the token budget and stops computing past the deadline
+    body["limits"] = {"chars": limits.pair_chars, "tokens": limits.tokens,
+                      "deadline": time.time() + limits.deadline_s}
+    try:
+        result = await asyncio.wait_for(svc.live(kind, index.run.id, body), limits.deadline_s)
+    except TimeoutError:
+        return _error(503, f"the model work took longer than the {limits.deadline_s:g} s deadline; "
+                      "retry later or send fewer pairs", {"Retry-After": "5"})
+    except Exception as e:  # the model replica failed (died, restarted): not the client's doing
+        logger.exception("live %s query failed", kind)
+        return _error(503, f"the model deployment failed ({type(e).__name__}); retry later",
+                      {"Retry-After": "5"})
+    if "error" in result:
+        if result["error"] == 422:
+            raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "input": None,
+                                           "msg": result["detail"]}])
+        retry = {"Retry-After": "5"} if result["error"] == 503 else None
+        return _error(result["error"], result["detail"], retry)
+    # encoded here: the answer is JSON-ready, and validating it against the response model costs
+    # more CPU than the rest of the route (the model still documents it)
+    return Response(_json({"run": index.run.id, **result}), media_type="application/json")
+
+
+LIVE_RESPONSES = {422: {"model": S.Error}, 503: {"model": S.Error, "description": "live queries "
+                  "unavailable, or over the deadline (Retry-After)"},
+                  500: {"model": S.Error, "description": "the model failed on this query alone (a "
+                        "defect: retrying does not help; the service log has the traceback)"}}
+
+
+@live_routes.post("/{run}/effects", response_model=S.EffectsResponse, responses=LIVE_RESPONSES)
+async def effects(svc: Svc, run: Run, body: Annotated[S.EffectsRequest, Body()]):
+    """IE and RelIE per checkpoint of the features on the pairs sent, computed like the attribute
+    stage computes a task's (sending a task's examples reproduces its stored effects): the given
+    features, or the `top` by largest |IE| at any checkpoint."""
+    limits = svc.limits
+    over_cap("pairs", len(body.pairs), limits.pairs, "pairs")
+    over_cap("features", len(body.features or []), limits.features, "features")
+    over_cap("top", body.top, limits.top, "features (top)")
+    over_cap("steps", body.steps or 0, limits.steps, "integrated-gradient steps")
+    check_pairs(body.pairs, limits)
+    return await live_answer(svc, run, "effects", body.model_dump(), "pairs")
+
+
+@live_routes.post("/{run}/ablate", response_model=S.AblateResponse, responses=LIVE_RESPONSES)
+async def ablate(svc: Svc, run: Run, body: Annotated[S.AblateRequest, Body()]):
+    """Logit difference and accuracy on the pairs before and after zero-ablating the features
+    (together) at a checkpoint, or at every checkpoint; and each feature's own delta."""
+    over_cap("pairs", len(body.pairs), svc.limits.pairs, "pairs")
+    over_cap("features", len(body.features), svc.limits.features, "features")
+    check_pairs(body.pairs, svc.limits)
+    if body.checkpoint is not None:
+        svc.state.index(run).checkpoint(body.checkpoint)
+    return await live_answer(svc, run, "ablate", body.model_dump(), "pairs")
+
+
+@live_routes.post("/{run}/activations", response_model=S.ActivationsResponse, responses=LIVE_RESPONSES)
+async def activations(svc: Svc, run: Run, body: Annotated[S.ActivationsRequest, Body()]):
+    """The text's tokens and, at each, the top features by joint activation and by each checkpoint's
+    encoder contribution."""
+    over_cap("text", len(body.text), svc.limits.text_chars, "characters of text")
+    over_cap("top", body.top, svc.limits.top, "features (top)")
+    return await live_answer(svc, run, "activations", body.model_dump(), "text")

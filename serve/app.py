@@ -157,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"crossray: error: {e}", file=sys.stderr)
         return 2
+    return _serve_until_stopped(app, args)
+
+
+def _serve_until_stopped(app, args: argparse.Namespace) -> int:
+    """Start Ray and Serve, deploy `app`, and serve until SIGINT or SIGTERM."""
     from jobs._ray import init_ray
 
     init_ray(args.address)

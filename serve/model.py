@@ -17,7 +17,6 @@ A run whose live model cannot be loaded (no weights, a family not present here) 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -139,12 +138,3 @@ class HandleClient:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def send(self, items: list[tuple[str, str, dict]]) -> list[dict]:
         return await self.handle.query_many.remote(items)
-
-
-def local_client(runs: dict) -> LiveClient:
-    """A `LiveClient` over `LiveRun`s in this process (tests, benchmarks without Serve)."""
-    async def client(kind: str, run_id: str, body: dict) -> dict:
-        [answer] = await asyncio.to_thread(answer_batch, runs, {}, [(kind, run_id, body)])
-        return answer
-
-    return client
