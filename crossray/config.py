@@ -168,7 +168,6 @@ class TrainSettings(Checked):
     data_seed: NonNegativeInt = 0
     """Seed of the shuffle order."""
 
-
     @property
     def sparsity_warmup_frac(self) -> float:
         """`l1_warmup_frac`, or the activation's published schedule when it is None."""
@@ -214,7 +213,7 @@ class CorpusConfig(Checked):
     """Where the token sequences come from and how they are cut (method.md §2)."""
 
     source: str = ""
-    """Local file or folder, `toy:SEED[:N_DOCS]`, or a hub data set name (or `mixture`)."""
+    """Local file or folder, `toy:SEED[:N_DOCS]`, or a hub data set name (empty with `mixture`)."""
     mixture: tuple[MixtureSource, ...] = ()
     """Instead of `source`: several sources interleaved by their weights (BLOOM's ten ROOTS languages
     of mC4, method.md §2), each read and tokenised as a corpus of its own; sequence i comes from the

@@ -120,12 +120,10 @@ def norm_stats(seq_ids: np.ndarray, acts_NSCD: torch.Tensor, seq_limit: int) -> 
 
 def merge_norm_stats(parts: Sequence[dict]) -> dict:
     """`norm_stats` of several batches or shards, added up."""
-    out = {k: 0 for k in ("first_count", "rest_count")}
-    for key in ("first_sum", "rest_sum"):
-        out[key] = np.sum([p[key] for p in parts], axis=0).tolist()
-    for key in ("first_count", "rest_count"):
-        out[key] = sum(int(p[key]) for p in parts)
-    return out
+    return {"first_sum": np.sum([p["first_sum"] for p in parts], axis=0).tolist(),
+            "first_count": sum(int(p["first_count"]) for p in parts),
+            "rest_sum": np.sum([p["rest_sum"] for p in parts], axis=0).tolist(),
+            "rest_count": sum(int(p["rest_count"]) for p in parts)}
 
 
 def norm_factor_policies(stats: dict, d_model: int) -> dict[str, list[float]]:

@@ -114,7 +114,7 @@ def _describe(revisions: Sequence[str], tasks: Sequence[str], curves_RT: torch.T
 
 
 def distinct_weights(revisions: Sequence[str], hashes: Sequence[str] | None) -> list[int]:
-    """Indices of the revisions to screen-select from: of several with identical weights, the last."""
+    """Indices of the revisions selection chooses from: of several with identical weights, the last."""
     if hashes is None:
         return list(range(len(revisions)))
     last = {h: i for i, h in enumerate(hashes)}

@@ -4,17 +4,19 @@ and starting or joining Ray."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import ray
 
-from crossray.config import add_config_flags
+from crossray.config import add_config_flags, load_config
 from crossray.errors import explain, remove_temporaries, write_failure_log
+from crossray.schema import overrides_from
 
 T = TypeVar("T")
 
@@ -27,6 +29,38 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def error_line(message: object) -> None:
+    """The one line a job prints for bad input or a failure (stderr)."""
+    print(f"crossray: error: {message}", file=sys.stderr)
+
+
+def run_job(parser: argparse.ArgumentParser, argv: list[str] | None, stage: str,
+            prepare: Callable[[argparse.Namespace, Any], Any],
+            work: Callable[[argparse.Namespace, Any, Any], T], out: Callable[[argparse.Namespace], str],
+            render: Callable[[argparse.Namespace, T], dict]) -> int:
+    """A stage job's main(): parse, log, load the config and `prepare(args, cfg)` (bad input: one
+    error line, exit 2, before Ray starts), then start or join Ray and `work(args, cfg, prepared)`
+    under `guarded` (logs beside `out(args)`), and print `render(args, result)` as one JSON line."""
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, overrides_from(args))
+        prepared = prepare(args, cfg)
+    except (ValueError, OSError) as e:
+        error_line(e)
+        return 2
+
+    def body() -> T:
+        init_ray(args.address)
+        return work(args, cfg, prepared)
+
+    code, result = guarded(body, local_folder(out(args)), stage)
+    if result is None:
+        return code
+    print(json.dumps(render(args, result), default=str))
+    return 0
+
+
 def guarded(work: Callable[[], T], folder: Path, stage: str | Callable[[], str | None],
             tracking_uri: str | None = None) -> tuple[int, T | None]:
     """(0, work()), or the exit code: 2 with one line for bad input found late (a ValueError, a busy
@@ -34,7 +68,7 @@ def guarded(work: Callable[[], T], folder: Path, stage: str | Callable[[], str |
     try:
         return 0, work()
     except ValueError as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
+        error_line(e)
         return 2, None
     except BaseException as e:  # noqa: BLE001 (every failure ends as one line plus a log file)
         where = stage() if callable(stage) else stage
@@ -48,7 +82,7 @@ def report_failure(exc: BaseException, folder: Path, stage: str | None, tracking
     log = write_failure_log(folder, exc)
     remove_temporaries(folder)
     what = "interrupted" if isinstance(exc, KeyboardInterrupt) else explain(exc, stage, tracking_uri)
-    print(f"crossray: error: {what} (full traceback: {log})", file=sys.stderr)
+    error_line(f"{what} (full traceback: {log})")
     return 1
 
 

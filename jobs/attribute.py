@@ -14,9 +14,7 @@ and error-term effect per checkpoint, selected features, ablation correlations),
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,14 +24,13 @@ from ray.util import ActorPool
 
 from crossray import attribution as AT
 from crossray.checkpoints import Family, resolve_family
-from crossray.config import AttributionConfig, LaunchConfig, load_config
+from crossray.config import AttributionConfig, LaunchConfig
 from crossray.models.layer import load_layer_model, load_tokenizer
 from crossray.pipeline.inputs import task_files
 from crossray.progress import Progress
-from crossray.schema import overrides_from
 from crossray.store import load_crosscoder, write_tables
 from crossray.tasks import TaskError, load_tasks
-from jobs._ray import compute_device, guarded, init_ray, job_parser, local_folder, setup_logging
+from jobs._ray import compute_device, job_parser, run_job
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p = job_parser("IE and RelIE of crosscoder features with Ray")
     p.add_argument("--crosscoder", required=True, help="folder with weights.safetensors + config.json")
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_config(args.config, overrides_from(args))
+
+    def prepare(args, cfg):
         pc = cfg.pipeline
         family = resolve_family(pc.family, naming=pc.naming, tokenizer=pc.tokenizer)
         cc_cfg = load_crosscoder(args.crosscoder).cfg
@@ -124,21 +119,16 @@ def main(argv: list[str] | None = None) -> int:
                              f"not on {list(pc.revisions)}")
         if pc.layer != cc_cfg.layer:
             raise ValueError(f"crosscoder was trained at layer {cc_cfg.layer}, not at layer {pc.layer}")
-        tasks = task_files(pc.tasks, family)
-    except (ValueError, OSError) as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
-        return 2
-    def work() -> dict:
-        init_ray(args.address)
+        return family, task_files(pc.tasks, family)
+
+    def work(args, cfg, prepared) -> dict:
+        family, tasks = prepared
         return run_attribute(args.crosscoder, family, tasks, args.out, cfg.attribution, cfg.launch)
 
-    code, summary = guarded(work, local_folder(args.out), "attribute")
-    if summary is None:
-        return code
-    print(json.dumps({"out": args.out, "tasks": {k: {"examples": v["examples"],
-                                                     "ablation": v.get("ablation")}
-                                                 for k, v in summary["tasks"].items()}}))
-    return 0
+    return run_job(p, argv, "attribute", prepare, work, lambda args: args.out,
+                   lambda args, summary: {"out": args.out, "tasks": {
+                       k: {"examples": v["examples"], "ablation": v.get("ablation")}
+                       for k, v in summary["tasks"].items()}})
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,11 @@ import ray
 import torch
 
 from crossray import extract as X
-from crossray.config import Config, LaunchConfig, load_config
+from crossray.config import Config, LaunchConfig
 from crossray.position import StreamPlan, from_ranges, unpack_bits
 from crossray.progress import Progress
-from crossray.schema import overrides_from, shallow
-from jobs._ray import compute_device, guarded, init_ray, job_parser, local_folder, setup_logging
+from crossray.schema import shallow
+from jobs._ray import compute_device, job_parser, run_job
 from jobs.corpus import Corpus, TokenStore, read_corpus
 
 logger = logging.getLogger(__name__)
@@ -317,26 +316,18 @@ def extract_config(cfg: Config) -> X.ExtractConfig:
 def main(argv: list[str] | None = None) -> int:
     p = job_parser("Extract activations of a checkpoint set with Ray Data")
     p.add_argument("--out", required=True, help="folder for Parquet shards and manifest.json")
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_config(args.config, overrides_from(args))
-        ecfg = extract_config(cfg)
-        checked = check(ecfg)  # fail on bad input before Ray starts
-    except (ValueError, OSError) as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
-        return 2
 
-    def work() -> X.Manifest:
-        init_ray(args.address)
+    def prepare_job(args, cfg):
+        ecfg = extract_config(cfg)
+        return ecfg, check(ecfg)  # fail on bad input before Ray starts
+
+    def work(args, cfg, prepared) -> X.Manifest:
+        ecfg, checked = prepared
         return run_extract(ecfg, args.out, cfg.launch, prep=prepare(ecfg, cfg.launch, checked=checked))
 
-    code, manifest = guarded(work, local_folder(args.out), "extract")
-    if manifest is None:
-        return code
-    print(json.dumps({"out": args.out, "shards": len(manifest.shards), "rows": manifest.token_count,
-                      "norm_factors": manifest.norm_factors}))
-    return 0
+    return run_job(p, argv, "extract", prepare_job, work, lambda args: args.out,
+                   lambda args, m: {"out": args.out, "shards": len(m.shards), "rows": m.token_count,
+                                    "norm_factors": m.norm_factors})
 
 
 if __name__ == "__main__":

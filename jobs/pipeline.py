@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from crossray.tracking import check_tracking, experiment_link
 from jobs import attribute as attribute_job
 from jobs import extract as extract_job
 from jobs import train as train_job
-from jobs._ray import guarded, init_ray, job_parser, setup_logging, use_assigned_cpus
+from jobs._ray import error_line, guarded, init_ray, job_parser, setup_logging, use_assigned_cpus
 from jobs.corpus import head_sequences
 
 logger = logging.getLogger(__name__)
@@ -161,10 +160,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         lock = RunLock(run_folder(cfg.pipeline.out, cfg.pipeline.name), wait=args.wait)
         lock.acquire()  # before anything slow (a toy build, hashing checkpoints): a busy folder is refused
     except (ValueError, OSError) as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
+        error_line(e)
         return 2
     except KeyboardInterrupt:  # while waiting for the folder (--wait): nothing started, nothing held
-        print("crossray: error: interrupted while waiting for the run folder", file=sys.stderr)
+        error_line("interrupted while waiting for the run folder")
         return 1
     try:
         return _locked_run(cfg, args)
@@ -182,7 +181,7 @@ def _locked_run(cfg: Config, args: argparse.Namespace) -> int:
             os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
         uri = check_tracking()
     except (ValueError, OSError) as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
+        error_line(e)
         return 2
 
     def work() -> RunOutcome:

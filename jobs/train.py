@@ -20,7 +20,6 @@ import contextlib
 import itertools
 import json
 import logging
-import sys
 import tempfile
 import threading
 import uuid
@@ -38,15 +37,13 @@ from crossray.config import (
     LaunchConfig,
     TrainConfig,
     TrainSettings,
-    load_config,
     resolve_train,
 )
 from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
 from crossray.position import RowMarks, StreamPlan, StreamPosition
-from crossray.schema import overrides_from
 from crossray.train import Trainer
-from jobs._ray import guarded, init_ray, job_parser, local_folder, setup_logging, use_assigned_cpus
+from jobs._ray import job_parser, run_job, use_assigned_cpus
 from jobs.extract import RowStream
 
 logger = logging.getLogger(__name__)
@@ -287,26 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="extraction folder (manifest.json + shards)")
     p.add_argument("--storage", required=True, help="Ray Train storage path (local or s3://)")
     p.add_argument("--name", default="", help="run name; the name of a stopped run resumes it")
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_config(args.config, overrides_from(args))  # a bad config is reported first
+
+    def prepare(args, cfg):
         manifest = Manifest.read(args.data)
         manifest.verify(args.data)
-        train_cfg = resolve_with_manifest(cfg.train, manifest)
-    except (ValueError, OSError) as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
-        return 2
-    def work() -> ray.train.Result:
-        init_ray(args.address)
+        return manifest, resolve_with_manifest(cfg.train, manifest)
+
+    def work(args, cfg, prepared) -> ray.train.Result:
+        manifest, train_cfg = prepared
         return run_train(train_cfg, cfg.launch, args.storage, manifest.norm_factors, data=args.data,
                          name=args.name)
 
-    code, result = guarded(work, local_folder(args.storage), "train")
-    if result is None:
-        return code
-    print(json.dumps({"crosscoder": str(crosscoder_dir(result)), "metrics": result.metrics}, default=str))
-    return 0
+    return run_job(p, argv, "train", prepare, work, lambda args: args.storage,
+                   lambda args, r: {"crosscoder": str(crosscoder_dir(r)), "metrics": r.metrics})
 
 
 if __name__ == "__main__":

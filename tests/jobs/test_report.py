@@ -97,7 +97,9 @@ def test_tiny_config_runs_the_papers_method(toy_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": uri}
     env.pop("RAY_ADDRESS", None)
     small = ["--extract.corpus.n_sequences", "600", "--train.n_steps", "300", "--attribution.steps", "4",
-             "--analysis.context_sequences", "64", "--pipeline.revisions", "step0,step128,step1000"]
+             "--analysis.context_sequences", "64", "--pipeline.revisions", "step0,step128,step1000",
+             "--pipeline.screen_revisions", "step0,step128,step1000", "--pipeline.screen_examples", "10",
+             "--evaluate.eval_sequences", "8"]
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(root / "configs" / "tiny.yaml"),
                            "--pipeline.out", str(tmp_path / "runs"), "--pipeline.method", "paper", *small,
                            "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
