@@ -125,7 +125,7 @@ def main() -> None:
 
     fam = family(Path(args.family_dir))
     launch = LaunchConfig(actors=2, workers=2)
-    from jobs._ray import runtime_env
+    from rayenv import runtime_env
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,  # as the jobs start Ray
              runtime_env=runtime_env({"PYTHONPATH": str(ROOT), "CROSSRAY_PROGRESS_SECONDS": "2"}))

@@ -74,7 +74,7 @@ def main() -> None:
     args = p.parse_args()
     import ray
 
-    from jobs._ray import runtime_env
+    from rayenv import runtime_env
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
     base = run(args.base_docs)

@@ -30,7 +30,8 @@ from crossray.pipeline.inputs import task_files
 from crossray.progress import Progress
 from crossray.store import load_crosscoder, write_tables
 from crossray.tasks import TaskError, load_tasks
-from jobs._ray import compute_device, job_parser, run_job
+from jobs._ray import job_parser, run_job
+from rayenv import compute_device
 
 logger = logging.getLogger(__name__)
 

@@ -36,8 +36,9 @@ from crossray.config import Config, LaunchConfig
 from crossray.position import StreamPlan, from_ranges, unpack_bits
 from crossray.progress import Progress
 from crossray.schema import shallow
-from jobs._ray import compute_device, job_parser, run_job
+from jobs._ray import job_parser, run_job
 from jobs.corpus import Corpus, TokenStore, read_corpus
+from rayenv import compute_device
 
 logger = logging.getLogger(__name__)
 

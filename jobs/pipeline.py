@@ -43,8 +43,9 @@ from crossray.tracking import check_tracking, experiment_link
 from jobs import attribute as attribute_job
 from jobs import extract as extract_job
 from jobs import train as train_job
-from jobs._ray import error_line, guarded, init_ray, job_parser, setup_logging, use_assigned_cpus
+from jobs._ray import error_line, guarded, job_parser, setup_logging
 from jobs.corpus import head_sequences
+from rayenv import init_ray, use_assigned_cpus
 
 logger = logging.getLogger(__name__)
 

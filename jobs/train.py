@@ -43,8 +43,9 @@ from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
 from crossray.position import RowMarks, StreamPlan, StreamPosition
 from crossray.train import Trainer
-from jobs._ray import job_parser, run_job, use_assigned_cpus
+from jobs._ray import job_parser, run_job
 from jobs.extract import RowStream
+from rayenv import use_assigned_cpus
 
 logger = logging.getLogger(__name__)
 CROSSCODER_DIR = "crosscoder"

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve_until_stopped(app, args: argparse.Namespace) -> int:
     """Start Ray and Serve, deploy `app`, and serve until SIGINT or SIGTERM."""
-    from jobs._ray import init_ray
+    from rayenv import init_ray
 
     init_ray(args.address)
 

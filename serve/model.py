@@ -77,7 +77,7 @@ class LiveModel:
 
         from crossray.cache import serve_cache_dir
         from crossray.live import open_run
-        from jobs._ray import compute_device
+        from rayenv import compute_device
 
         logging.basicConfig(level=logging.INFO)
         if tracking_uri:

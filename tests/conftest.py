@@ -120,7 +120,7 @@ def ray_cluster():
     """One local Ray cluster for the whole session (2 CPUs; actors and workers take 0.5 CPU)."""
     import ray
 
-    from jobs._ray import runtime_env
+    from rayenv import runtime_env
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env=runtime_env({"PYTHONPATH": str(Path(__file__).resolve().parents[1])}))
