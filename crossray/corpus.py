@@ -250,6 +250,16 @@ def mixture_counts(cfg: CorpusConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
     return schedule, np.bincount(schedule, minlength=len(cfg.mixture))
 
 
+def interleave(schedule: np.ndarray, parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows of each source's part placed where the schedule names the source, in order: row i is the
+    next row of part `schedule[i]` (token ids in one process, digests in the driver)."""
+    out = np.empty((len(schedule), *parts[0].shape[1:]), parts[0].dtype)
+    for k, part in enumerate(parts):
+        rows = schedule == k
+        out[rows] = part[: int(rows.sum())]
+    return out
+
+
 def check_share(cfg: CorpusConfig, k: int, got: int, wanted: int) -> None:
     if got < wanted:
         m = cfg.mixture[k]
@@ -278,12 +288,12 @@ def load_sequences(cfg: CorpusConfig, tokenizer) -> tuple[torch.Tensor, str]:
 def _load_mixture(cfg: CorpusConfig, tokenizer) -> tuple[torch.Tensor, str]:
     assert cfg.n_sequences is not None  # CorpusConfig refuses a mixture without it
     schedule, counts = mixture_counts(cfg, cfg.n_sequences)
-    tokens = torch.empty(cfg.n_sequences, cfg.seq_len, dtype=torch.long)
+    parts = []
     for k, (part, n) in enumerate(zip(cfg.components(counts), counts, strict=True)):
-        if n:
-            ids = load_sequences(part, tokenizer)[0]
-            check_share(cfg, k, len(ids), int(n))
-            tokens[torch.from_numpy(schedule == k)] = ids[:n]
+        ids = load_sequences(part, tokenizer)[0].numpy() if n else np.zeros((0, cfg.seq_len), np.int64)
+        check_share(cfg, k, len(ids), int(n))
+        parts.append(ids)
+    tokens = torch.from_numpy(interleave(schedule, parts))
     return tokens, tokens_hash(tokens)
 
 

@@ -139,15 +139,20 @@ def compute_losses(cc: Crosscoder, x_BCD: Tensor, out: ForwardOutput, cfg: Train
     return Losses(l2 + sparsity, l2, sparsity, aux, f_L.detach())
 
 
+def world_size() -> int:
+    """Data-parallel workers in this training (1 without torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def global_firing(latent_sums_L: Tensor, n_tokens: int) -> tuple[Tensor, int]:
     """Latent sums and token count over every data-parallel worker, so dead latents are judged on the
     global batch (a worker's own window would grow with the worker count and revive fewer)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return latent_sums_L, n_tokens
     sums_L = latent_sums_L.clone()
-    dist.all_reduce(sums_L)
-    return sums_L, n_tokens * dist.get_world_size()
+    torch.distributed.all_reduce(sums_L)
+    return sums_L, n_tokens * world_size()
 
 
 def check_batch(x_BCD: Tensor, cc: Crosscoder, index: int) -> None:
@@ -251,15 +256,25 @@ class Trainer:
             bar.close()
         return self
 
+    def init_from_first_batch(self, x: Tensor) -> None:
+        """JumpReLU's data-dependent b_enc (`jumprelu_init_firing`) from the first normalised batch;
+        under data parallelism each worker saw its own batch, so they start from the mean."""
+        firing = self.cc.cfg.jumprelu_init_firing
+        if self.cc.cfg.activation != "jumprelu" or firing is None:
+            return
+        self.cc.init_jumprelu_bias(x, firing)
+        if world_size() > 1:
+            torch.distributed.all_reduce(self.cc.b_enc_L.data)
+            self.cc.b_enc_L.data.div_(world_size())
+
     def step_batch(self, x: Tensor, log: Callable[[int, dict], None] | None = None,
                    save: Callable[[Trainer], None] | None = None) -> None:
         """One step on a raw batch: check, normalise, update, then log/save on their cadence."""
         x = x.to(self.device, torch.float32, non_blocking=True)
         check_batch(x, self.cc, self.batches_consumed)
         x = self.cc.normalise(x)
-        firing = self.cc.cfg.jumprelu_init_firing
-        if self.cc.cfg.activation == "jumprelu" and firing is not None and self.batches_consumed == 0:
-            self.cc.init_jumprelu_bias(x, firing)
+        if self.batches_consumed == 0:
+            self.init_from_first_batch(x)
         losses, out = self.train_step(x)
         self.step += 1
         self.batches_consumed += 1

@@ -74,14 +74,11 @@ class MixedStore:
         """(stop - start, seq_len) int32: sequences start..stop-1, each fetched from its source."""
         if not 0 <= start <= stop <= self.n:
             raise IndexError(f"sequences {start}..{stop} outside 0..{self.n}")
-        owners = self.schedule[start:stop]
-        out = np.empty((stop - start, self.seq_len), np.int32)
-        for k, store in enumerate(self.stores):
-            rows = np.flatnonzero(owners == k)
-            if len(rows):
-                first = int(np.count_nonzero(self.schedule[:start] == k))
-                out[rows] = store.get(first, first + len(rows))
-        return out
+        before = np.bincount(self.schedule[:start], minlength=len(self.stores))  # each source's rows read
+        wanted = np.bincount(self.schedule[start:stop], minlength=len(self.stores))
+        return K.interleave(self.schedule[start:stop],
+                            [store.get(int(a), int(a + n)) for store, a, n in zip(self.stores, before, wanted,
+                                                                                   strict=True)])
 
 
 @functools.lru_cache(maxsize=4)
@@ -201,9 +198,7 @@ def _read_mixture(ecfg: ExtractConfig, launch: LaunchConfig, wanted: int) -> tup
         K.check_share(ecfg.corpus, k, store.n, int(counts[k]))
         stores.append(store)
         digests.append(np.frombuffer(d, np.uint8).reshape(-1, K.DIGEST_BYTES))
-    mixed = np.empty((wanted, K.DIGEST_BYTES), np.uint8)
-    for k, d in enumerate(digests):
-        mixed[schedule == k] = d[: counts[k]]
+    mixed = K.interleave(schedule, digests)
     return MixedStore(tuple(stores), schedule, wanted, ecfg.corpus.seq_len), mixed.tobytes()
 
 

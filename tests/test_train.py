@@ -237,6 +237,37 @@ def _dead_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _jumprelu_init_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from crossray.train import Trainer
+    from tests.helpers import make_cc_cfg, make_train_cfg
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = make_train_cfg(make_cc_cfg(activation="jumprelu", jumprelu_init_firing=0.2))
+    trainer = Trainer(Crosscoder(cfg.crosscoder), cfg, "cpu")
+    x = torch.randn(256, 2, 16, generator=torch.Generator().manual_seed(rank)) * (1 + 3 * rank)
+    trainer.init_from_first_batch(x)
+    torch.save(trainer.cc.b_enc_L.detach(), f"{out}/{rank}.pt")
+    alone = Crosscoder(cfg.crosscoder)
+    alone.init_jumprelu_bias(x, 0.2)
+    torch.save(alone.b_enc_L.detach(), f"{out}/alone{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_jumprelu_bias_init_is_the_workers_mean(tmp_path):
+    """Each data-parallel worker sets b_enc from its own first batch; they start from the mean."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    mp.spawn(_jumprelu_init_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    got0, got1, a0, a1 = (torch.load(tmp_path / f"{n}.pt") for n in ("0", "1", "alone0", "alone1"))
+    assert not torch.allclose(a0, a1)  # the batches differ
+    torch.testing.assert_close(got0, got1)
+    torch.testing.assert_close(got0, (a0 + a1) / 2)
+
+
 def test_dead_latents_count_tokens_over_all_workers(tmp_path):
     """Under data parallelism the dead-latent window counts the global batch: every worker holds the
     same counters, and a latent that fired on any worker is alive on all."""

@@ -52,9 +52,12 @@ class ForwardOutput(NamedTuple):
 
 def batch_topk_mask(scaled_BL: Tensor, n_active: int) -> Tensor:
     """The batch's `n_active` largest entries as a boolean mask (`batch_topk_indices`)."""
-    win = batch_topk_indices(scaled_BL, n_active)
-    return torch.zeros(scaled_BL.numel(), dtype=torch.bool, device=scaled_BL.device).index_fill_(
-        0, win, True).view_as(scaled_BL)
+    return _mask(batch_topk_indices(scaled_BL, n_active), scaled_BL)
+
+
+def _mask(win: Tensor, like_BL: Tensor) -> Tensor:
+    return torch.zeros(like_BL.numel(), dtype=torch.bool, device=like_BL.device).index_fill_(
+        0, win, True).view_as(like_BL)
 
 
 def batch_topk_indices(scaled_BL: Tensor, n_active: int) -> Tensor:
@@ -176,10 +179,7 @@ class Crosscoder(nn.Module):
                 pre_BL = F.relu(pre_BL)
                 norms_L = self.selection_norms() if norms_L is None else norms_L
                 if mode == "train":
-                    with torch.no_grad():  # scores only choose: no graph, and in the GEMM's dtype (a
-                        # bf16 x fp32 product would copy all of B x L to fp32 first)
-                        scaled = pre_BL * norms_L.to(pre_BL.dtype)
-                        mask_BL = batch_topk_mask(scaled, (k or self.cfg.k) * pre_BL.shape[0])
+                    mask_BL = _mask(self._winners(pre_BL, norms_L, k), pre_BL)
                     return pre_BL.where(mask_BL, 0.0), pre_BL  # (a bool x bf16 mul would cast the mask)
                 scaled = pre_BL * norms_L
                 if self.threshold < 0:
@@ -212,14 +212,19 @@ class Crosscoder(nn.Module):
         out = F.embedding_bag(cols, W.to(weights.dtype), offsets, mode="sum", per_sample_weights=weights)
         return (out + self.b_dec_CD.reshape(C * D).to(out.dtype)).view(B, C, D)
 
+    @torch.no_grad()
+    def _winners(self, relu_BL: Tensor, norms_L: Tensor, k: int | None) -> Tensor:
+        """Flat indices of the batch's k * B largest scores relu(pre) * decoder norm. The scores only
+        choose: no graph, and in the GEMM's dtype (a bf16 x fp32 product would copy B x L to fp32)."""
+        return batch_topk_indices(relu_BL * norms_L.to(relu_BL.dtype), (k or self.cfg.k) * relu_BL.shape[0])
+
     def _train_batchtopk_sparse(self, pre_BL: Tensor, k: int | None, norms_L: Tensor) -> ForwardOutput:
         """BatchTopK training with the decode fed straight from the selection: the gradient reaches
         the encoder through the B*k winners alone (ReLU, gather and their backward on B*k entries,
         not B x L), and the dense latents are built for the record only (no graph)."""
         B, L = pre_BL.shape
         relu_BL = F.relu(pre_BL)  # for aux-k and the metrics; in the backward only when aux-k is used
-        with torch.no_grad():  # scores only choose, in the GEMM's dtype (see _activate)
-            win = batch_topk_indices(relu_BL * norms_L.to(relu_BL.dtype), (k or self.cfg.k) * B).sort().values
+        win = self._winners(relu_BL, norms_L, k).sort().values
         weights = F.relu(pre_BL.view(-1)[win])
         latents_BL = torch.zeros_like(relu_BL).view(-1).index_copy_(0, win, weights.detach()).view(B, L)
         return ForwardOutput(self._decode_entries(win // L, win % L, weights, B), latents_BL, relu_BL,
@@ -293,10 +298,6 @@ class Crosscoder(nn.Module):
     def init_jumprelu_bias(self, x_BCD: Tensor, firing: float) -> None:
         """b_enc so that each latent fires on a `firing` share of this batch's tokens: theta minus
         the (1 - firing) quantile of its pre-activations without bias (Anthropic's data-dependent
-        init). Under data parallelism the workers' biases are averaged, so they start as one."""
+        init)."""
         pre_BL = self.pre_acts(x_BCD.float()) - self.b_enc_L
         self.b_enc_L.copy_(self.log_threshold_L.exp() - pre_BL.quantile(1 - firing, dim=0))
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.b_enc_L)
-            self.b_enc_L.div_(dist.get_world_size())
