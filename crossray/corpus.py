@@ -40,6 +40,7 @@ import torch  # NOTE: at import, not lazily: a Ray worker importing torch inside
 
 #               another remote function's module (which imports torch) hits a partially initialised torch
 from crossray.config import CorpusConfig
+from crossray.tokens import pack
 
 logger = logging.getLogger(__name__)
 
@@ -218,16 +219,6 @@ def batched(docs: Iterable[str], size: int = DOCS_PER_BATCH) -> Iterator[list[st
 
 
 # -- sequences --------------------------------------------------------------------------------------
-
-def pack(tokenizer, docs: list[str], seq_len: int) -> np.ndarray:
-    """(n, seq_len) int32: the first `seq_len` tokens of each document with at least that many, in
-    order (no special tokens; truncating while encoding gives the same ids as encoding in full)."""
-    if not docs:
-        return np.zeros((0, seq_len), np.int32)
-    ids = tokenizer(docs, add_special_tokens=False, truncation=True, max_length=seq_len)["input_ids"]
-    rows = [x for x in ids if len(x) == seq_len]
-    return np.asarray(rows, dtype=np.int32).reshape(len(rows), seq_len)
-
 
 def mixture_schedule(weights: Sequence[float], n: int, seed: int) -> np.ndarray:
     """The source of each of a mixture's first `n` sequences, (n,) int16.

@@ -233,7 +233,7 @@ def _model_config(cfg: ToyConfig, vocab_size: int, tokenizer):
 
 def tokenize_documents(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
     """First `seq_len` tokens of every document at least that long, like the paper's corpus."""
-    from crossray.corpus import pack
+    from crossray.tokens import pack
 
     rows = pack(tokenizer, docs, seq_len)
     if not len(rows):
