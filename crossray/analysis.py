@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crossray.store import all_zero_column, column
+
 if TYPE_CHECKING:
     from crossray.models.crosscoder import Crosscoder
 
@@ -68,9 +70,9 @@ def pair_columns(values_LC: Tensor, names: Sequence[str], prefix: str) -> list[d
         return [{} for _ in range(values_LC.shape[0])]
     cols: dict[str, list] = {}
     for (a, b), s in pairwise(values_LC).items():
-        pair = f"{names[a]}-{names[b]}"
-        cols[f"{prefix}/{pair}"] = s.share_LC.tolist()
-        cols[f"{prefix}_all_zero/{pair}"] = s.all_zero_L.tolist()
+        name = column(prefix, f"{names[a]}-{names[b]}")
+        cols[name] = s.share_LC.tolist()
+        cols[all_zero_column(name)] = s.all_zero_L.tolist()
     return [{k: v[i] for k, v in cols.items()} for i in range(values_LC.shape[0])]
 
 
@@ -235,9 +237,10 @@ def feature_rows(crosscoder: Crosscoder) -> list[dict]:
     cos = decoder_cosine(crosscoder.W_dec_LCD.detach())
     pairs = list(combinations(range(len(revs)), 2))
     pair_shares = pair_columns(norms, revs, "reldec_pair")
-    return [{"feature": i, **{f"dec_norm/{r}": float(norms[i, c]) for c, r in enumerate(revs)},
-             **{f"reldec/{r}": float(shares.share_LC[i, c]) for c, r in enumerate(revs)}, **pair_shares[i],
-             **{f"cos/{revs[a]}-{revs[b]}": float(cos[i, a, b]) for a, b in pairs},
+    return [{"feature": i, **{column("dec_norm", r): float(norms[i, c]) for c, r in enumerate(revs)},
+             **{column("reldec", r): float(shares.share_LC[i, c]) for c, r in enumerate(revs)},
+             **pair_shares[i],
+             **{column("cos", f"{revs[a]}-{revs[b]}"): float(cos[i, a, b]) for a, b in pairs},
              "group": groups[i], "trajectory": trajectory[i]} for i in range(norms.shape[0])]
 
 

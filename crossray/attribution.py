@@ -205,7 +205,7 @@ def token_effects(cc_folded: Crosscoder, lm: LayerModel, state: _State, m: int, 
 
 def example_effects(cc_folded: Crosscoder, models: Sequence[LayerModel], tokenizer,
                     examples: Sequence[Example], cfg: AttributionConfig,
-                    checkpoints: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    checkpoint_indices: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example IE (C, B, L) (thresholded per token, summed over the counted positions), error-term
     effect (C, B) and metric (C, B) of one batch, for the given checkpoints (default: all; the others
     stay zero). Examples are independent, so a batch may mix the examples of several requests."""
@@ -217,7 +217,7 @@ def example_effects(cc_folded: Crosscoder, models: Sequence[LayerModel], tokeniz
     C, B, L = len(models), len(examples), cc_folded.cfg.n_latents
     ie_CBL, err_CB, met_CB = torch.zeros(C, B, L), torch.zeros(C, B), torch.zeros(C, B)
     positions_BS = effect_positions(mask, cfg.skip_first_position)
-    for m in checkpoints if checkpoints is not None else range(C):
+    for m in checkpoint_indices if checkpoint_indices is not None else range(C):
         eff = token_effects(cc_folded, models[m], state, m, ids, mask, clean, patch, cfg.steps, base,
                             positions_BS)
         ie_CBL[m] = _threshold(eff.ie_BSL, cfg.threshold).sum(dim=1).cpu()
@@ -228,21 +228,22 @@ def example_effects(cc_folded: Crosscoder, models: Sequence[LayerModel], tokeniz
 
 def effects_for_batch(cc_folded: Crosscoder, models: Sequence[LayerModel], tokenizer,
                       examples: Sequence[Example], cfg: AttributionConfig,
-                      checkpoints: Sequence[int] | None = None) -> EffectSums:
+                      checkpoint_indices: Sequence[int] | None = None) -> EffectSums:
     """IE sums over the examples of one batch for the given checkpoints (default: all)."""
-    ie_CBL, err_CB, met_CB = example_effects(cc_folded, models, tokenizer, examples, cfg, checkpoints)
+    ie_CBL, err_CB, met_CB = example_effects(cc_folded, models, tokenizer, examples, cfg, checkpoint_indices)
     return EffectSums(ie_CBL.sum(1), err_CB.sum(1), met_CB.sum(1), len(examples))
 
 
 def task_effects(cc: Crosscoder, models: Sequence[LayerModel], tokenizer, examples: Sequence[Example],
-                 cfg: AttributionConfig, checkpoints: Sequence[int] | None = None) -> EffectSums:
+                 cfg: AttributionConfig, checkpoint_indices: Sequence[int] | None = None) -> EffectSums:
     """IE sums over all examples (folds the crosscoder's normalisation first)."""
     if not examples:
         raise TaskError("no example with single-token answers is left for this tokenizer")
     folded = cc.fold().eval().requires_grad_(False)
     total = None
     for i in range(0, len(examples), cfg.batch_size):
-        part = effects_for_batch(folded, models, tokenizer, examples[i:i + cfg.batch_size], cfg, checkpoints)
+        part = effects_for_batch(folded, models, tokenizer, examples[i:i + cfg.batch_size], cfg,
+                                 checkpoint_indices)
         total = part if total is None else total + part
     assert total is not None
     return total
@@ -281,7 +282,7 @@ def effects_rows(task: str, ie_CL: Tensor, revisions: Sequence[str], cfg: Attrib
 @torch.no_grad()
 def ablated_logit_diffs(cc_folded: Crosscoder, models: Sequence[LayerModel], tokenizer,
                         examples: Sequence[Example], feature_sets: Sequence[Sequence[int]],
-                        checkpoints: Sequence[int] | None = None, skip_first_position: bool = True,
+                        checkpoint_indices: Sequence[int] | None = None, skip_first_position: bool = True,
                         batch_size: int = 8) -> Tensor:
     """logit(clean) - logit(patch) (= log p(clean) - log p(patch)) per example, (1 + S, C, N): row 0
     the model as it is, row 1 + s with every feature of `feature_sets[s]` zero-ablated in checkpoint
@@ -302,7 +303,7 @@ def ablated_logit_diffs(cc_folded: Crosscoder, models: Sequence[LayerModel], tok
         state = crosscoder_state(cc_folded, models, ids, mask)
         B = len(chunk)
         f_BSL = state.f_BSL * effect_positions(mask, skip_first_position)[..., None]
-        for m in checkpoints if checkpoints is not None else range(C):
+        for m in checkpoint_indices if checkpoint_indices is not None else range(C):
             lm = models[m]
             dtype = next(lm.model.parameters()).dtype
             out[0, m, rows] = -metric(lm.last_logits_from(state.x_CBSD[m].to(dtype), ids, mask),
@@ -380,23 +381,76 @@ def ablation_correlations(deltas_FC: Tensor, ie_FC: Tensor, dec_norms_FC: Tensor
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class AblationCheck:
+    """The zero-ablation check of a task's selected features (`ablation_correlations`), both forms."""
+
+    rho_relie: list[float]
+    rho_reldec: list[float]
+    mean_rho_relie: float
+    """The N-way form: the mean over checkpoints of rho(ablation share, one-vs-all RelIE)."""
+    mean_rho_reldec: float
+    pairs: dict[str, dict]
+    """Per pair `a-b`: the paper's 2-way `rho_relie`, `rho_reldec` and `all_zero_features`."""
+    mean_pair_rho_relie: float
+    """The paper's form: the mean over pairs of the 2-way rho."""
+    mean_pair_rho_reldec: float
+    deltas: list[list[float]]
+    """(selected features, checkpoints): the logit-difference change of ablating each feature."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSummary:
+    """One task's attribution: examples kept and skipped, metric and error-term effect per checkpoint,
+    the selected features, the settings that mattered, the ablation check (3 or more features)."""
+
+    examples: int
+    skipped: dict[str, int]
+    selected: list[int]
+    metric: list[float]
+    error_effect: list[float]
+    baseline: str
+    skip_first_position: bool
+    dtype: str
+    ablation: AblationCheck | None = None
+
+    def to_json(self) -> dict:
+        """As `summary.json` holds it (no `ablation` key when there is no check)."""
+        out = dataclasses.asdict(self)
+        if self.ablation is None:
+            del out["ablation"]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> TaskSummary:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in fields and k != "ablation"}
+        ablation = data.get("ablation")
+        if ablation is not None:
+            names = {f.name for f in dataclasses.fields(AblationCheck)}
+            ablation = AblationCheck(**{"pairs": {}, "mean_pair_rho_relie": float("nan"),
+                                        "mean_pair_rho_reldec": float("nan"),  # (runs before the 2-way form)
+                                        **{k: v for k, v in ablation.items() if k in names}})
+        return cls(**known, ablation=ablation)
+
+
 def summarise(task: Task, sums: EffectSums, cc: Crosscoder, revisions: Sequence[str], cfg: AttributionConfig,
               ablate: Callable[[Sequence[Example], list[int]], Tensor], baseline: str
-              ) -> tuple[dict, list[dict]]:
+              ) -> tuple[TaskSummary, list[dict]]:
     """A task's summary (examples kept and skipped, metric and error-term effect per checkpoint, the
     selected features, the ablation check) and its effects rows, from its effect sums.
 
     `ablate(examples, features)` returns the ablation deltas (F, C), wherever the models live."""
     ie_CL, err_C, met_C = sums.means()
     selected = top_features(ie_CL, cfg.top_k)
-    info = {"examples": sums.n_examples, "skipped": dict(task.skipped), "selected": selected,
-            "metric": met_C.tolist(), "error_effect": err_C.tolist(), "baseline": baseline,
-            "skip_first_position": cfg.skip_first_position, "dtype": cfg.dtype}
+    ablation = None
     if len(selected) >= 3:
         deltas = ablate(task.examples, selected)
         norms = cc.decoder_norms().detach()[selected]
-        info["ablation"] = {**ablation_correlations(deltas, ie_CL[:, selected].T, norms, revisions),
-                            "deltas": deltas.tolist()}  # (selected features, checkpoints)
+        ablation = AblationCheck(**ablation_correlations(deltas, ie_CL[:, selected].T, norms, revisions),
+                                 deltas=deltas.tolist())
+    info = TaskSummary(sums.n_examples, dict(task.skipped), selected, met_C.tolist(), err_C.tolist(),
+                       baseline, cfg.skip_first_position, cfg.dtype, ablation)
     return info, effects_rows(task.name, ie_CL, revisions, cfg)
 
 
@@ -408,4 +462,4 @@ def attribute(cc: Crosscoder, models: Sequence[LayerModel], revisions: Sequence[
     sums = task_effects(cc, models, tokenizer, task.examples, for_task(cfg, baseline))
     info, rows = summarise(task, sums, cc, revisions, cfg, lambda ex, feats: ablation_deltas(
         cc, models, tokenizer, ex, feats, skip_first_position=cfg.skip_first_position), baseline)
-    return {**info, "task": task.name, "ie_CL": sums.means()[0], "rows": rows}
+    return {**info.to_json(), "task": task.name, "ie_CL": sums.means()[0], "rows": rows}

@@ -106,6 +106,10 @@ class Family:
     block_path: str | None = None
     """Dotted path of the block list, for architectures crossray does not know."""
 
+    def stage_identity(self) -> str:
+        """A family in a stage key: its name (its checkpoints enter keys by their weight hashes)."""
+        return self.name
+
     @property
     def is_local(self) -> bool:
         return Path(self.source).exists() or self.source.startswith(("/", "./", "../"))

@@ -24,6 +24,11 @@ from crossray.checkpoints import Family, resolve_family
 logger = logging.getLogger("crossray")
 
 
+def error_line(message: object) -> None:
+    """The one line every crossray command prints for bad input or a failure (stderr)."""
+    print(f"crossray: error: {message}", file=sys.stderr)
+
+
 def family_from_args(args: argparse.Namespace) -> Family:
     revisions = [r for r in (args.revisions or "").split(",") if r]
     return resolve_family(args.family, revisions=revisions, naming=args.naming, tokenizer=args.tokenizer)
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     try:
         return args.func(args)
     except ValueError as e:  # CheckpointError and TaskError among them
-        print(f"crossray: error: {e}", file=sys.stderr)
+        error_line(e)
         return 2
 
 

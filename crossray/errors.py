@@ -13,6 +13,7 @@ import re
 import time
 import traceback
 from pathlib import Path
+from typing import Literal
 
 RESUME = "re-run the same command to resume"
 TEMPORARY = re.compile(r"\.tmp\d*$")
@@ -81,3 +82,16 @@ def remove_temporaries(folder: Path) -> int:
         else:
             p.unlink(missing_ok=True)
     return len(found)
+
+
+# -- live queries -----------------------------------------------------------------------------------
+
+ErrorKind = Literal["invalid", "not_found", "unavailable", "failed"]
+ERROR_KINDS: tuple[ErrorKind, ...] = ("invalid", "not_found", "unavailable", "failed")
+"""invalid: the query cannot be answered as sent; not_found: it names a feature or checkpoint the run
+lacks; unavailable: it could not be answered now (a deadline, a model not loaded); failed: a defect."""
+
+
+def query_error(detail: str, kind: ErrorKind = "invalid") -> dict:
+    """A live query's answer when it cannot be answered."""
+    return {"error": kind, "detail": detail}

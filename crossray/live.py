@@ -5,8 +5,9 @@ text, for input the pipeline never saw.
 and answers with the attribution library itself (`crossray.attribution`), with the settings the run's
 attribute stage used (`attribute/effects/summary.json`): sending a task's examples reproduces its
 stored effects. Query bodies are plain dicts (validated by the API); answers are JSON-ready dicts, and
-a query the input makes impossible answers `{"error": status, "detail": reason}` instead of raising,
-so the answer crosses a Serve handle intact.
+a query the input makes impossible answers `{"error": kind, "detail": reason}` instead of raising,
+so the answer crosses a Serve handle intact; the kinds (`crossray.errors.ERROR_KINDS`) say what went
+wrong, not which HTTP status that is (the Serve app maps them).
 
 Bounds: a query may carry `limits` (`{"chars", "tokens", "deadline"}`, set by the API from its
 `LiveLimits`): every pair is checked (`tasks.check_request_rows`, `check_request_tokens`) before a
@@ -33,10 +34,11 @@ from crossray import analysis as A
 from crossray import attribution as AT
 from crossray.checkpoints import Family, resolve_family
 from crossray.config import AttributionConfig
+from crossray.errors import query_error
 from crossray.models.layer import encode, load_layer_model, load_tokenizer
 from crossray.pipeline.inputs import weight_hashes
 from crossray.results import nums
-from crossray.store import load_crosscoder
+from crossray.store import RunLayout, load_crosscoder
 from crossray.tasks import (
     MAX_FIELD_CHARS,
     MAX_REQUEST_TOKENS,
@@ -48,10 +50,6 @@ from crossray.tasks import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _error(detail: str, status: int = 422) -> dict:
-    return {"error": status, "detail": detail}
 
 
 def run_family(folder: Path, family_name: str) -> Family:
@@ -71,11 +69,12 @@ class LiveRun:
                  model_batch: int = 32):
         folder = Path(folder)
         self.id, self.model_batch = run_id, model_batch
-        self.cc = load_crosscoder(folder / "train" / "crosscoder", device).eval().requires_grad_(False)
+        layout = RunLayout(folder)
+        self.cc = load_crosscoder(layout.crosscoder, device).eval().requires_grad_(False)
         self.folded = self.cc.fold().eval().requires_grad_(False)
         cfg = self.cc.cfg
         self.revisions, self.layer = list(cfg.revisions), cfg.layer
-        summary = json.loads((folder / "attribute" / "effects" / "summary.json").read_text())
+        summary = json.loads(layout.summary.read_text())
         fields = {f.name for f in dataclasses.fields(AttributionConfig)}
         self.attribution = AttributionConfig(**{k: v for k, v in summary["config"].items() if k in fields})
         family = run_family(folder, cfg.family)
@@ -146,10 +145,10 @@ class LiveRun:
                 cfg = dataclasses.replace(self.attribution, steps=steps)
                 baseline = AT.task_baseline(task, self.tokenizer, cfg)
             except TaskError as e:
-                answers[q] = _error(str(e))
+                answers[q] = query_error(str(e))
                 continue
             except LookupError as e:
-                answers[q] = _error(str(e), 404)
+                answers[q] = query_error(str(e), "not_found")
                 continue
             run_cfg = AT.for_task(cfg, baseline)
             key = (run_cfg.steps, baseline) if baseline != "mixed" else (run_cfg.steps, baseline, q)
@@ -159,8 +158,8 @@ class LiveRun:
             sums = self._effect_sums([task for _, task, _, _ in items], items[0][2], deadlines)
             for (q, task, cfg, baseline), s in zip(items, sums, strict=True):
                 answers[q] = self._effects_answer(queries[q], task, s, cfg, baseline) if s is not None else \
-                    _error("the query passed its deadline before its model work was done; send fewer pairs "
-                           "or steps, or retry when the service is less busy", 503)
+                    query_error("the query passed its deadline before its model work was done; send fewer "
+                                "pairs or steps, or retry when the service is less busy", "unavailable")
         return answers  # type: ignore[return-value]
 
     def _effect_sums(self, tasks: list[Task], cfg: AttributionConfig, deadlines: list[float]
@@ -221,9 +220,9 @@ class LiveRun:
             feats = self._features(query["features"])
             cks = self.checkpoint(query.get("checkpoint"))
         except TaskError as e:
-            return _error(str(e))
+            return query_error(str(e))
         except LookupError as e:
-            return _error(str(e), 404)
+            return query_error(str(e), "not_found")
         sets = [feats] + ([[i] for i in feats] if len(feats) > 1 else [])
         diffs = AT.ablated_logit_diffs(self.folded, self.models, self.tokenizer, task.examples, sets, cks,
                                        self.attribution.skip_first_position)  # batches as the stage's
@@ -246,7 +245,7 @@ class LiveRun:
         each checkpoint's encoder contribution x_c @ W_enc[c] (the views of the stored top contexts)."""
         ids = encode(self.tokenizer, query["text"])
         if not ids:
-            return _error("text has no tokens")
+            return query_error("text has no tokens")
         top = int(query.get("top") or 5)
         device = next(self.models[0].model.parameters()).device
         input_ids, mask = torch.tensor([ids], device=device), torch.ones(1, len(ids), dtype=torch.long,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from crossray.models.crosscoder import Crosscoder
 from crossray.models.layer import LayerModel
-from crossray.store import metric_name
+from crossray.store import column
 
 
 class FVE(NamedTuple):
@@ -97,8 +97,8 @@ def evaluate(crosscoder: Crosscoder, acts: Tensor | Iterable[Tensor], batch_size
     row = {"fve": float(1 - err_C.sum() / var_C.sum()), "l2": float(err_C.sum() / n),
            "l0": float(sum(l0s) / n), "dead": int((~fired).sum())}
     for c, rev in enumerate(crosscoder.cfg.revision_names()):
-        row[metric_name("fve", rev)] = float(fve_C[c])
-        row[metric_name("fve_mean_of_ratios", rev)] = float(paper_C[c])
+        row[column("fve", rev)] = float(fve_C[c])
+        row[column("fve_mean_of_ratios", rev)] = float(paper_C[c])
     return row
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossray.store import CONFIG, WEIGHTS, load_crosscoder
+from crossray.store import CONFIG, CROSSCODER, WEIGHTS, load_crosscoder
 
 PYFUNC_NAME = "crosscoder"
 
@@ -49,7 +49,7 @@ def log_crosscoder(folder: str | Path, name: str = PYFUNC_NAME):
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, C, D))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, L))]))
     with tempfile.TemporaryDirectory() as tmp:  # weights and config only, not the training state
-        data = Path(tmp) / "crosscoder"
+        data = Path(tmp) / CROSSCODER
         data.mkdir()
         for f in (WEIGHTS, CONFIG):
             shutil.copy(Path(folder) / f, data / f)

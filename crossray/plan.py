@@ -111,8 +111,9 @@ def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int |
     n_tasks = n_tasks if n_tasks is not None else len(p.tasks)
     k = cfg.analysis.context_k
     tables = TABLE_ROW_BYTES * (L * C * max(1, n_tasks) + L * (C + 1) * k * 2)
-    checkpoints = 4 * 12 * cc_params
-    disk = {"activations": activation_bytes if mode == "parquet" else 0, "checkpoints": checkpoints,
+    train_checkpoints = 4 * 12 * cc_params
+    disk = {"activations": activation_bytes if mode == "parquet" else 0,
+            "train_checkpoints": train_checkpoints,
             "tables": tables}
     prefix = p.layer * shape.block_params()
     rows = max(1, t.batch_size // cfg.launch.workers)
@@ -127,7 +128,7 @@ def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int |
     gpu_hours = {s: f / (rate[s] * MFU[s]) / 3600 for s, f in flops.items()}
     gpus = {"extract": max(1, cfg.launch.actors), "train": max(1, cfg.launch.workers),
             "evaluate": 1}
-    plan = {"tokens": tokens, "checkpoints": C, "d_model": D, "n_latents": L,
+    plan = {"tokens": tokens, "n_checkpoints": C, "d_model": D, "n_latents": L,
             "activation_bytes": activation_bytes, "mode": mode, "disk_bytes": sum(disk.values()),
             "corpus_bytes": (n_seq + cfg.evaluate.eval_sequences) * seq_len * 4,
             "disk": disk, "crosscoder_params": cc_params, "peak_bytes_per_actor": peak_actor,
@@ -169,10 +170,10 @@ def plan_text(plan: dict) -> str:
     """The plan as a few lines a person reads at the start of a run."""
     d = plan["disk"]
     return "\n".join([
-        f"plan: {plan['tokens']:,} tokens x {plan['checkpoints']} checkpoints x d_model {plan['d_model']}: "
+        f"plan: {plan['tokens']:,} tokens x {plan['n_checkpoints']} checkpoints x d_model {plan['d_model']}: "
         f"{human(plan['activation_bytes'])} of activations if materialised; mode {plan['mode']}",
         f"  disk: {human(plan['disk_bytes'])} (activations {human(d['activations'])}, training checkpoints "
-        f"{human(d['checkpoints'])}, tables {human(d['tables'])}); free at the output: "
+        f"{human(d['train_checkpoints'])}, tables {human(d['tables'])}); free at the output: "
         f"{human(plan['free_bytes'])}",
         f"  peak memory: {human(plan['peak_bytes_per_actor'])} per extraction actor, "
         f"{human(plan['peak_bytes_per_worker'])} per Train worker; the corpus's tokens "

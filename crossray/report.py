@@ -12,8 +12,14 @@ import base64
 import html
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+from crossray.store import all_zero_column, column, suffixes
+
+if TYPE_CHECKING:
+    from crossray.attribution import AblationCheck, TaskSummary
 
 STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
@@ -36,11 +42,10 @@ def _fmt(x) -> str:
     return "–" if x is None or x != x else f"{x:.3f}"
 
 
-def pair_cell(row, column: str) -> str:
+def pair_cell(row, name: str) -> str:
     """A pairwise share as a table shows it: `0/0` where the pair summed to 0 (its share 0.5 is a
     convention, not a measurement; method.md §16.6)."""
-    flag = column.replace("_pair/", "_pair_all_zero/", 1)
-    return "0/0" if bool(row.get(flag, False)) else _fmt(row[column])
+    return "0/0" if bool(row.get(all_zero_column(name), False)) else _fmt(row[name])
 
 
 def top_feature_table(effects: pd.DataFrame, task: str, selected: Sequence[int], revisions: Sequence[str],
@@ -55,11 +60,14 @@ def top_feature_table(effects: pd.DataFrame, task: str, selected: Sequence[int],
     wide = sub.pivot(index="feature", columns="checkpoint", values=["ie", "relie"])
     table = pd.DataFrame({"feature": wide.index, "group": per.loc[wide.index, "group"].to_numpy()})
     for rev in revisions:
-        table[f"ie/{rev}"] = wide["ie"][rev].to_numpy()
-        table[f"relie/{rev}"] = wide["relie"][rev].to_numpy()
-    for c in [c for c in sub.columns if c.startswith(("relie_pair/", "relie_pair_all_zero/"))]:
-        table[c] = per.loc[wide.index, c].to_numpy()
-    strength = table[[f"ie/{r}" for r in revisions]].abs().max(axis=1)
+        table[column("ie", rev)] = wide["ie"][rev].to_numpy()
+        table[column("relie", rev)] = wide["relie"][rev].to_numpy()
+    for pair in suffixes(sub.columns, "relie_pair"):
+        name = column("relie_pair", pair)
+        for c in (name, all_zero_column(name)):
+            if c in per.columns:
+                table[c] = per.loc[wide.index, c].to_numpy()
+    strength = table[[column("ie", r) for r in revisions]].abs().max(axis=1)
     return table.loc[strength.sort_values(ascending=False).index[:k]].reset_index(drop=True)
 
 
@@ -67,9 +75,9 @@ def feature_table(top: pd.DataFrame, features: pd.DataFrame, contexts: pd.DataFr
                   revisions: Sequence[str]) -> str:
     """Rows: feature, group, trajectory, IE and RelIE per checkpoint, pairwise RelIE, and the top
     context through each checkpoint's encoder."""
-    pairs = [c for c in top.columns if c.startswith("relie_pair/")]
+    pairs = suffixes(top.columns, "relie_pair")
     head = ["feature", "group (RelIE)", "trajectory", *[f"IE {r}" for r in revisions],
-            *[f"RelIE {r}" for r in revisions], *[c.split("/", 1)[1] for c in pairs],
+            *[f"RelIE {r}" for r in revisions], *pairs,
             *[f"top context via {r}" for r in revisions]]
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     trajectory = features.set_index("feature")["trajectory"]
@@ -77,9 +85,9 @@ def feature_table(top: pd.DataFrame, features: pd.DataFrame, contexts: pd.DataFr
         f = int(row["feature"])
         cells = [f"<td>#{f}</td>", f'<td class="l">{html.escape(str(row["group"]))}</td>',
                  f'<td class="l">{html.escape(str(trajectory.get(f, "")))}</td>']
-        cells += [f"<td>{_fmt(row[f'ie/{r}'])}</td>" for r in revisions]
-        cells += [f"<td>{_fmt(row[f'relie/{r}'])}</td>" for r in revisions]
-        cells += [f"<td>{pair_cell(row, c)}</td>" for c in pairs]
+        cells += [f"<td>{_fmt(row[column('ie', r)])}</td>" for r in revisions]
+        cells += [f"<td>{_fmt(row[column('relie', r)])}</td>" for r in revisions]
+        cells += [f"<td>{pair_cell(row, column('relie_pair', p))}</td>" for p in pairs]
         for r in revisions:
             best = contexts[(contexts.feature == f) & (contexts.view == r)].sort_values("rank").head(1)
             cells.append(f'<td class="l ctx">{_context(best.iloc[0]) if len(best) else ""}</td>')
@@ -88,7 +96,7 @@ def feature_table(top: pd.DataFrame, features: pd.DataFrame, contexts: pd.DataFr
 
 
 def write_report(path: Path, title: str, reasons: Sequence[str], revisions: Sequence[str],
-                 tasks: dict[str, dict], tops: dict[str, pd.DataFrame], features: pd.DataFrame,
+                 tasks: dict[str, TaskSummary], tops: dict[str, pd.DataFrame], features: pd.DataFrame,
                  contexts: pd.DataFrame, plots: Path) -> Path:
     """report.html: selection reasons, then per task its plots, feature table and ablation check."""
     parts = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{STYLE}</style>",
@@ -98,31 +106,29 @@ def write_report(path: Path, title: str, reasons: Sequence[str], revisions: Sequ
         parts.append(_img(plots / "accuracy_curves.png"))
     for task, info in tasks.items():
         parts.append(f'<h2 id="{html.escape(task)}">{html.escape(task)}</h2>')
-        baseline = html.escape(str(info.get("baseline")))
-        parts.append(f"<p>{info['examples']} examples; IG baseline {baseline}; {len(info['selected'])} "
+        baseline = html.escape(str(info.baseline))
+        parts.append(f"<p>{info.examples} examples; IG baseline {baseline}; {len(info.selected)} "
                      "features selected (top-k by |IE| at any checkpoint).</p>")
         for name in (f"ie_evolution_{task}.png", f"relie_{task}.png"):
             if (plots / name).exists():
                 parts.append(_img(plots / name))
         if task in tops and not tops[task].empty:
             parts.append(feature_table(tops[task], features, contexts, revisions))
-        ablation = info.get("ablation")
-        if ablation:
-            parts.append(_ablation_paragraph(ablation, revisions))
+        if info.ablation is not None:
+            parts.append(_ablation_paragraph(info.ablation, revisions))
     path.write_text("\n".join(parts))
     return path
 
 
-def _ablation_paragraph(ablation: dict, revisions: Sequence[str]) -> str:
+def _ablation_paragraph(ablation: AblationCheck, revisions: Sequence[str]) -> str:
     """The ablation check in both forms: per checkpoint (N-way) and per pair (the paper's 2-way rho)."""
-    rhos = ", ".join(f"{r} {_fmt(v)}" for r, v in zip(revisions, ablation["rho_relie"], strict=True))
+    rhos = ", ".join(f"{r} {_fmt(v)}" for r, v in zip(revisions, ablation.rho_relie, strict=True))
     text = ("<p>Ablation check: Spearman ρ between each checkpoint's share of the zero-ablation effect "
-            f"and RelIE: {rhos} (mean {_fmt(ablation['mean_rho_relie'])}); against RelDec: mean "
-            f"{_fmt(ablation['mean_rho_reldec'])}.")
-    pairs = ablation.get("pairs")
-    if pairs:  # runs before the pairwise form have none
-        each = ", ".join(f"{html.escape(p)} {_fmt(v['rho_relie'])}" for p, v in pairs.items())
+            f"and RelIE: {rhos} (mean {_fmt(ablation.mean_rho_relie)}); against RelDec: mean "
+            f"{_fmt(ablation.mean_rho_reldec)}.")
+    if ablation.pairs:  # runs before the pairwise form have none
+        each = ", ".join(f"{html.escape(p)} {_fmt(v['rho_relie'])}" for p, v in ablation.pairs.items())
         text += (f" Per pair, the paper's 2-way ρ (|Δ<sub>b</sub>|/|Δ<sub>a</sub>| against b's share "
-                 f"of a + b): {each} (mean {_fmt(ablation['mean_pair_rho_relie'])}; against RelDec: "
-                 f"mean {_fmt(ablation['mean_pair_rho_reldec'])}).")
+                 f"of a + b): {each} (mean {_fmt(ablation.mean_pair_rho_relie)}; against RelDec: "
+                 f"mean {_fmt(ablation.mean_pair_rho_reldec)}).")
     return text + "</p>"

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crossray.store import metric_name
+from crossray.store import CONFIG, WEIGHTS, RunLayout, all_zero_column, column, suffixes
 
-STAGE_FILES = {"screen": "screen/tables/accuracy.parquet", "evaluate": "evaluate/metrics.json",
-               "attribute": "attribute/effects", "analyse": "analyse/tables",
-               "train": "train/crosscoder/config.json"}
-WEIGHTS_FILE = "train/crosscoder/weights.safetensors"
+
+def stage_files(layout: RunLayout) -> dict[str, Path]:
+    """Per stage, the file or folder of it that the queries read (what is downloaded from MLflow)."""
+    return {"screen": layout.accuracy, "evaluate": layout.eval_metrics, "attribute": layout.effects_folder,
+            "analyse": layout.analyse_tables, "train": layout.crosscoder / CONFIG}
 
 
 class ResultsError(ValueError):
@@ -70,31 +71,29 @@ def load_folder(folder: str | Path, run_id: str | None = None, name: str | None 
     folder = Path(folder)
     if not folder.is_dir():
         raise ResultsError(f"{folder} is not a folder")
-    cfg_path = folder / STAGE_FILES["train"]
+    layout = RunLayout(folder)
+    cfg_path = layout.crosscoder / CONFIG
     if not cfg_path.exists():
         raise ResultsError(f"{cfg_path} is missing: not a finished crossray pipeline run")
     cc = json.loads(cfg_path.read_text())["crosscoder"]
     revisions = list(cc["revisions"])
-    accuracy = _read(folder / STAGE_FILES["screen"])
+    accuracy = _read(layout.accuracy)
     by_rev = accuracy.drop_duplicates("revision").set_index("revision")
 
-    def meta(column: str) -> list[int | None]:
-        return [int(by_rev.at[r, column]) if r in by_rev.index and pd.notna(by_rev.at[r, column]) else None
-                for r in revisions]
+    def meta(field_name: str) -> list[int | None]:
+        known = lambda r: r in by_rev.index and pd.notna(by_rev.at[r, field_name])  # noqa: E731
+        return [int(by_rev.at[r, field_name]) if known(r) else None for r in revisions]
 
-    summary_path = folder / STAGE_FILES["attribute"] / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"tasks": {}}
-    contexts_path = folder / STAGE_FILES["analyse"] / "top_contexts.parquet"
-    contexts = pd.read_parquet(contexts_path) if contexts_path.exists() else pd.DataFrame(
+    summary = json.loads(layout.summary.read_text()) if layout.summary.exists() else {"tasks": {}}
+    contexts = pd.read_parquet(layout.contexts) if layout.contexts.exists() else pd.DataFrame(
         columns=["feature", "view", "rank", "value", "seq", "pos", "target", "tokens", "scores"])
-    metrics_path = folder / STAGE_FILES["evaluate"]
+    metrics_path = layout.eval_metrics
     return RunResults(
         id=run_id or folder.name, name=name or folder.name,
         family=str(cc.get("family", "")), layer=int(cc.get("layer", -1)), revisions=revisions,
         steps=meta("step"), tokens_seen=meta("tokens_seen"), n_latents=int(cc["n_latents"]),
         metrics=json.loads(metrics_path.read_text()) if metrics_path.exists() else {},
-        features=_read(folder / STAGE_FILES["analyse"] / "features.parquet"),
-        effects=_read(folder / STAGE_FILES["attribute"] / "effects.parquet"),
+        features=_read(layout.features), effects=_read(layout.effects),
         accuracy=accuracy, contexts=contexts, tasks=summary.get("tasks", {}), registered=registered)
 
 
@@ -132,18 +131,21 @@ def mlflow_folder(ref: str, cache_dir: str | Path, weights: bool = False):
     children = client.search_runs([parent_run.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
                                   order_by=["attributes.start_time DESC"])
+    folder = Path(cache_dir) / parent
+    layout = RunLayout(folder)
+    files = stage_files(layout)
     stages = {}
     for child in children:
         stage = child.data.tags.get("crossray.stage")
-        if stage in STAGE_FILES and stage not in stages and child.info.status == "FINISHED":
+        if stage in files and stage not in stages and child.info.status == "FINISHED":
             stages[stage] = child.info.run_id
-    missing = sorted(set(STAGE_FILES) - set(stages))
+    missing = sorted(set(files) - set(stages))
     if missing:
         raise ResultsError(f"MLflow run {parent} has no finished stage run for {missing}: "
                            "not a finished crossray pipeline run")
-    folder = Path(cache_dir) / parent
-    wanted = [(stages[stage], path) for stage, path in STAGE_FILES.items()]
-    wanted += [(parent, "config.json")] + [(stages["train"], WEIGHTS_FILE)] * weights
+    wanted = [(stages[stage], layout.relative(path)) for stage, path in files.items()]
+    wanted += [(parent, layout.relative(layout.config))]
+    wanted += [(stages["train"], layout.relative(layout.crosscoder / WEIGHTS))] * weights
     if any(not (folder / path).exists() for _, path in wanted):
         from crossray.cache import entry_lock
 
@@ -167,7 +169,7 @@ def _download(todo: list[tuple[str, str]], folder: Path, tmp: Path) -> None:
                 mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
                                                     dst_path=str((tmp / path).parent))
             except Exception:
-                if path != "config.json":  # older runs have none: live queries fall back
+                if path != CONFIG:  # older runs have none: live queries fall back
                     raise
         for source in sorted(p for p in tmp.rglob("*") if p.is_file()):
             target = folder / source.relative_to(tmp)
@@ -220,12 +222,12 @@ class RunIndex:
         revs, L = run.revisions, run.n_latents
         self.C = len(revs)
         f = run.features.set_index("feature").reindex(range(L))
-        self.dec_norm_LC = f[[f"dec_norm/{r}" for r in revs]].to_numpy(float)
-        self.reldec_LC = f[[f"reldec/{r}" for r in revs]].to_numpy(float)
-        self.cos_cols = [c.removeprefix("cos/") for c in f.columns if c.startswith("cos/")]
-        self.pair_cols = [c.removeprefix("reldec_pair/") for c in f.columns if c.startswith("reldec_pair/")]
-        self.reldec_pair_LP = f[[f"reldec_pair/{c}" for c in self.pair_cols]].to_numpy(float)
-        self.cos_LP = f[[f"cos/{c}" for c in self.cos_cols]].to_numpy(float)
+        self.dec_norm_LC = f[[column("dec_norm", r) for r in revs]].to_numpy(float)
+        self.reldec_LC = f[[column("reldec", r) for r in revs]].to_numpy(float)
+        self.cos_cols = suffixes(f.columns, "cos")
+        self.pair_cols = suffixes(f.columns, "reldec_pair")
+        self.reldec_pair_LP = f[[column("reldec_pair", c) for c in self.pair_cols]].to_numpy(float)
+        self.cos_LP = f[[column("cos", c) for c in self.cos_cols]].to_numpy(float)
         self.group_L = f["group"].fillna("").to_numpy(str)
         self.trajectory_L = f["trajectory"].fillna("").to_numpy(str)
         self.tasks: dict[str, dict[str, np.ndarray]] = {}
@@ -235,13 +237,14 @@ class RunIndex:
             groups = sub.drop_duplicates("feature").set_index("feature")["group"].reindex(range(L))
             selected = np.zeros(L, bool)
             selected[[i for i in run.tasks.get(str(task), {}).get("selected", []) if 0 <= i < L]] = True
-            pair_cols = [c for c in sub.columns if c.startswith("relie_pair/")]
+            pair_names = suffixes(sub.columns, "relie_pair")
+            pair_cols = [column("relie_pair", p) for p in pair_names]
             per_feature = sub.drop_duplicates("feature").set_index("feature")
             pairs = per_feature[pair_cols].reindex(range(L))
-            flag_cols = [c.replace("relie_pair/", "relie_pair_all_zero/", 1) for c in pair_cols]
+            flag_cols = [all_zero_column(c) for c in pair_cols]
             flags = per_feature.reindex(columns=flag_cols).reindex(range(L)).fillna(False).to_numpy(bool)
             self.tasks[str(task)] = {"ie": wide["ie"].reindex(columns=range(self.C)).to_numpy(float),
-                                     "pairs": [c.removeprefix("relie_pair/") for c in pair_cols],
+                                     "pairs": pair_names,
                                      "relie_pairs": pairs.to_numpy(float), "pairs_all_zero": flags,
                                      "relie": wide["relie"].reindex(columns=range(self.C)).to_numpy(float),
                                      "group": groups.fillna("").to_numpy(str), "selected": selected}
@@ -278,9 +281,9 @@ class RunIndex:
     def info(self) -> dict:
         r = self.run
         per_checkpoint = [{"index": c, "revision": rev, "step": r.steps[c], "tokens_seen": r.tokens_seen[c],
-                           "fve": num(r.metrics.get(metric_name("fve", rev), "nan")),
-                           "delta_ce": num(r.metrics.get(metric_name("delta_ce", rev), "nan")),
-                           "ce_recovered": num(r.metrics.get(metric_name("ce_recovered", rev), "nan"))}
+                           "fve": num(r.metrics.get(column("fve", rev), "nan")),
+                           "delta_ce": num(r.metrics.get(column("delta_ce", rev), "nan")),
+                           "ce_recovered": num(r.metrics.get(column("ce_recovered", rev), "nan"))}
                           for c, rev in enumerate(r.revisions)]
         tasks = [{"name": t, "examples": int(r.tasks.get(t, {}).get("examples", 0)),
                   "selected": len(r.tasks.get(t, {}).get("selected", [])),

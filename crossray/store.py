@@ -1,4 +1,8 @@
-"""Crosscoder artifacts and training state on disk: safetensors + JSON, never pickle.
+"""The run layout, and crosscoder artifacts and training state on disk: safetensors + JSON, never pickle.
+
+`RunLayout` is the one place that spells a run folder's stage folders, tables, files and column
+names; the pipeline writes through it and the readers (`results`, `live`, the Serve app) read through
+it. A crosscoder artifact folder:
 
     <dir>/weights.safetensors   parameters and buffers (W_enc_CDL, W_dec_LCD, ..., norm_factors_C)
     <dir>/config.json           {"crosscoder": CrosscoderConfig, "train": TrainConfig | null, "meta": {...}}
@@ -30,6 +34,159 @@ STATE = "train_state.safetensors"
 STATE_META = "train_state.json"
 
 
+STAGES = ("screen", "select", "extract", "train", "evaluate", "attribute", "analyse")
+"""The pipeline's stages, in order; each has a folder `<run>/<stage>/`."""
+DONE, STARTED = "done.json", "started.json"
+"""Stage bookkeeping: the key a stage ran under (started), and its key, result and MLflow run (done)."""
+TRACKING_DB = "mlflow.db"
+"""The local MLflow store beside the runs, when no tracking server is named."""
+LOCAL_ARTIFACTS = "mlartifacts"
+EFFECTS, SUMMARY = "effects", "summary.json"
+"""The attribution output folder's table (`effects.parquet/.csv`) and per-task summaries."""
+FEATURES, CONTEXTS, ACCURACY = "features", "top_contexts", "accuracy"
+SIMILARITY = "similarity.json"
+"""The screen's activation similarity between every pair of screened revisions."""
+TRAIN_HISTORY, STREAM_POSITION = "metrics.json", "stream_position.json"
+"""A Train checkpoint's metrics history and stream position (beside its `crosscoder` folder)."""
+CROSSCODER = "crosscoder"
+NEVER_UPLOADED_DIRS = ("acts", "ray")
+"""Stage sub-folders never uploaded to MLflow: activation shards and Ray Train checkpoints."""
+NEVER_UPLOADED_FILES = (STARTED, DONE, STATE, STATE_META)
+
+
+def column(metric: str, revision: str) -> str:
+    """The one naming scheme of per-checkpoint (or per-pair, per-task) columns and metrics, everywhere:
+    `fve/step128`, `relie/main`, `relie_pair/step512-main` and its 0/0 flag `relie_pair_all_zero/...`,
+    `ablation_rho/<task>`."""
+    return f"{metric}/{revision}"
+
+
+def column_suffix(name: str, metric: str) -> str | None:
+    """The revision or pair a column names (`relie_pair/a-b` -> `a-b`), None for another metric's."""
+    head, sep, tail = name.partition("/")
+    return tail if sep and head == metric else None
+
+
+def suffixes(columns, metric: str) -> list[str]:
+    """The revisions or pairs that one metric's columns name, in order."""
+    return [s for c in columns if (s := column_suffix(str(c), metric)) is not None]
+
+
+def all_zero_column(name: str) -> str:
+    """The 0/0 flag beside a pairwise share column: `relie_pair/a-b` -> `relie_pair_all_zero/a-b`."""
+    metric, _, pair = name.partition("/")
+    return column(f"{metric}_all_zero", pair)
+
+
+def table(folder: str | Path, name: str) -> Path:
+    """A result table written by `write_tables`: `<folder>/<name>.parquet`."""
+    return Path(folder) / f"{name}.parquet"
+
+
+class RunLayout:
+    """One run folder `<out>/<name>/`: a property per stage folder, table, file and lock."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @classmethod
+    def of(cls, out: str | Path, name: str) -> RunLayout:
+        return cls(run_folder(out, name))
+
+    def stage(self, name: str) -> Path:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGES)}")
+        return self.root / name
+
+    def done(self, stage: str) -> Path:
+        return self.stage(stage) / DONE
+
+    def started(self, stage: str) -> Path:
+        return self.stage(stage) / STARTED
+
+    @property
+    def config(self) -> Path:
+        """The resolved config the run was started with (live queries read the family from it)."""
+        return self.root / CONFIG
+
+    @property
+    def tracking_db(self) -> Path:
+        return self.root.parent / TRACKING_DB
+
+    @property
+    def local_artifacts(self) -> Path:
+        return self.root.parent / LOCAL_ARTIFACTS
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    # screen
+    @property
+    def screen_tables(self) -> Path:
+        return self.stage("screen") / "tables"
+
+    @property
+    def accuracy(self) -> Path:
+        return table(self.screen_tables, ACCURACY)
+
+    # extract, train, evaluate
+    @property
+    def acts(self) -> Path:
+        return self.stage("extract") / "acts"
+
+    @property
+    def train_storage(self) -> Path:
+        """Ray Train's storage for this run's checkpoints (removed when training is done)."""
+        return self.stage("train") / "ray"
+
+    @property
+    def crosscoder(self) -> Path:
+        return self.stage("train") / CROSSCODER
+
+    @property
+    def stream_position(self) -> Path:
+        return self.stage("train") / STREAM_POSITION
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.stage("evaluate") / "metrics.json"
+
+    # attribute
+    @property
+    def effects_folder(self) -> Path:
+        return self.stage("attribute") / EFFECTS
+
+    @property
+    def effects(self) -> Path:
+        return table(self.effects_folder, EFFECTS)
+
+    @property
+    def summary(self) -> Path:
+        return self.effects_folder / SUMMARY
+
+    # analyse
+    @property
+    def analyse_tables(self) -> Path:
+        return self.stage("analyse") / "tables"
+
+    @property
+    def features(self) -> Path:
+        return table(self.analyse_tables, FEATURES)
+
+    @property
+    def contexts(self) -> Path:
+        return table(self.analyse_tables, CONTEXTS)
+
+    @property
+    def report(self) -> Path:
+        return self.stage("analyse") / "report.html"
+
+    def relative(self, path: Path) -> str:
+        """A path inside the run folder as a relative POSIX path (MLflow artifact paths)."""
+        return path.relative_to(self.root).as_posix()
+
+
 def run_folder(out: str | Path, name: str) -> Path:
     """A run's folder, `<out>/<name>`, resolved; it must lie inside `out` (the name is checked as a
     `schema.Name` when the config loads: this is the last guard, for names that never went through it)."""
@@ -38,11 +195,6 @@ def run_folder(out: str | Path, name: str) -> Path:
     if folder.parent != root:
         raise ValueError(f"run name {name!r} does not name a folder inside pipeline.out {str(root)!r}")
     return folder
-
-
-def metric_name(metric: str, revision: str) -> str:
-    """The one naming scheme of per-checkpoint metrics, everywhere: `fve/step128`."""
-    return f"{metric}/{revision}"
 
 
 class ArtifactError(ValueError):

@@ -28,12 +28,12 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from crossray.store import NEVER_UPLOADED_DIRS, NEVER_UPLOADED_FILES, column
+
 logger = logging.getLogger(__name__)
-SKIP_ARTIFACTS = ("acts", "ray")
-"""Stage sub-folders never uploaded: activation shards and Ray Train checkpoints."""
-SKIP_FILES = ("started.json", "done.json", "train_state.safetensors", "train_state.json")
-"""Files never uploaded: the stage bookkeeping, and the optimizer state kept beside the final
-crosscoder (twice its size; resuming reads the Ray Train checkpoints, never MLflow)."""
+# Never uploaded: activation shards and Ray Train checkpoints (sub-folders), the stage bookkeeping and
+# the optimizer state kept beside the final crosscoder (twice its size; resuming reads the Ray Train
+# checkpoints, never MLflow).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 """MLflow 3 opens an experiment in its model-training view (not the GenAI one) with this tag."""
 SYSTEM_METRICS_INTERVAL_S = 2.0
@@ -48,16 +48,17 @@ def portable(value: str) -> str:
     return value
 
 
-def check_tracking() -> str:
-    """The tracking URI in use; a server that does not answer is an error before any compute."""
+def check_tracking(uri: str | None = None) -> str:
+    """`uri` (None: MLflow's default), checked: a server that does not answer is an error before any
+    compute."""
     import mlflow
 
-    uri = mlflow.get_tracking_uri()
+    uri = uri or mlflow.get_tracking_uri()
     if uri.startswith("http"):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # (MLflow reads these from the
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")      # environment only)
         try:
-            mlflow.MlflowClient().search_experiments(max_results=1)
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001 (any failure means the server is unusable)
             raise ValueError(f"MLflow tracking server {uri} does not answer: {type(e).__name__}") from e
     return uri
@@ -68,7 +69,7 @@ def experiment_link(uri: str, experiment: str) -> str:
     view from the `workflowType` query parameter, else from the browser's last choice)."""
     import mlflow
 
-    exp = mlflow.get_experiment_by_name(experiment)
+    exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
     page = f"/#/experiments/{exp.experiment_id if exp else ''}?workflowType=machine_learning"
     if uri.startswith("http"):
         return uri + page
@@ -88,9 +89,15 @@ def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    def __init__(self, experiment: str, local_artifacts: Path):
+    """Every MLflow write of a pipeline run goes through here. `tracking_uri` (None: MLflow's default)
+    is passed in, never read from or written to the environment."""
+
+    def __init__(self, experiment: str, local_artifacts: Path, tracking_uri: str | None = None):
         import mlflow
 
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        self.tracking_uri = mlflow.get_tracking_uri()
         if mlflow.get_experiment_by_name(experiment) is None:
             local = not mlflow.get_tracking_uri().startswith(("http", "databricks"))
             mlflow.create_experiment(experiment, artifact_location=local_artifacts.resolve().as_uri()
@@ -159,11 +166,46 @@ class Tracker:
 
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder)
-            if not path.is_file() or rel.name in SKIP_FILES:
+            if not path.is_file() or rel.name in NEVER_UPLOADED_FILES:
                 continue
-            if rel.parts[0] in SKIP_ARTIFACTS and rel.name != "manifest.json":
+            if rel.parts[0] in NEVER_UPLOADED_DIRS and rel.name != "manifest.json":
                 continue
             mlflow.log_artifact(str(path), str(Path(artifact_path, *rel.parts[:-1])))
+
+    # -- the active run (a stage's, or the parent's) --------------------------------------------------
+    def log_params(self, params: dict[str, str]) -> None:
+        import mlflow
+
+        mlflow.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(tags)
+
+    def log_dict(self, obj: dict, name: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(obj, name)
+
+    def log_artifact(self, path: Path) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path))
+
+    def log_crosscoder(self, folder: Path) -> str:
+        """The crosscoder in `folder` as an MLflow pyfunc model of the active run; returns its URI."""
+        from crossray.mlflow_model import log_crosscoder
+
+        return log_crosscoder(folder).model_uri
+
+    def progress_logger(self, run_id: str) -> Callable[[dict], None]:
+        return progress_logger(run_id, self.tracking_uri)
 
     def log_history(self, rows: list[dict], skip: tuple[str, ...] = ("step",)) -> None:
         import mlflow
@@ -271,7 +313,7 @@ def _dataset(name: str, source: str, digest: str, profile: dict):
     return Profiled(Source(source), name=name, digest=digest[:36])
 
 
-def progress_logger(run_id: str) -> Callable[[dict], None]:
+def progress_logger(run_id: str, tracking_uri: str | None = None) -> Callable[[dict], None]:
     """A `Progress` report that records each snapshot as `progress/*` metrics of `run_id` (callable from
     any thread: it does not rely on the active run)."""
     import math
@@ -280,11 +322,11 @@ def progress_logger(run_id: str) -> Callable[[dict], None]:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=tracking_uri)
 
     def log(snapshot: dict) -> None:
         now, step = int(time.time() * 1000), int(snapshot.get("done", 0))
-        client.log_batch(run_id, metrics=[Metric(f"progress/{k}", float(v), now, step)
+        client.log_batch(run_id, metrics=[Metric(column("progress", k), float(v), now, step)
                                           for k, v in snapshot.items()
                                           if isinstance(v, int | float) and math.isfinite(v)])
     return log

@@ -217,8 +217,8 @@ class Trainer:
                "fve_mean_of_ratios": paper.joint.item(), "dead": self.dead.count(),
                "lr": self.scheduler.get_last_lr()[0], "l1_coeff": l1_coeff_at(self.step, self.cfg)}
         for c, rev in enumerate(self.cc.cfg.revision_names()):
-            row[store.metric_name("fve", rev)] = fve.per_checkpoint_C[c].item()
-            row[store.metric_name("fve_mean_of_ratios", rev)] = paper.per_checkpoint_C[c].item()
+            row[store.column("fve", rev)] = fve.per_checkpoint_C[c].item()
+            row[store.column("fve_mean_of_ratios", rev)] = paper.per_checkpoint_C[c].item()
         return row
 
     def fit(self, batches: Iterable[Tensor], log: Callable[[int, dict], None] | None = None,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from crossray.cli import error_line
 from crossray.config import add_config_flags, load_config
 from crossray.errors import explain, remove_temporaries, write_failure_log
 from crossray.schema import overrides_from
@@ -25,11 +25,6 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
     return p
-
-
-def error_line(message: object) -> None:
-    """The one line a job prints for bad input or a failure (stderr)."""
-    print(f"crossray: error: {message}", file=sys.stderr)
 
 
 def run_job(parser: argparse.ArgumentParser, argv: list[str] | None, stage: str,

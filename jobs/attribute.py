@@ -28,7 +28,7 @@ from crossray.config import AttributionConfig, LaunchConfig
 from crossray.models.layer import load_layer_model, load_tokenizer
 from crossray.pipeline.inputs import task_files
 from crossray.progress import Progress
-from crossray.store import load_crosscoder, write_tables
+from crossray.store import EFFECTS, SUMMARY, load_crosscoder, write_tables
 from crossray.tasks import TaskError, load_tasks
 from jobs._ray import job_parser, run_job
 from rayenv import compute_device
@@ -48,7 +48,7 @@ class AttributionActor:
         AT.check_crosscoder_fits(self.cc, self.models, revisions)
 
     def effects(self, examples, cfg: AttributionConfig, m: int) -> AT.EffectSums:
-        return AT.task_effects(self.cc, self.models, self.tokenizer, examples, cfg, checkpoints=[m])
+        return AT.task_effects(self.cc, self.models, self.tokenizer, examples, cfg, checkpoint_indices=[m])
 
     def ablation(self, examples, features: list[int], skip_first_position: bool) -> torch.Tensor:
         return AT.ablation_deltas(self.cc, self.models, self.tokenizer, examples, features,
@@ -100,9 +100,9 @@ def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[s
                                        lambda ex, feats, a=actor: ray.get(
                                            a.ablation.remote(ex, feats, cfg.skip_first_position)),
                                        baselines[ti])
-        summary["tasks"][task.name] = info
+        summary["tasks"][task.name] = info.to_json()
         rows += task_rows
-    write_tables(out, {"effects": rows}, {"summary.json": summary})
+    write_tables(out, {EFFECTS: rows}, {SUMMARY: summary})
     return summary
 
 

@@ -7,7 +7,8 @@ The stages, their keys and bodies live in `crossray.pipeline`; this module only 
 backend: screening and evaluation in Ray tasks with the actors' resources, extraction on a Ray Data
 actor pool (`jobs.extract`), training with Ray Train (`jobs.train`), attribution on an actor pool
 (`jobs.attribute`). MLFLOW_TRACKING_URI picks a tracking server; otherwise a local sqlite store under
-the output folder.
+the output folder (`RunLayout.tracking_db`); the URI is passed to the pipeline, never put in the
+environment.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from crossray.config import (
 )
 from crossray.extract import Manifest
 from crossray.lock import RunLock
-from crossray.pipeline.runner import Pipeline, TrainOutput
+from crossray.pipeline.graph import Extracted, Progress, TrainOutput
+from crossray.pipeline.runner import Pipeline
 from crossray.pipeline.stages import RunOutcome
 from crossray.pipeline.summary import summary_json, summary_text
 from crossray.schema import overrides_from
-from crossray.store import run_folder
+from crossray.store import RunLayout, run_folder
 from crossray.tracking import check_tracking, experiment_link
 from jobs import attribute as attribute_job
 from jobs import extract as extract_job
@@ -87,48 +89,43 @@ class RayBackend:
         except ray.exceptions.RayTaskError as e:
             raise e.as_instanceof_cause() from None
 
-    @staticmethod
-    def _progress():
-        """Progress snapshots as metrics of the stage run that is active now."""
-        import mlflow
-
-        from crossray.tracking import progress_logger
-
-        run = mlflow.active_run()
-        return progress_logger(run.info.run_id) if run is not None else None
-
-    def extract(self, cfg: ExtractConfig, out: Path) -> Manifest:
-        return extract_job.run_extract(cfg, out, self.launch, prep=self._prepare(cfg),
-                                       on_progress=self._progress())
+    def extract(self, cfg: ExtractConfig, out: Path, progress: Progress = None) -> Manifest:
+        return extract_job.run_extract(cfg, out, self.launch, prep=self._prepare(cfg), on_progress=progress)
 
     def stream(self, cfg: ExtractConfig) -> Manifest:
         return extract_job.stream_manifest(self._prepare(cfg), self.launch)
 
     def train(self, cfg: TrainConfig, storage: Path, name: str, norm_factors: list[float],
-              data: str | ExtractConfig) -> TrainOutput:
-        progress = self._progress()
-        if isinstance(data, ExtractConfig):  # stream mode: extraction actors feed the Train workers
-            prep = self._prepare(data)
+              data: Extracted, progress: Progress = None) -> TrainOutput:
+        if data.result.mode == "stream":  # extraction actors feed the Train workers
+            prep = self._prepare(data.config)
             plan = extract_job.stream_plan(prep, cfg.n_steps * cfg.batch_size, cfg.data_seed)
             result = train_job.run_train(cfg, self.launch, storage, norm_factors, name=name,
                                          stream=extract_job.row_stream(prep, plan, self.launch),
                                          on_progress=progress)
         else:
-            result = train_job.run_train(cfg, self.launch, storage, norm_factors, data=data, name=name,
-                                         on_progress=progress)
+            result = train_job.run_train(cfg, self.launch, storage, norm_factors, data=data.result.acts,
+                                         name=name, on_progress=progress)
         position = train_job.stream_position(result)
         return TrainOutput(train_job.crosscoder_dir(result), train_job.metric_history(result),
                            dict(result.metrics or {}), position.to_json() if position else None)
 
     def attribute(self, crosscoder: str, family: Family, tasks: list[str], out: Path,
-                  cfg: AttributionConfig) -> dict:
+                  cfg: AttributionConfig, progress: Progress = None) -> dict:
         return attribute_job.run_attribute(crosscoder, family, tasks, out, cfg, self.launch,
-                                           on_progress=self._progress())
+                                           on_progress=progress)
 
 
-def run(cfg: Config, config_name: str = "") -> RunOutcome:
-    """The whole pipeline for a config, on the Ray that is already initialised."""
-    return Pipeline(cfg, RayBackend(cfg), config_name).run()
+def run(cfg: Config, config_name: str = "", tracking_uri: str | None = None) -> RunOutcome:
+    """The whole pipeline for a config, on the Ray that is already initialised (`tracking_uri` None:
+    MLflow's default)."""
+    return Pipeline(cfg, RayBackend(cfg), config_name, tracking_uri).run()
+
+
+def tracking_uri(cfg: Config) -> str:
+    """$MLFLOW_TRACKING_URI when set, else the sqlite store beside the runs."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{RunLayout.of(cfg.pipeline.out, cfg.pipeline.name).tracking_db}"
 
 
 def _interrupt(*_) -> None:
@@ -174,13 +171,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def _locked_run(cfg: Config, args: argparse.Namespace) -> int:
     try:
-        pipeline = Pipeline(cfg, RayBackend(cfg), Path(args.config).name)
+        uri = tracking_uri(cfg)
+        pipeline = Pipeline(cfg, RayBackend(cfg), Path(args.config).name, uri)
         pipeline.validate()  # nothing is written, no Ray, no MLflow run before this passes
-        if "MLFLOW_TRACKING_URI" not in os.environ:
-            db = (Path(cfg.pipeline.out) / "mlflow.db").resolve()
-            db.parent.mkdir(parents=True, exist_ok=True)
-            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
-        uri = check_tracking()
+        pipeline.layout.tracking_db.parent.mkdir(parents=True, exist_ok=True)
+        check_tracking(uri)
     except (ValueError, OSError) as e:
         error_line(e)
         return 2
@@ -194,7 +189,7 @@ def _locked_run(cfg: Config, args: argparse.Namespace) -> int:
     if outcome is None:
         return code
     print(summary_text(outcome))
-    experiment = cfg.launch.experiment or f"crossray-{outcome.family.name}"
+    experiment = pipeline.resolved.experiment
     print(f"MLflow: {uri}, experiment {experiment}; in the UI: {experiment_link(uri, experiment)}")
     if args.json:
         print(json.dumps(summary_json(outcome)))

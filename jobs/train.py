@@ -42,17 +42,16 @@ from crossray.config import (
 from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
 from crossray.position import RowMarks, StreamPlan, StreamPosition
+from crossray.store import CROSSCODER, STREAM_POSITION, TRAIN_HISTORY
 from crossray.train import Trainer
 from jobs._ray import job_parser, run_job
 from jobs.extract import RowStream
 from rayenv import use_assigned_cpus
 
 logger = logging.getLogger(__name__)
-CROSSCODER_DIR = "crosscoder"
-HISTORY = "metrics.json"
-"""Every metrics row rank 0 logged, kept in each checkpoint (Ray keeps only a few checkpoints)."""
-POSITION = "stream_position.json"
-"""Stream mode: the rows trained per stream item (`crossray.position`), kept in each checkpoint."""
+# A Train checkpoint holds the crosscoder (`CROSSCODER`), every metrics row rank 0 logged
+# (`TRAIN_HISTORY`: Ray keeps only a few checkpoints) and, in stream mode, the rows trained per stream
+# item (`STREAM_POSITION`, `crossray.position`).
 
 
 def _parquet_batches(folder: str, world: int, rank: int, batch: int, buffer: int, seed: int
@@ -76,7 +75,7 @@ def _stream_batches(batch: int, buffer: int, seed: int, marks: RowMarks) -> Iter
 def _restore_position(folder: Path | None, plan: StreamPlan, position_actor) -> StreamPosition:
     """Rank 0: the stream position of the restored checkpoint (a fresh one without), handed to the
     position actor before any worker pulls from the stream, so the stream leaves out what is done."""
-    saved = folder / POSITION if folder is not None else None
+    saved = folder / STREAM_POSITION if folder is not None else None
     if saved is not None and saved.exists():
         position = StreamPosition.from_json(json.loads(saved.read_text()))
         position.restores += 1
@@ -104,8 +103,8 @@ def _make_trainer(cfg: TrainConfig, norm_factors: list[float], device: torch.dev
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            trainer = Trainer.resume(Path(folder) / CROSSCODER_DIR, cfg, device)
-            history = json.loads((Path(folder) / HISTORY).read_text())
+            trainer = Trainer.resume(Path(folder) / CROSSCODER, cfg, device)
+            history = json.loads((Path(folder) / TRAIN_HISTORY).read_text())
             restore(Path(folder))
         logger.info("resumed from step %d", trainer.step)
         return trainer, history
@@ -158,12 +157,12 @@ def train_loop_per_worker(config: dict) -> None:
         counts = _gather(marks.take(), world) if marks is not None else []
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                t.save(Path(tmp) / CROSSCODER_DIR)
-                (Path(tmp) / HISTORY).write_text(json.dumps(history))
+                t.save(Path(tmp) / CROSSCODER)
+                (Path(tmp) / TRAIN_HISTORY).write_text(json.dumps(history))
                 if position is not None:
                     for c in counts:
                         position.add(c)
-                    (Path(tmp) / POSITION).write_text(json.dumps(position.to_json()))
+                    (Path(tmp) / STREAM_POSITION).write_text(json.dumps(position.to_json()))
                 ray.train.report({**latest, "step": t.step}, checkpoint=Checkpoint.from_directory(tmp))
             else:
                 ray.train.report({"step": t.step})
@@ -257,12 +256,12 @@ def _relay_progress(queue, stop: threading.Event, workers: int, on_progress) -> 
 
 def metric_history(result: ray.train.Result) -> list[dict]:
     """Every metrics row of a finished run (rank 0's, every metrics_every steps)."""
-    return json.loads((crosscoder_dir(result).parent / HISTORY).read_text())
+    return json.loads((crosscoder_dir(result).parent / TRAIN_HISTORY).read_text())
 
 
 def stream_position(result: ray.train.Result) -> StreamPosition | None:
     """Where a stream mode run ended in its data (None for a run on Parquet shards)."""
-    path = crosscoder_dir(result).parent / POSITION
+    path = crosscoder_dir(result).parent / STREAM_POSITION
     return StreamPosition.from_json(json.loads(path.read_text())) if path.exists() else None
 
 
@@ -270,7 +269,7 @@ def crosscoder_dir(result: ray.train.Result) -> Path:
     """Local folder of the final crosscoder (weights, config, training state) of a finished run."""
     if result.checkpoint is None:
         raise ValueError(f"run {result.path} reported no checkpoint")
-    return Path(result.checkpoint.path) / CROSSCODER_DIR
+    return Path(result.checkpoint.path) / CROSSCODER
 
 
 def resolve_with_manifest(settings: TrainSettings, manifest: Manifest) -> TrainConfig:

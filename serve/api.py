@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from crossray.errors import ErrorKind
 from crossray.results import NotFound, RunIndex, load_run
 from crossray.tasks import PairError, check_request_rows
 from serve import schemas as S
@@ -293,6 +294,11 @@ def check_pairs(pairs: list[dict], limits: S.LiveLimits) -> None:
                                        "input": None, "msg": str(e)}]) from None
 
 
+QUERY_ERROR_STATUS: dict[ErrorKind, int] = {"invalid": 422, "not_found": 404, "unavailable": 503,
+                                             "failed": 500}
+"""The HTTP status of each kind of live-query error (`crossray.errors.ERROR_KINDS`)."""
+
+
 async def live_answer(svc: Service, run: str, kind: str, body: dict, field: str) -> Response:
     index, limits = svc.state.index(run), svc.limits
     for i in body.get("features") or []:
@@ -312,11 +318,12 @@ async def live_answer(svc: Service, run: str, kind: str, body: dict, field: str)
         return _error(503, f"the model deployment failed ({type(e).__name__}); retry later",
                       {"Retry-After": "5"})
     if "error" in result:
-        if result["error"] == 422:
+        status = QUERY_ERROR_STATUS[result["error"]]
+        if status == 422:
             raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "input": None,
                                            "msg": result["detail"]}])
-        retry = {"Retry-After": "5"} if result["error"] == 503 else None
-        return _error(result["error"], result["detail"], retry)
+        retry = {"Retry-After": "5"} if status == 503 else None
+        return _error(status, result["detail"], retry)
     # encoded here: the answer is JSON-ready, and validating it against the response model costs
     # more CPU than the rest of the route (the model still documents it)
     return Response(_json({"run": index.run.id, **result}), media_type="application/json")

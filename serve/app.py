@@ -1,6 +1,7 @@
 """The Ray Serve application: finished crossray runs behind HTTP.
 
     crossray serve --run models:/crossray-toy-tiny@champion          (local Ray, http://127.0.0.1:8000)
+    crossray-serve --run runs/tiny                                    (the same; this module's entry point)
     crossray serve --run runs/tiny --run <mlflow run id> --port 8000 --token-env CROSSRAY_TOKEN
     serve deploy serve/config.yaml                                    (a cluster; replicas, autoscaling)
 
@@ -24,14 +25,15 @@ import argparse
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
+import mlflow
 from ray import serve
 
 from crossray.cache import serve_cache_dir
+from crossray.cli import error_line
 from crossray.config import load_config
-from crossray.store import run_folder
+from crossray.store import TRACKING_DB, run_folder
 from serve.api import ServiceState, build_api
 from serve.model import HandleClient, LiveModel
 from serve.schemas import LiveLimits
@@ -47,7 +49,7 @@ class CrosscoderService:
                  batch_size: int = 16, batch_wait_s: float = 0.02):
         logging.basicConfig(level=logging.INFO)
         if tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+            mlflow.set_tracking_uri(tracking_uri)
         self.state = ServiceState(runs, cache_dir or serve_cache_dir())
         # NOTE: loaded before the constructor returns, so Serve routes nothing to a replica (a fresh one,
         # or the replacement of a dead one) until its runs are loaded; the proxy answers 503 meanwhile.
@@ -124,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--token-env", help="environment variable holding a bearer token to require")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db"),
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the pipeline's "
-                   "sqlite:///runs/mlflow.db)")
+    default_uri = f"sqlite:///runs/{TRACKING_DB}"  # pipeline.out's default
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", default_uri),
+                   help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the pipeline's "
+                   f"{default_uri})")
     p.add_argument("--cache-dir", default=str(serve_cache_dir()), help="where MLflow artifacts are cached")
     p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
     p.add_argument("--no-live", action="store_true", help="serve the stored tables only (no model "
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run += [str(run_folder(c.pipeline.out, c.pipeline.name)) for c in map(load_config, args.config)]
     except ValueError as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
+        error_line(e)
         return 2
     if not args.run:
         p.error("give at least one --run or --config")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # replicas have another cwd
         uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)  # the sources are checked here; the replicas get `uri` passed
     try:
         app = make_app({"runs": args.run, "token_env": args.token_env, "cache_dir": cache,
                         "tracking_uri": uri, "live": not args.no_live, "batch_size": args.batch_size},
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                        num_replicas=args.replicas)
         check_sources(args.run, Path(cache))
     except ValueError as e:
-        print(f"crossray: error: {e}", file=sys.stderr)
+        error_line(e)
         return 2
     return _serve_until_stopped(app, args)
 

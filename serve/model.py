@@ -18,16 +18,17 @@ A run whose live model cannot be loaded (no weights, a family not present here) 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable
 
 from ray import serve
+
+from crossray.errors import query_error
 
 logger = logging.getLogger(__name__)
 
 LiveClient = Callable[[str, str, dict], Awaitable[dict]]
 """`await client(kind, run_id, body)`: kind is effects, ablate or activations; the answer is a dict, or
-`{"error": status, "detail": reason}`."""
+`{"error": kind, "detail": reason}` (`crossray.live.ERROR_KINDS`)."""
 
 
 def answer_batch(runs: dict, problems: dict[str, str], items: list[tuple[str, str, dict]]) -> list[dict]:
@@ -39,14 +40,14 @@ def answer_batch(runs: dict, problems: dict[str, str], items: list[tuple[str, st
     for i, (kind, run_id, body) in enumerate(items):
         run = runs.get(run_id)
         if run is None:
-            out[i] = {"error": 503, "detail": f"live queries are unavailable for run {run_id}: "
-                      f"{problems or 'its model was not loaded'}"}
+            out[i] = query_error(f"live queries are unavailable for run {run_id}: "
+                                 f"{problems or 'its model was not loaded'}", "unavailable")
         elif kind == "effects":
             effects.setdefault(run_id, []).append(i)
         elif kind in ("ablate", "activations"):
             out[i] = _alone(getattr(run, kind), body)
         else:
-            out[i] = {"error": 404, "detail": f"unknown live query {kind!r}"}
+            out[i] = query_error(f"unknown live query {kind!r}", "not_found")
     for run_id, index in effects.items():
         bodies = [items[i][2] for i in index]
         run = runs[run_id]
@@ -65,8 +66,8 @@ def _alone(compute: Callable[[dict], dict], body: dict) -> dict:
         return compute(body)
     except Exception as e:  # noqa: BLE001 (one query's defect must not fail its batch)
         logger.exception("a live query failed")
-        return {"error": 500, "detail": f"the model failed on this query ({type(e).__name__}: "
-                f"{str(e)[:200]}); retrying will not help"}
+        return query_error(f"the model failed on this query ({type(e).__name__}: {str(e)[:200]}); retrying "
+                           "will not help", "failed")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -81,7 +82,9 @@ class LiveModel:
 
         logging.basicConfig(level=logging.INFO)
         if tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri)
         device = compute_device(len(ray.get_gpu_ids()))
         self.runs, self.problems = {}, {}
         for source in runs:

@@ -124,7 +124,7 @@ def same_training(reference, toy_dir: Path) -> dict[str, str]:
     """Overrides that keep a small pipeline's extraction and training those of `reference` (a
     RunOutcome of `small_pipeline_config`: its selected checkpoints pinned) while screening and
     attribution take one task: for tests that compare a second run's crosscoder with the reference's."""
-    return {"pipeline.revisions": ",".join(reference.results["select"].revisions),
+    return {"pipeline.revisions": ",".join(reference.select.revisions),
             "pipeline.tasks": str(toy_dir / "tasks" / "simple_agreement.jsonl")}
 
 

@@ -107,13 +107,13 @@ def test_completeness_holds_with_uncounted_positions(toy_models, toy_tokenizer, 
 def test_aggregation_weights_examples_and_thresholds(toy_models, toy_tokenizer, examples):
     cc = _random_crosscoder()
     cfg = AttributionConfig(steps=2, threshold=None, batch_size=3)
-    a = task_effects(cc, toy_models, toy_tokenizer, examples[:7], cfg, checkpoints=[2])
+    a = task_effects(cc, toy_models, toy_tokenizer, examples[:7], cfg, checkpoint_indices=[2])
     b = task_effects(cc, toy_models, toy_tokenizer, examples[:7],
-                     AttributionConfig(steps=2, threshold=None, batch_size=7), checkpoints=[2])
+                     AttributionConfig(steps=2, threshold=None, batch_size=7), checkpoint_indices=[2])
     assert a.n_examples == 7  # the short last batch counts 1 example, not a batch (§16.5)
     torch.testing.assert_close(a.means()[0], b.means()[0], rtol=1e-4, atol=1e-6)
     high = task_effects(cc, toy_models, toy_tokenizer, examples[:7],
-                        AttributionConfig(steps=2, threshold=1e9, batch_size=7), checkpoints=[2])
+                        AttributionConfig(steps=2, threshold=1e9, batch_size=7), checkpoint_indices=[2])
     assert not high.ie_sum_CL.any() and high.err_sum_C[2] == b.err_sum_C[2]  # error never thresholded
     with pytest.raises(TaskError, match="no example"):
         task_effects(cc, toy_models, toy_tokenizer, [], cfg)
@@ -282,10 +282,10 @@ def test_first_position_is_left_out_by_default(toy_models, toy_tokenizer, exampl
                           positions_BS=effect_positions(mask, True)).ie_BSL
     assert not later[~effect_positions(mask, True)].any()
     cfg = AttributionConfig(steps=2, threshold=None, batch_size=6)
-    skipped = task_effects(cc, toy_models, toy_tokenizer, chunk, cfg, checkpoints=[2]).ie_sum_CL[2]
+    skipped = task_effects(cc, toy_models, toy_tokenizer, chunk, cfg, checkpoint_indices=[2]).ie_sum_CL[2]
     every = task_effects(cc, toy_models, toy_tokenizer, chunk,
                          AttributionConfig(steps=2, threshold=None, batch_size=6, skip_first_position=False),
-                         checkpoints=[2]).ie_sum_CL[2]
+                         checkpoint_indices=[2]).ie_sum_CL[2]
     torch.testing.assert_close(skipped, later.sum(dim=(0, 1)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(every, eff.ie_BSL.sum(dim=(0, 1)), rtol=1e-4, atol=1e-5)
     assert (skipped - every).abs().max() > 1e-3  # the first position carried effects

@@ -34,8 +34,10 @@ from crossray.schema import schema_dict
 
 
 def digest(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts (dataclasses are hashed by their fields)."""
-    blob = json.dumps([schema_dict(p) for p in parts], sort_keys=True, default=str)
+    """A short stable hash of JSON-able parts: a part with a `stage_identity()` is hashed by what it
+    returns (content, not names: `graph`'s stage inputs), other dataclasses by their fields."""
+    blob = json.dumps([schema_dict(p.stage_identity() if hasattr(p, "stage_identity") else p) for p in parts],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,8 +1,9 @@
-"""The bodies of the pipeline's stages: typed inputs in, a typed result out, no Ray.
+"""The stages' results and the library work inside them: typed inputs in, a typed result out, no Ray.
 
-Each result is a frozen dataclass of plain values, written to the stage's `done.json` and read back
-when the stage is reused. The functions that need the models (`screen_revision`, `evaluate`) run
-wherever the caller puts them: in this process, or in a Ray task (`jobs/pipeline.py`).
+Each result is a frozen dataclass of plain values, written to the stage's `done` file and read back
+when the stage is reused; `RunOutcome` holds one per stage. The functions that need the models
+(`screen_revision`, `evaluate`, `top_contexts`) run wherever the caller puts them: in this process, or
+in a Ray task (`jobs/pipeline.py`). The stages themselves, and their keys, are in `graph`.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from crossray.attribution import TaskSummary
 from crossray.checkpoints import Family
-from crossray.config import AnalysisConfig, EvaluateConfig, ExtractConfig, PipelineConfig
-from crossray.store import metric_name
+from crossray.config import AnalysisConfig, EvaluateConfig, ExtractConfig
+from crossray.store import CONTEXTS, FEATURES, STAGES, RunLayout, column
 
 logger = logging.getLogger(__name__)
+
+ExtractMode = Literal["stream", "parquet"]
+"""parquet: shards on disk that training reads; stream: extraction feeds training, nothing on disk."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,8 @@ class SelectResult:
 class ExtractResult:
     """Where the activations are, and what the manifest says of them."""
 
-    acts: str
-    """Folder of the Parquet shards and manifest."""
+    acts: str | None
+    """Folder of the Parquet shards and manifest; None in stream mode."""
     manifest_key: str
     weight_hashes: list[str]
     corpus_hash: str
@@ -61,7 +65,7 @@ class ExtractResult:
     d_model: int
     n_sequences: int
     token_count: int
-    mode: str = "parquet"
+    mode: ExtractMode = "parquet"
     """parquet (shards in `acts`) or stream (nothing on disk: training read the extraction stream)."""
     norm_factors_by_policy: dict[str, list[float]] = field(default_factory=dict)
     """The factors under both position-0 policies (`norm_factors` is the one that scaled)."""
@@ -92,7 +96,7 @@ class AttributeResult:
 
     effects: str
     """Folder of effects.parquet/.csv and summary.json."""
-    tasks: dict
+    tasks: dict[str, TaskSummary]
     """Per task: examples, skipped, metric, error effect, selected features, ablation check."""
 
 
@@ -104,17 +108,21 @@ class AnalyseResult:
     groups_by_relie: dict[str, dict[str, int]]
 
 
-STAGES = ("screen", "select", "extract", "train", "evaluate", "attribute", "analyse")
-
-
 @dataclass
 class RunOutcome:
-    """What a pipeline run produced: every stage's result, how each stage went, the MLflow handles."""
+    """What a pipeline run produced: every stage's result (None until it ran or was reused), how each
+    stage went, the MLflow handles."""
 
     name: str
     family: Family
     layer: int
-    results: dict[str, Any] = field(default_factory=dict)
+    screen: ScreenResult | None = None
+    select: SelectResult | None = None
+    extract: ExtractResult | None = None
+    train: TrainResult | None = None
+    evaluate: EvaluateResult | None = None
+    attribute: AttributeResult | None = None
+    analyse: AnalyseResult | None = None
     status: dict[str, str] = field(default_factory=dict)
     """Per stage: "ran" or "reused"."""
     keys: dict[str, str] = field(default_factory=dict)
@@ -123,16 +131,37 @@ class RunOutcome:
     method: str = "crossray"
     """`pipeline.method`: which forms of ΔCE and the ablation rho are the headline."""
 
+    def set(self, stage: str, result: Any, status: str) -> None:
+        if not isinstance(result, RESULTS[stage]):
+            raise TypeError(f"stage {stage} produced a {type(result).__name__}, not a "
+                            f"{RESULTS[stage].__name__}")
+        setattr(self, stage, result)
+        self.status[stage] = status
+
+    def result(self, stage: str) -> Any:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        return getattr(self, stage)
+
 
 RESULTS = {"screen": ScreenResult, "select": SelectResult, "extract": ExtractResult, "train": TrainResult,
            "evaluate": EvaluateResult, "attribute": AttributeResult, "analyse": AnalyseResult}
+assert tuple(RESULTS) == STAGES
 
 
 def to_json(result) -> dict:
+    if isinstance(result, AttributeResult):
+        return {"effects": result.effects, "tasks": {t: s.to_json() for t, s in result.tasks.items()}}
     return dataclasses.asdict(result)
 
 
 def from_json(stage: str, data: dict):
+    """A result as `to_json` wrote it (extractions of earlier versions wrote "" for no shards)."""
+    if stage == "attribute":
+        tasks = {t: TaskSummary.from_json(info) for t, info in data["tasks"].items()}
+        return AttributeResult(data["effects"], tasks)
+    if stage == "extract" and data.get("acts") == "":
+        data = {**data, "acts": None}
     return RESULTS[stage](**data)
 
 
@@ -175,13 +204,14 @@ def combine_screen(revisions: Sequence[str], parts: Sequence[tuple[list[dict], t
     return ScreenResult(list(revisions), accuracy, sim.tolist(), prefix), rows
 
 
-def select(screen: ScreenResult, cfg: PipelineConfig, hashes: Sequence[str] | None = None) -> SelectResult:
-    """The checkpoint set from the screen's curves; `hashes` (one per screened revision) let
-    revisions with identical weights count once."""
+def select(screen: ScreenResult, n_checkpoints: int, pinned: Sequence[str] = (),
+           hashes: Sequence[str] | None = None) -> SelectResult:
+    """The checkpoint set from the screen's curves (or the `pinned` revisions); `hashes` (one per
+    screened revision) let revisions with identical weights count once."""
     from crossray.screen import select_checkpoints
 
     sel = select_checkpoints(screen.revisions, screen.accuracy, torch.tensor(screen.similarity),
-                             cfg.n_checkpoints, list(cfg.revisions) or None, hashes)
+                             n_checkpoints, list(pinned) or None, hashes)
     return SelectResult(list(sel.revisions), list(sel.reasons))
 
 
@@ -216,14 +246,14 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, 
     skipped, kept = spliced_ce_policies(cc, extractor.models, held_out, (True, False), ecfg.batch_sequences)
     for c, rev in enumerate(ecfg.revisions):  # position 0 left real (training's view), and spliced too
         for suffix, ce in (("", skipped), ("_pos0", kept)):
-            metrics[metric_name(f"delta_ce{suffix}", rev)] = float(ce.delta_ce_C[c])
-            metrics[metric_name(f"ce_recovered{suffix}", rev)] = float(ce.ce_recovered_C[c])
+            metrics[column(f"delta_ce{suffix}", rev)] = float(ce.delta_ce_C[c])
+            metrics[column(f"ce_recovered{suffix}", rev)] = float(ce.ce_recovered_C[c])
     return EvaluateResult(metrics)
 
 
 # -- analyse --------------------------------------------------------------------------------------
 
-def analyse(folder: Path, screen: ScreenResult, select: SelectResult, train: TrainResult,
+def analyse(layout: RunLayout, screen: ScreenResult, select: SelectResult, train: TrainResult,
             attribute: AttributeResult, contexts: list[dict], title: str = "crossray run") -> AnalyseResult:
     """Feature table, plots, the findings report, and feature groups by decoder norm and by RelIE;
     `contexts` are the top contexts (`top_contexts`, computed next to the models)."""
@@ -237,14 +267,15 @@ def analyse(folder: Path, screen: ScreenResult, select: SelectResult, train: Tra
     cc = load_crosscoder(train.crosscoder)
     revisions = list(cc.cfg.revisions)
     rows = A.feature_rows(cc)
-    reldec = torch.tensor([[row[f"reldec/{r}"] for r in revisions] for row in rows])
-    write_tables(folder / "tables", {"features": rows, "top_contexts": contexts})
+    reldec = torch.tensor([[row[column("reldec", r)] for r in revisions] for row in rows])
+    write_tables(layout.analyse_tables, {FEATURES: rows, CONTEXTS: contexts})
+    folder = layout.stage("analyse")
     plots.accuracy_curves(screen.revisions, screen.accuracy, revisions, folder / "accuracy_curves.png")
     plots.reldec_histogram(reldec, revisions, folder / "reldec_histogram.png")
-    effects = pd.read_parquet(Path(attribute.effects) / "effects.parquet")
+    effects = pd.read_parquet(layout.effects)
     counts = {}
     for task, info in attribute.tasks.items():
-        selected = info["selected"]
+        selected = info.selected
         if not selected:
             continue
         sub = effects[(effects.task == task) & effects.feature.isin(selected)]
@@ -256,9 +287,9 @@ def analyse(folder: Path, screen: ScreenResult, select: SelectResult, train: Tra
         plots.ie_evolution(ie_CF[:, top], [selected[i] for i in top.tolist()], revisions,
                            folder / f"ie_evolution_{task}.png")
         counts[task] = pd.Series(A.group_labels(share, revisions)).value_counts().to_dict()
-    tops = {task: top_feature_table(effects, task, info["selected"], revisions)
+    tops = {task: top_feature_table(effects, task, info.selected, revisions)
             for task, info in attribute.tasks.items()}
-    write_report(folder / "report.html", title, select.reasons, revisions, attribute.tasks, tops,
+    write_report(layout.report, title, select.reasons, revisions, attribute.tasks, tops,
                  pd.DataFrame(rows), pd.DataFrame(contexts), folder)
     groups = pd.Series([row["group"] for row in rows]).value_counts().to_dict()
     return AnalyseResult(groups, counts)

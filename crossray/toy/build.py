@@ -86,7 +86,7 @@ def missing_parts(out: Path, meta: dict) -> list[str]:
     """What `family.json` lists that is not on disk: revisions (config and weights), tasks, corpus."""
     wanted = [f"{r}/config.json" for r in meta.get("revisions", [])]
     wanted += [f"{r}/model.safetensors" for r in meta.get("revisions", [])]
-    wanted += [f"tasks/{t}" for t in meta.get("tasks", [])]
+    wanted += [(Path("tasks") / t).as_posix() for t in meta.get("tasks", [])]
     wanted += ["corpus/train.jsonl", "corpus/validation.jsonl"]
     return [w for w in wanted if not (out / w).is_file()]
 

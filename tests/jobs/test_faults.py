@@ -192,7 +192,7 @@ def test_interrupted_runs_resume(tracked_run, toy_dir, tmp_path):
     train = json.loads((folder / "train" / "done.json").read_text())["result"]["final"]
     assert train["step"] == 600 and 50 <= train["resumed_from_step"] < 600
     evaluate = json.loads((folder / "evaluate" / "done.json").read_text())["result"]
-    for name, value in reference.results["evaluate"].metrics.items():
+    for name, value in reference.evaluate.metrics.items():
         if name.startswith("fve/"):
             assert evaluate["metrics"][name] == pytest.approx(value, abs=0.01)
 

@@ -30,11 +30,11 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
     exp = client.get_experiment_by_name("crossray-toy")
     parent = client.get_run(results.mlflow_run_id)
     tags = parent.data.tags
-    revisions = results.results["select"].revisions
+    revisions = results.select.revisions
     assert tags["crossray.family"] == "toy" and tags["crossray.layer"] == "2"
     assert tags["crossray.revisions"] == ",".join(revisions) and len(revisions) == 3
     assert len(tags["crossray.weight_hashes"].split(",")) == 3 and len(tags["crossray.corpus_hash"]) == 64
-    assert tags["crossray.manifest"] == results.results["extract"].manifest_key
+    assert tags["crossray.manifest"] == results.extract.manifest_key
     assert tags["crossray.config"] == "small.yaml"  # a name, never a path of this machine
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -65,7 +65,7 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
     weights = client.download_artifacts(train.info.run_id, "train/crosscoder", str(tmp_path / "cc"))
     assert (Path(weights) / "weights.safetensors").exists() and (Path(weights) / "config.json").exists()
     version = client.get_model_version_by_alias("toy-test", "champion")
-    assert version.run_id == train.info.run_id and version.source == results.results["train"].model_uri
+    assert version.run_id == train.info.run_id and version.source == results.train.model_uri
     # a second run reuses every stage and logs no new stage runs
     again = run(load_config(config), config.name)
     assert again.mlflow_run_id == results.mlflow_run_id
@@ -83,16 +83,16 @@ def test_stream_mode_writes_no_activation_and_matches_parquet(tracked_run, mlflo
                                **same_training(parquet, toy_dir)})  # the same extraction and training
     mlflow.set_tracking_uri(mlflow_server)
     outcome = run(cfg, config.name)
-    ex = outcome.results["extract"]
-    assert ex.mode == "stream" and ex.acts == "" and ex.token_count == parquet.results["extract"].token_count
+    ex = outcome.extract
+    assert ex.mode == "stream" and ex.acts is None and ex.token_count == parquet.extract.token_count
     folder = Path(cfg.pipeline.out) / "tiny-stream"
     written = [p.relative_to(folder) for p in folder.rglob("*") if p.is_file()]
     assert not [p for p in written if p.parts[0] == "extract" and p.name not in ("done.json", "started.json")]
     assert {p.parts[0] for p in written if p.suffix == ".parquet"} <= {"screen", "attribute", "analyse"}
-    for rev in outcome.results["select"].revisions:
+    for rev in outcome.select.revisions:
         key = f"fve/{rev}"
-        assert outcome.results["evaluate"].metrics[key] == pytest.approx(
-            parquet.results["evaluate"].metrics[key], abs=0.02)
+        assert outcome.evaluate.metrics[key] == pytest.approx(
+            parquet.evaluate.metrics[key], abs=0.02)
     contexts = pd.read_parquet(folder / "analyse" / "tables" / "top_contexts.parquet")
     assert len(contexts) > 100  # the scanned sequences were extracted again
     client = MlflowClient()
@@ -165,14 +165,14 @@ def test_mlflow_as_a_researcher_uses_it(tracked_run, mlflow_server, toy_dir, tmp
     exp = client.get_experiment_by_name("crossray-toy")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     parent = client.get_run(results.mlflow_run_id)
-    revisions = results.results["select"].revisions
+    revisions = results.select.revisions
     note = parent.data.tags["mlflow.note.content"]
     assert "## Checkpoints" in note and all(r in note for r in revisions) and "ablation" in note
     metrics = parent.data.metrics
     for r in revisions:
         assert 0 < metrics[f"fve/{r}"] <= 1 and f"delta_ce/{r}" in metrics
     assert metrics["l0"] > 0 and "dead_latents" in metrics
-    assert {f"ablation_rho/{t}" for t in results.results["attribute"].tasks} <= set(metrics)
+    assert {f"ablation_rho/{t}" for t in results.attribute.tasks} <= set(metrics)
     assert parent.data.params["revisions"] == ",".join(revisions) and parent.data.params["layer"] == "2"
     assert "config.json" in [f.path for f in client.list_artifacts(parent.info.run_id)]
     # datasets as inputs of the stages that read them, with content digests and row counts
@@ -186,22 +186,22 @@ def test_mlflow_as_a_researcher_uses_it(tracked_run, mlflow_server, toy_dir, tmp
         assert digest.startswith(inputs["simple_agreement"].digest)
         assert json.loads(inputs["simple_agreement"].profile) == {"rows": 200}
     [corpus] = by_stage["extract"].inputs.dataset_inputs
-    assert results.results["extract"].corpus_hash.startswith(corpus.dataset.digest)
-    assert json.loads(corpus.dataset.profile)["rows"] == results.results["extract"].token_count
+    assert results.extract.corpus_hash.startswith(corpus.dataset.digest)
+    assert json.loads(corpus.dataset.profile)["rows"] == results.extract.token_count
     for stage in ("extract", "train"):  # system metrics while the heavy stages ran
         assert any(k.startswith("system/cpu_utilization") for k in by_stage[stage].data.metrics)
     # the registered crosscoder loads with MLflow alone and encodes raw activations
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model("models:/toy-test@champion")
-    acts = results.results["extract"].acts
+    acts = results.extract.acts
     _, _, x = read_shard(Manifest.read(acts).shard_paths(acts)[0])
-    cc = load_crosscoder(results.results["train"].crosscoder)
+    cc = load_crosscoder(results.train.crosscoder)
     want = cc.encode(cc.normalise(x[:256]), mode="eval").detach().numpy()
     np.testing.assert_allclose(model.predict(x[:256].numpy()), want, rtol=1e-5, atol=1e-5)
     version = client.get_model_version_by_alias("toy-test", "champion")
     tags = version.tags
     assert tags["crossray.revisions"] == ",".join(revisions) and tags["crossray.layer"] == "2"
-    assert tags["crossray.corpus_hash"] == results.results["extract"].corpus_hash
+    assert tags["crossray.corpus_hash"] == results.extract.corpus_hash
     assert tags["crossray.n_latents"] == "512" and tags["crossray.sparsity"].startswith("relu")
     assert len(tags["crossray.weight_hashes"].split(",")) == 3 and "512 latents" in version.description
     # no tag, param or description holds a path of this machine
@@ -238,7 +238,7 @@ def test_mlflow_ui_in_headless_chromium(tracked_run, mlflow_server, tmp_path):
                                           f"{results.mlflow_run_id}{view}")
         browser.wait_for("document.body.innerText.includes('Checkpoints')", timeout=60)
         text = browser.eval("document.body.innerText")
-        last = results.results["select"].revisions[-1]
+        last = results.select.revisions[-1]
         assert "FVE" in text and last in text and f"fve/{last}" in text  # description and metrics
         browser.screenshot(ARTIFACTS / "mlflow_parent_run.png")
     finally:

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.ray
 
 def test_report_shows_every_task(tracked_run, mlflow_server, tmp_path):
     results, _ = tracked_run
-    folder = Path(results.results["train"].crosscoder).parents[1] / "analyse"
+    folder = Path(results.train.crosscoder).parents[1] / "analyse"
     report = folder / "report.html"
     text = report.read_text()
-    tasks = list(results.results["attribute"].tasks)
+    tasks = list(results.attribute.tasks)
     assert all(f'<h2 id="{t}">' in text for t in tasks) and "Ablation check" in text
     assert "(crossray method)" in text and "the paper's 2-way ρ" in text  # the method, both rho forms
     assert text.count("data:image/png;base64,") >= 1 + len(tasks)  # plots inlined: one self-contained file

@@ -116,10 +116,10 @@ def test_crosscoder_change_retrains_without_reextracting(chain):
     run_it, _, _ = chain
     summary, outcome = run_it(train__crosscoder__n_latents=64)
     assert summary["stages"] == _ran("train", "evaluate", "attribute", "analyse")
-    assert load_crosscoder(outcome.results["train"].crosscoder).cfg.n_latents == 64
+    assert load_crosscoder(outcome.train.crosscoder).cfg.n_latents == 64
     import pandas as pd
 
-    effects = pd.read_parquet(Path(outcome.results["attribute"].effects) / "effects.parquet")
+    effects = pd.read_parquet(Path(outcome.attribute.effects) / "effects.parquet")
     assert effects.feature.max() == 63  # attribution ran on the new crosscoder, not the stale one
     assert str(MlflowClient().get_model_version_by_alias("toy-graph", "champion").version) == "2"
 
@@ -128,7 +128,7 @@ def test_corpus_change_reextracts(chain):
     run_it, _, _ = chain
     summary, outcome = run_it(extract__corpus__n_sequences=112)
     assert summary["stages"] == _ran("extract", "train", "evaluate", "attribute", "analyse")
-    assert outcome.results["extract"].n_sequences == 112
+    assert outcome.extract.n_sequences == 112
 
 
 @pytest.mark.slow  # the layer in every key: the corpus change shows extract onward, this adds screen
@@ -136,7 +136,7 @@ def test_layer_change_reruns_everything(chain):
     run_it, _, _ = chain
     summary, outcome = run_it(pipeline__layer=1)
     assert summary["stages"] == _ran(*STAGES)
-    assert load_crosscoder(outcome.results["train"].crosscoder).cfg.layer == 1
+    assert load_crosscoder(outcome.train.crosscoder).cfg.layer == 1
 
 
 def test_unchanged_config_reruns_nothing(chain):

@@ -83,7 +83,7 @@ def served(tracked_run, mlflow_server, tmp_path_factory):
     from serve.app import make_app
 
     results, config = tracked_run
-    folder = Path(results.results["train"].crosscoder).parents[1]
+    folder = Path(results.train.crosscoder).parents[1]
     mlflow.set_tracking_uri(mlflow_server)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

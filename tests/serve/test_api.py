@@ -193,7 +193,7 @@ def test_live_deadline_is_503_with_retry_after_and_the_service_keeps_serving(sta
         calls.append((kind, run_id))
         if len(calls) == 1:
             await asyncio.sleep(5)
-        return {"error": 422, "detail": "no pair is usable"} if kind == "effects" else \
+        return {"error": "invalid", "detail": "no pair is usable"} if kind == "effects" else \
             {"checkpoints": ["step1"], "tokens": []}
 
     client = TestClient(build_api(state, live=slow_then_fast, limits=LiveLimits(deadline_s=0.2)))
@@ -260,7 +260,7 @@ def test_live_limits_are_positive():
 
 def test_a_query_the_model_fails_on_is_500_without_retry_after(state):
     async def failing(kind: str, run_id: str, body: dict) -> dict:
-        return {"error": 500, "detail": "the model failed on this query; retrying will not help"}
+        return {"error": "failed", "detail": "the model failed on this query; retrying will not help"}
 
     r = TestClient(build_api(state, live=failing)).post("/runs/fake/effects", json={"pairs": [PAIR]})
     assert r.status_code == 500 and "retry-after" not in r.headers and "will not help" in r.json()["detail"]
@@ -286,5 +286,5 @@ def test_a_query_that_fails_inside_the_model_fails_alone():
              ("activations", "r", {}), ("effects", "r", {"n": 3}), ("effects", "gone", {"n": 4})]
     out = answer_batch({"r": Run()}, {}, items)
     assert out[0] == {"n": 1} and out[4] == {"n": 3} and out[3] == {"tokens": []}
-    assert out[1]["error"] == 500 and "Expected tensor" in out[1]["detail"]
-    assert out[2]["error"] == 500 and out[5]["error"] == 503
+    assert out[1]["error"] == "failed" and "Expected tensor" in out[1]["detail"]
+    assert out[2]["error"] == "failed" and out[5]["error"] == "unavailable"

@@ -35,7 +35,7 @@ def test_effects_of_a_tasks_examples_reproduce_the_stored_table(served, task_row
         assert r.status_code == 200, r.text
         got = r.json()
         assert got["run"] == run and got["examples"] == summary["examples"] == len(task_rows)
-        assert got["checkpoints"] == results.results["select"].revisions
+        assert got["checkpoints"] == results.select.revisions
         assert [f["feature"] for f in got["features"]] == want_top  # the same top features
         for f in got["features"]:
             want = ie_LC.loc[f["feature"]].to_numpy()
@@ -68,7 +68,7 @@ def test_ablate_reproduces_the_attribute_stage_deltas(served, task_rows):
     assert abs(got["after"][-1]["logit_diff"] - got["before"][-1]["logit_diff"]) > 1e-3
     one = httpx.post(f"{url}/runs/tiny/ablate", json={"pairs": task_rows[:20], "features": selected[:2],
                                                       "checkpoint": -1}, timeout=60).json()
-    assert one["checkpoints"] == results.results["select"].revisions[-1:] and len(one["before"]) == 1
+    assert one["checkpoints"] == results.select.revisions[-1:] and len(one["before"]) == 1
 
 
 def test_activations_of_a_training_sequence_match_the_stored_top_contexts(served, tracked_run):
@@ -77,7 +77,7 @@ def test_activations_of_a_training_sequence_match_the_stored_top_contexts(served
     from crossray.models.layer import load_tokenizer
 
     cfg = load_config(tracked_run[1])
-    tokenizer = load_tokenizer(results.family, results.results["select"].revisions[0])
+    tokenizer = load_tokenizer(results.family, results.select.revisions[0])
     tokens, _ = load_sequences(cfg.extract.corpus, tokenizer)
     contexts = pd.read_parquet(folder / "analyse" / "tables" / "top_contexts.parquet")
     joint = contexts[(contexts.view == "joint") & (contexts["rank"] == 0)]
@@ -233,5 +233,5 @@ def test_model_work_stops_at_the_deadline(served, task_rows):
     run = LiveRun("tiny", folder)
     late, on_time = run.effects([{"pairs": task_rows[:40], "limits": {"deadline": time.time() - 1}},
                                  {"pairs": task_rows[:3], "features": [0, 7]}])
-    assert late["error"] == 503 and "deadline" in late["detail"]
+    assert late["error"] == "unavailable" and "deadline" in late["detail"]
     assert on_time["examples"] == 3 and [f["feature"] for f in on_time["features"]] == [0, 7]

@@ -32,10 +32,10 @@ def test_every_endpoint_matches_the_stored_tables(served):
     parent = results.mlflow_run_id
     assert c.get("/health").json() == {"status": "ok", "runs": sorted([parent, "tiny"])}
     runs = {r["id"]: r for r in c.get("/runs").json()}
-    revisions = results.results["select"].revisions
+    revisions = results.select.revisions
     for run in runs.values():
         assert [ck["revision"] for ck in run["checkpoints"]] == revisions
-        metrics = results.results["evaluate"].metrics
+        metrics = results.evaluate.metrics
         assert [ck["fve"] for ck in run["checkpoints"]] == [metrics[f"fve/{r}"] for r in revisions]
         assert run["family"] == "toy" and run["layer"] == 2 and run["n_latents"] == 512
     assert runs[parent]["registered_model"] == "models:/toy-test@champion" and runs[parent]["name"] == "tiny"
@@ -143,7 +143,7 @@ def test_page_in_headless_chromium(served, page):
     rows = browser.wait_for("document.querySelectorAll('tr.feature-row').length")
     task, checkpoint = (browser.eval(f"document.getElementById('{k}').value")
                         for k in ("task", "checkpoint"))
-    assert checkpoint == results.results["select"].revisions[-1]
+    assert checkpoint == results.select.revisions[-1]
     want = httpx.get(f"{url}/runs/{results.mlflow_run_id}/tasks/{task}/ranking",
                      params={"checkpoint": checkpoint, "selected": True, "limit": 25}).json()
     assert rows == len(want["items"]) > 0  # the first page of the ranking, in the API's order
