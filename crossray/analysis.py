@@ -244,13 +244,15 @@ def feature_rows(crosscoder: Crosscoder) -> list[dict]:
              "group": groups[i], "trajectory": trajectory[i]} for i in range(norms.shape[0])]
 
 
-def shard_batches(paths: Sequence, n_sequences: int) -> Iterable[tuple[Tensor, Tensor]]:
+def shard_batches(paths: Sequence, n_sequences: int, columns: Sequence[int] | None = None
+                  ) -> Iterable[tuple[Tensor, Tensor]]:
     """(acts (N, C, D), token ids seq * 2**20 + pos) of the shard rows whose sequence is below
-    `n_sequences`."""
+    `n_sequences` (`columns`: those checkpoints of the shards' axis)."""
     from crossray.extract import read_shard
 
     for path in paths:
         seq, pos, x = read_shard(path)
+        x = x if columns is None else x[:, list(columns)]
         keep = torch.from_numpy(seq < n_sequences)
         yield x[keep], torch.from_numpy(seq * 2**20 + pos).long()[keep]
 

@@ -440,6 +440,50 @@ class LaunchConfig(Checked):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SetSpec(Checked):
+    """One entry of `study.sets`: a checkpoint set given by its revisions, or `expand`ed from the
+    selected checkpoints. In YAML an entry may also be written as a list of revisions, or as
+    `adjacent` / `all`."""
+
+    revisions: tuple[str, ...] = ()
+    """The set's revisions, oldest first (with `expand` empty)."""
+    expand: Literal["", "adjacent", "all"] = ""
+    """adjacent: every adjacent pair of the selected checkpoints; all: the N-way set of them."""
+    name: OptionalName = ""
+    """The set's name (default: its revisions joined by '-'); its results go to <run>/sets/<name>/."""
+    overrides: tuple[str, ...] = ()
+    """`section.field=value` settings of this set alone; only `train.*` and `attribution.*` fields."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if bool(self.revisions) == bool(self.expand):
+            raise ValueError("a study set gives either revisions (two or more) or expand "
+                             f"(adjacent or all), got revisions {list(self.revisions)} and expand "
+                             f"{self.expand!r}")
+        if self.revisions and len(self.revisions) < 2:
+            raise ValueError(f"a checkpoint set needs two or more revisions, got {list(self.revisions)}")
+        if len(set(self.revisions)) != len(self.revisions):
+            raise ValueError(f"a checkpoint set names a revision twice: {list(self.revisions)}")
+        if self.expand and self.name:
+            raise ValueError(f"expand: {self.expand} makes several sets; they are named by their revisions")
+        for item in self.overrides:
+            dotted, sep, _ = item.partition("=")
+            if not sep or not dotted.startswith(("train.", "attribution.")):
+                raise ValueError(f"study set override {item!r}: expected train.<field>=<value> or "
+                                 "attribution.<field>=<value>")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig(Checked):
+    """Several checkpoint sets of the pipeline's family, run as one study (design.md, Studies): one
+    screening, one extraction of the union of their revisions, then each set's crosscoder, evaluation
+    and attribution, and a comparison on one timeline. Empty `sets`: a plain run of one set."""
+
+    sets: tuple[SetSpec, ...] = ()
+    """The checkpoint sets (entries: a list of revisions, `adjacent`, `all`, or a mapping of SetSpec)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config(Checked):
     pipeline: PipelineConfig
     extract: ExtractSettings
@@ -448,6 +492,25 @@ class Config(Checked):
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+
+def normalise_study(data: dict) -> dict:
+    """`study.sets` entries written short (a list of revisions, `adjacent`, `all`) as SetSpec data."""
+    study = data.get("study")
+    sets = study.get("sets") if isinstance(study, dict) else None
+    if isinstance(sets, list | tuple):
+        study["sets"] = [_set_spec(s, i) for i, s in enumerate(sets)]
+    return data
+
+
+def _set_spec(entry: Any, i: int) -> Any:
+    if isinstance(entry, str):
+        if entry not in ("adjacent", "all"):
+            raise ValueError(f"study.sets[{i}]: {entry!r} is not a set; write a list of revisions, adjacent, "
+                             "all, or a mapping with revisions / expand, name and overrides")
+        return {"expand": entry}
+    return {"revisions": list(entry)} if isinstance(entry, list | tuple) else entry
 
 
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -533,7 +596,12 @@ def load_config(path: str | Path, overrides: dict[str, str] | None = None) -> Co
         raise ValueError(f"{path}: cannot read the config: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    return from_dict(Config, apply_method(apply_overrides(Config, data, overrides or {})), f"{path}:")
+    data = apply_method(apply_overrides(Config, data, overrides or {}))
+    try:
+        data = normalise_study(data)
+    except ValueError as e:
+        raise ValueError(f"{path}:{e}") from None
+    return from_dict(Config, data, f"{path}:")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

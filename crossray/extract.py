@@ -78,6 +78,8 @@ class CheckpointSetExtractor:
         self.device = torch.device(device)
         self.models: list[LayerModel] = [load_layer_model(family, r, cfg.layer, dtype=dtype, device=device)
                                          for r in cfg.revisions]
+        self.sequences_run = dict.fromkeys(cfg.revisions, 0)
+        """Sequences each checkpoint has run forward (what an extraction costs, counted)."""
 
     @torch.inference_mode()
     def __call__(self, tokens_NS: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,8 @@ class CheckpointSetExtractor:
             ids = tokens_NS[i:i + self.cfg.batch_sequences].to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 acts = [m.resid_pre(ids).float() for m in self.models]  # C x (n, S, D)
+            for rev in self.sequences_run:
+                self.sequences_run[rev] += len(ids)
             out.append(torch.stack(acts, dim=2).cpu())  # (n, S, C, D)
         return torch.cat(out)
 
@@ -311,13 +315,15 @@ def shard_name(index: int) -> str:
 # -- reading rows back for training ----------------------------------------------------------------
 
 def shuffled_batches(paths: Sequence[Path], batch_size: int, buffer_rows: int, seed: int,
-                     drop_last: bool = True) -> Iterator[torch.Tensor]:
-    """Batches (B, C, D) from shards in order through a local shuffle buffer of `buffer_rows` rows."""
+                     drop_last: bool = True, columns: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
+    """Batches (B, C, D) from shards in order through a local shuffle buffer of `buffer_rows` rows;
+    `columns` picks checkpoints of the shards' axis (a study set reading the union's shards)."""
     gen = torch.Generator().manual_seed(seed)
     buffer: list[torch.Tensor] = []
     size = 0
     for path in paths:
-        buffer.append(read_shard(path)[2])
+        acts = read_shard(path)[2]
+        buffer.append(acts if columns is None else acts[:, list(columns)])
         size += len(buffer[-1])
         if size >= buffer_rows + batch_size:
             pool = torch.cat(buffer)

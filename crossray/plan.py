@@ -28,6 +28,7 @@ downloads weights. Formulas (C checkpoints, D = d_model, L latents, N training r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -140,12 +141,13 @@ def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int |
 
 
 def plan_for(cfg: Config) -> dict:
-    """The plan of a configuration, with the free space at its output folder."""
+    """The plan of a configuration (a study's: `study_plan`), with the free space at its output folder."""
     from crossray.store import run_folder  # (torch: not for the rest of the plan)
 
     p = cfg.pipeline
     shape = model_shape(p.family, (list(p.revisions) or list(p.screen_revisions) or [None])[0])
-    return make_plan(cfg, shape, free_bytes(run_folder(p.out, p.name)))
+    free = free_bytes(run_folder(p.out, p.name))
+    return study_plan(cfg, shape, free) if cfg.study.sets else make_plan(cfg, shape, free)
 
 
 def check_fits(plan: dict, out: str | Path) -> None:
@@ -168,6 +170,8 @@ def human(n: float | None) -> str:
 
 def plan_text(plan: dict) -> str:
     """The plan as a few lines a person reads at the start of a run."""
+    if plan.get("study"):
+        return study_plan_text(plan)
     d = plan["disk"]
     return "\n".join([
         f"plan: {plan['tokens']:,} tokens x {plan['n_checkpoints']} checkpoints x d_model {plan['d_model']}: "
@@ -181,3 +185,50 @@ def plan_text(plan: dict) -> str:
         f"  compute: {plan['gpu_hours']:.3g} GPU hours on H100s (extract "
         f"{plan['gpu_hours_by_stage']['extract']:.3g}, train {plan['gpu_hours_by_stage']['train']:.3g}), "
         f"about {plan['wall_hours']:.3g} h on the configured GPUs"])
+
+
+def study_plan(cfg: Config, shape: Shape, free: int | None = None) -> dict:
+    """A study's plan: the union extraction once, then every set's training and evaluation; beside it
+    what the sets would cost run apart (each extracting its own revisions)."""
+    from crossray.study import planned_sets, union_config
+
+    union = make_plan(union_config(cfg), shape, free)
+    sets = {}
+    for name, revisions in planned_sets(cfg):
+        p = dataclasses.replace(cfg.pipeline, revisions=(), n_checkpoints=len(revisions))
+        sets[name] = make_plan(dataclasses.replace(cfg, pipeline=p), shape)
+        sets[name]["revisions"] = list(revisions)
+    hours = {"extract": union["gpu_hours_by_stage"]["extract"],
+             "train": sum(s["gpu_hours_by_stage"]["train"] for s in sets.values()),
+             "evaluate": sum(s["gpu_hours_by_stage"]["evaluate"] for s in sets.values())}
+    apart = sum(s["gpu_hours"] for s in sets.values())
+    gpus = {"extract": max(1, cfg.launch.actors), "train": max(1, cfg.launch.workers), "evaluate": 1}
+    disk = {"activations": union["disk"]["activations"],
+            "train_checkpoints": sum(s["disk"]["train_checkpoints"] for s in sets.values()),
+            "tables": sum(s["disk"]["tables"] for s in sets.values())}
+    return {"study": True, "mode": union["mode"], "tokens": union["tokens"], "d_model": union["d_model"],
+            "n_sets": len(sets), "revisions": union["n_checkpoints"],
+            "revision_passes": union["n_checkpoints"],
+            "revision_passes_apart": sum(s["n_checkpoints"] for s in sets.values()),
+            "disk": disk, "disk_bytes": sum(disk.values()), "free_bytes": free,
+            "fits": free is None or sum(disk.values()) <= free,
+            "peak_bytes_per_actor": union["peak_bytes_per_actor"],
+            "peak_bytes_per_worker": max(s["peak_bytes_per_worker"] for s in sets.values()),
+            "gpu_hours": sum(hours.values()), "gpu_hours_by_stage": hours, "gpu_hours_apart": apart,
+            "wall_hours": sum(h / gpus[s] for s, h in hours.items()), "union": union, "sets": sets}
+
+
+def study_plan_text(plan: dict) -> str:
+    lines = [f"study plan: {plan['n_sets']} sets over {plan['revisions']} revisions, {plan['tokens']:,} "
+             f"tokens each; extraction: {plan['revision_passes']} revision-passes (the sets apart: "
+             f"{plan['revision_passes_apart']}); mode {plan['mode']}",
+             f"  disk: {human(plan['disk_bytes'])}; free at the output: {human(plan['free_bytes'])}",
+             f"  peak memory: {human(plan['peak_bytes_per_actor'])} per extraction actor, "
+             f"{human(plan['peak_bytes_per_worker'])} per Train worker",
+             f"  compute: {plan['gpu_hours']:.3g} GPU hours on H100s (the sets apart: "
+             f"{plan['gpu_hours_apart']:.3g}), about {plan['wall_hours']:.3g} h on the configured GPUs"]
+    for name, s in plan["sets"].items():
+        lines.append(f"  set {name}: {s['n_checkpoints']} checkpoints, train "
+                     f"{s['gpu_hours_by_stage']['train']:.3g} GPU h, {human(s['peak_bytes_per_worker'])} per "
+                     f"Train worker, {human(s['disk']['train_checkpoints'])} of Train checkpoints")
+    return "\n".join(lines)

@@ -87,3 +87,30 @@ def ie_evolution(ie_CF: torch.Tensor, features: Sequence[int], names: Sequence[s
     ax.set_title("IE of the top features across checkpoints")
     ax.legend(fontsize=7, ncol=2)
     return _save(plt, fig, path)
+
+
+def study_timeline(rows: Sequence[dict], order: Sequence[str], task: str, path: Path) -> Path:
+    """One task's IE mass per checkpoint for every set of a study, on the checkpoints' training order
+    (labelled with the tokens seen): one line per set."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    sets = list(dict.fromkeys(r["set"] for r in rows if r["task"] == task))
+    for name in sets:
+        mine = [r for r in rows if r["task"] == task and r["set"] == name]
+        ax.plot([order.index(r["revision"]) for r in mine], [r["ie_mass"] for r in mine], marker="o",
+                label=name)
+    seen = {r["revision"]: r["tokens_seen"] for r in rows}
+    ax.set_xticks(range(len(order)), [f"{rev}\n{_tokens(seen.get(rev))}" for rev in order])
+    ax.set_ylabel("IE mass (sum of |IE| over features)")
+    ax.set_title(f"{task}: IE mass per checkpoint, one line per checkpoint set")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _tokens(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit} tokens"
+    return f"{n} tokens"

@@ -49,6 +49,11 @@ SIMILARITY = "similarity.json"
 TRAIN_HISTORY, STREAM_POSITION = "metrics.json", "stream_position.json"
 """A Train checkpoint's metrics history and stream position (beside its `crosscoder` folder)."""
 CROSSCODER = "crosscoder"
+SHARED_STAGES = ("screen", "select", "extract")
+"""A study's stages run once for all its sets (in the study folder)."""
+STUDY_LINK = "study.json"
+"""In a study set's folder: {"study": name, "root": the study folder, relative}; its shared stages
+live there."""
 NEVER_UPLOADED_DIRS = ("acts", "ray")
 """Stage sub-folders never uploaded to MLflow: activation shards and Ray Train checkpoints."""
 NEVER_UPLOADED_FILES = (STARTED, DONE, STATE, STATE_META)
@@ -84,10 +89,13 @@ def table(folder: str | Path, name: str) -> Path:
 
 
 class RunLayout:
-    """One run folder `<out>/<name>/`: a property per stage folder, table, file and lock."""
+    """One run folder `<out>/<name>/`: a property per stage folder, table, file and lock. A study's
+    set lives in `<study>/sets/<set>/` and finds the shared stages in the study folder (`STUDY_LINK`)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        link = self.root / STUDY_LINK
+        self.shared = (self.root / json.loads(link.read_text())["root"]).resolve() if link.exists() else None
 
     @classmethod
     def of(cls, out: str | Path, name: str) -> RunLayout:
@@ -96,7 +104,34 @@ class RunLayout:
     def stage(self, name: str) -> Path:
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGES)}")
-        return self.root / name
+        return (self.shared if self.shared is not None and name in SHARED_STAGES else self.root) / name
+
+    # a study
+    def set_root(self, name: str) -> Path:
+        """The folder of the study set `name`."""
+        return run_folder(self.root / "sets", name)
+
+    def link_set(self, name: str, study: str) -> RunLayout:
+        """The layout of study set `name`, its folder linked to this (the study's) folder."""
+        root = self.set_root(name)
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(root / STUDY_LINK, {"study": study, "root": os.path.relpath(self.root, root)})
+        return RunLayout(root)
+
+    @property
+    def study_tables(self) -> Path:
+        return self.root / "study"
+
+    @property
+    def study_report(self) -> Path:
+        return self.study_tables / "study.html"
+
+    @property
+    def study_summary(self) -> Path:
+        return self.study_tables / SUMMARY
+
+    def timeline_plot(self, task: str) -> Path:
+        return self.study_tables / f"timeline_{task}.png"
 
     def done(self, stage: str) -> Path:
         return self.stage(stage) / DONE

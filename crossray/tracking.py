@@ -112,22 +112,29 @@ class Tracker:
         return self.client.search_runs([self.experiment_id], filter_string=query)
 
     @contextlib.contextmanager
-    def parent(self, name: str, key: str) -> Iterator[str]:
-        """The parent run of this configuration (found again by its key), active inside."""
+    def parent(self, name: str, key: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+        """The parent run of this configuration (found again by its key), active inside; started
+        inside another parent (a study's), it is nested under it and that one is the parent again
+        after."""
         import mlflow
 
+        outer = self.parent_id
         existing = self._search(f"tags.`crossray.pipeline_key` = '{key}'")
         run_id = existing[0].info.run_id if existing else None
-        run = mlflow.start_run(run_id=run_id, run_name=name,
-                               tags=SOURCE if run_id else {**SOURCE, "crossray.pipeline_key": key})
+        run = mlflow.start_run(run_id=run_id, run_name=name, nested=outer is not None,
+                               tags={**SOURCE, **(tags or {})} if run_id else
+                               {**SOURCE, **(tags or {}), "crossray.pipeline_key": key})
         self.parent_id = run.info.run_id
         for stale in self._search(f"tags.`mlflow.parentRunId` = '{self.parent_id}' and "
                                   "attributes.status = 'RUNNING'"):  # left by a killed run or an outage
             logger.info("closing the stage run %s of an earlier, interrupted execution as KILLED",
                         stale.info.run_id)
             self.client.set_terminated(stale.info.run_id, "KILLED")
-        with _ending(run):
-            yield run.info.run_id
+        try:
+            with _ending(run):
+                yield run.info.run_id
+        finally:
+            self.parent_id = outer
 
     def _child_with_key(self, stage: str, key: str) -> bool:
         return bool(self._search(f"tags.`mlflow.parentRunId` = '{self.parent_id}' and "

@@ -98,8 +98,10 @@ class ShardWriter:
         infos = []
         for i, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
             tokens = self.store.get(int(start), int(stop))
+            before = dict(self.extractor.sequences_run)
             info = X.extract_shard(self.extractor, tokens, int(i), int(start), self.out)
-            infos.append({**info, "node": self.node})
+            forward = {r: n - before[r] for r, n in self.extractor.sequences_run.items()}
+            infos.append({**info, "node": self.node, "forward_sequences": forward})
         return {"info": np.array([json.dumps(i) for i in infos])}
 
 

@@ -38,9 +38,12 @@ from crossray.lock import RunLock
 from crossray.pipeline.graph import Extracted, Progress, TrainOutput
 from crossray.pipeline.runner import Pipeline
 from crossray.pipeline.stages import RunOutcome
+from crossray.pipeline.study import Study
+from crossray.pipeline.study_report import StudyOutcome, study_summary, study_text
 from crossray.pipeline.summary import summary_json, summary_text
 from crossray.schema import overrides_from
 from crossray.store import RunLayout, run_folder
+from crossray.study import is_study
 from crossray.tracking import check_tracking, experiment_link
 from jobs import attribute as attribute_job
 from jobs import extract as extract_job
@@ -105,7 +108,7 @@ class RayBackend:
                                          on_progress=progress)
         else:
             result = train_job.run_train(cfg, self.launch, storage, norm_factors, data=data.result.acts,
-                                         name=name, on_progress=progress)
+                                         name=name, on_progress=progress, columns=data.columns)
         position = train_job.stream_position(result)
         return TrainOutput(train_job.crosscoder_dir(result), train_job.metric_history(result),
                            dict(result.metrics or {}), position.to_json() if position else None)
@@ -116,10 +119,16 @@ class RayBackend:
                                            on_progress=progress)
 
 
-def run(cfg: Config, config_name: str = "", tracking_uri: str | None = None) -> RunOutcome:
-    """The whole pipeline for a config, on the Ray that is already initialised (`tracking_uri` None:
-    MLflow's default)."""
-    return Pipeline(cfg, RayBackend(cfg), config_name, tracking_uri).run()
+def runner(cfg: Config, config_name: str = "", tracking_uri: str | None = None) -> Pipeline | Study:
+    """The pipeline of a config, or of a study (a config with `study.sets`), on the Ray backend."""
+    kind = Study if is_study(cfg) else Pipeline
+    return kind(cfg, RayBackend(cfg), config_name, tracking_uri)
+
+
+def run(cfg: Config, config_name: str = "", tracking_uri: str | None = None) -> RunOutcome | StudyOutcome:
+    """The whole pipeline (or study) for a config, on the Ray that is already initialised
+    (`tracking_uri` None: MLflow's default)."""
+    return runner(cfg, config_name, tracking_uri).run()
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -172,7 +181,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 def _locked_run(cfg: Config, args: argparse.Namespace) -> int:
     try:
         uri = tracking_uri(cfg)
-        pipeline = Pipeline(cfg, RayBackend(cfg), Path(args.config).name, uri)
+        pipeline = runner(cfg, Path(args.config).name, uri)
         pipeline.validate()  # nothing is written, no Ray, no MLflow run before this passes
         pipeline.layout.tracking_db.parent.mkdir(parents=True, exist_ok=True)
         check_tracking(uri)
@@ -180,7 +189,7 @@ def _locked_run(cfg: Config, args: argparse.Namespace) -> int:
         error_line(e)
         return 2
 
-    def work() -> RunOutcome:
+    def work() -> RunOutcome | StudyOutcome:
         init_ray(args.address)
         signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
         return pipeline.run()
@@ -188,11 +197,17 @@ def _locked_run(cfg: Config, args: argparse.Namespace) -> int:
     code, outcome = guarded(work, pipeline.out, lambda: pipeline.current, uri)
     if outcome is None:
         return code
-    print(summary_text(outcome))
-    experiment = pipeline.resolved.experiment
+    study = isinstance(outcome, StudyOutcome)
+    summary = study_summary(outcome) if study else summary_json(outcome)
+    print(study_text(summary) if study else summary_text(outcome))
+    experiment = (pipeline.main if isinstance(pipeline, Study) else pipeline).resolved.experiment
     print(f"MLflow: {uri}, experiment {experiment}; in the UI: {experiment_link(uri, experiment)}")
     if args.json:
-        print(json.dumps(summary_json(outcome)))
+        print(json.dumps(summary))
+    if study and outcome.failed:
+        error_line(f"study sets {', '.join(sorted(outcome.failed))} failed (see above and the log); re-run "
+                   "the same command to retry them: the finished sets are reused")
+        return 1
     return 0
 
 

@@ -54,13 +54,13 @@ logger = logging.getLogger(__name__)
 # item (`STREAM_POSITION`, `crossray.position`).
 
 
-def _parquet_batches(folder: str, world: int, rank: int, batch: int, buffer: int, seed: int
-                     ) -> Iterator[torch.Tensor]:
+def _parquet_batches(folder: str, world: int, rank: int, batch: int, buffer: int, seed: int,
+                     columns: tuple[int, ...] | None = None) -> Iterator[torch.Tensor]:
     paths = Manifest.read(folder).shard_paths(folder)[rank::world]
     if not paths:
         raise ValueError(f"worker {rank} of {world} has no shard: use fewer workers than shards")
     for epoch in itertools.count():
-        yield from shuffled_batches(paths, batch, buffer, seed + 1000 * epoch + rank)
+        yield from shuffled_batches(paths, batch, buffer, seed + 1000 * epoch + rank, columns=columns)
 
 
 def _stream_batches(batch: int, buffer: int, seed: int, marks: RowMarks) -> Iterator[torch.Tensor]:
@@ -136,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
         trainer.forward_module = ray.train.torch.prepare_model(trainer.cc, move_to_device=False)
     batch, buffer, seed = cfg.batch_size // world, cfg.shuffle_buffer_rows, cfg.data_seed
     if stream is None:
-        batches = _parquet_batches(config["data"], world, rank, batch, buffer, seed)
+        batches = _parquet_batches(config["data"], world, rank, batch, buffer, seed, config.get("columns"))
         batches = itertools.islice(batches, trainer.batches_consumed, None)
     else:
         batches = _stream_batches(batch, buffer, seed + 1000 * trainer.step + rank, marks)
@@ -174,9 +174,11 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_factors: list[float],
               data: str | None = None, stream: RowStream | None = None, name: str = "",
-              on_progress: Callable[[dict], None] | None = None) -> ray.train.Result:
+              on_progress: Callable[[dict], None] | None = None, columns: tuple[int, ...] | None = None
+              ) -> ray.train.Result:
     """Fit on Parquet shards (`data`, a manifest folder) or a `stream` of rows from the extraction
-    actors (`jobs.extract.row_stream`).
+    actors (`jobs.extract.row_stream`); `columns` picks the checkpoints of the shards' axis to train
+    on (a study set reading the union's shards).
 
     `name` is the Ray Train run name under `storage`: the name of a stopped run resumes it (empty: a
     fresh unique name). Rank 0's progress (steps/s, tokens/s, loss, L0, FVE, ETA) comes back through a
@@ -206,7 +208,7 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_
         train_loop_per_worker,
         train_loop_config={"train_cfg": cfg, "norm_factors": list(norm_factors), "data": data,
                            "progress": progress, "progress_s": progress_seconds(),
-                           "plan": stream.plan if stream else None,
+                           "plan": stream.plan if stream else None, "columns": columns,
                            "position": stream.position if stream else None},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
                                      resources_per_worker=resources),

@@ -276,3 +276,25 @@ def stray_processes(started_before: set[int]) -> list:
                 continue  # Python's own helper of this process: it ends with it
             out.append(p)
     return out
+
+
+def light_study_config(tmp_path: Path, toy_dir: Path, out: Path | None = None) -> Path:
+    """configs/tiny-study.yaml as small as a study gets: one task, the four revisions screened,
+    96 sequences, 60 steps of a 64-latent crosscoder per set."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "configs" / "tiny-study.yaml").read_text())
+    cfg["pipeline"].update(out=str(out or tmp_path / "runs"), screen_revisions=cfg["pipeline"]["revisions"],
+                           tasks=[str(toy_dir / "tasks" / "simple_agreement.jsonl")], screen_examples=8)
+    cfg["launch"] = {"register_name": "toy-study-test"}
+    cfg["evaluate"]["eval_sequences"] = 4
+    cfg["extract"]["corpus"]["n_sequences"] = 96
+    cfg["extract"].update(shard_sequences=48, norm_sequences=48)
+    cfg["train"].update(n_steps=60, batch_size=256, checkpoint_every=20, metrics_every=20)
+    cfg["train"]["crosscoder"]["n_latents"] = 64
+    cfg["attribution"].update(steps=2, top_k=5)
+    cfg["analysis"] = {"context_sequences": 8}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

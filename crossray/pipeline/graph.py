@@ -23,6 +23,7 @@ Launch settings (actors, workers, resources) never enter a key. This module neve
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import shutil
 from collections.abc import Callable
@@ -202,15 +203,34 @@ class Selected(Done):
 @dataclass(frozen=True)
 class Extracted:
     """The extraction as later stages read it, hashed by its manifest key (not its stage key: two
-    extractions of the same data train the same crosscoder)."""
+    extractions of the same data train the same crosscoder), and for a study set, the columns of the
+    extracted checkpoints it reads."""
 
     result: S.ExtractResult
     checkpoints: Checkpoints
     config: ExtractConfig
-    """The extraction config the stage ran (stream mode: training and evaluation extract with it)."""
+    """The extraction config of these checkpoints (stream mode: training and evaluation extract with it)."""
+    columns: tuple[int, ...] | None = None
+    """Where these checkpoints sit in the extraction's checkpoint axis (None: all of it, in order)."""
 
-    def stage_identity(self) -> str:
-        return self.result.manifest_key
+    def stage_identity(self) -> Any:
+        return self.result.manifest_key if self.columns is None else [self.result.manifest_key, self.columns]
+
+    def select(self, revisions: list[str] | tuple[str, ...]) -> Extracted:
+        """The columns of `revisions` (a study set) of this extraction."""
+        names = self.checkpoints.revisions
+        cols = tuple(names.index(r) for r in revisions)
+        if cols == tuple(range(len(names))):
+            return self
+        ex, pick = self.result, (lambda values: [values[c] for c in cols])  # noqa: E731
+        by_policy = {k: pick(v) for k, v in ex.norm_factors_by_policy.items()}
+        sub = dataclasses.replace(ex, weight_hashes=pick(ex.weight_hashes),
+                                  norm_factors=pick(ex.norm_factors), norm_factors_by_policy=by_policy)
+        base = self.columns or tuple(range(len(names)))
+        hashes = {r: self.checkpoints.hashes[r] for r in revisions}
+        checkpoints = dataclasses.replace(self.checkpoints, hashes=hashes)
+        return Extracted(sub, checkpoints, dataclasses.replace(self.config, revisions=tuple(revisions)),
+                         tuple(base[c] for c in cols))
 
 
 @dataclass(frozen=True)
@@ -377,7 +397,8 @@ def analyse(run: StageRun, *, attribute: Attributed, screen: Screened, select: S
     trained = attribute.train
     ex, ecfg = trained.data.result, trained.data.config
     tokens = run.backend.sequences(ecfg, 0, min(settings.context_sequences, ex.n_sequences))
-    [contexts] = run.backend.map(S.top_contexts, [(trained.result.crosscoder, ex, ecfg, settings, tokens)])
+    [contexts] = run.backend.map(S.top_contexts, [(trained.result.crosscoder, ex, ecfg, settings, tokens,
+                                                   trained.data.columns)])
     return S.analyse(run.layout, screen.result, select.result, trained.result, attribute.result, contexts,
                      title)  # (top contexts next to the models; stream mode extracts the scanned ones again)
 

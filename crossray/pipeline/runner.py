@@ -57,23 +57,25 @@ class ResolvedRun:
     """None: MLflow's default (the process's tracking URI)."""
 
 
-def resolve(cfg: Config, family: Family, tracking_uri: str | None = None) -> ResolvedRun:
-    """`family` is `cfg.pipeline.family` resolved (`checkpoints.resolve_family`)."""
+def resolve(cfg: Config, family: Family, layout: RunLayout, tracking_uri: str | None = None) -> ResolvedRun:
+    """`family` is `cfg.pipeline.family` resolved (`checkpoints.resolve_family`), `layout` the run folder."""
     from crossray.plan import plan_for
 
     p = cfg.pipeline
-    plan = plan_for(cfg)
-    return ResolvedRun(p.name, p.method, family, RunLayout.of(p.out, p.name), G.TaskSet.of(p.tasks, family),
+    plan = plan_for(cfg)  # (a study's: its union extraction's mode)
+    return ResolvedRun(p.name, p.method, family, layout, G.TaskSet.of(p.tasks, family),
                        tuple(p.screen_revisions) or tuple(family.available_revisions()), plan["mode"], plan,
                        cfg.launch.experiment or f"crossray-{family.name}", tracking_uri)
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, backend: Backend, config_name: str = "", tracking_uri: str | None = None):
+    def __init__(self, cfg: Config, backend: Backend, config_name: str = "", tracking_uri: str | None = None,
+                 layout: RunLayout | None = None, family: Family | None = None):
         self.cfg, self.p, self.backend = cfg, cfg.pipeline, backend
         self.config_name, self.tracking_uri = config_name, tracking_uri
-        self.family = resolve_family(self.p.family, naming=self.p.naming, tokenizer=self.p.tokenizer)
-        self.layout = RunLayout.of(self.p.out, self.p.name)
+        self.family = family or resolve_family(self.p.family, naming=self.p.naming,
+                                               tokenizer=self.p.tokenizer)
+        self.layout = layout or RunLayout.of(self.p.out, self.p.name)
         self.out = self.layout.root
         self.outcome = RunOutcome(self.p.name, self.family, self.p.layer, method=self.p.method)
         self.tracker: Tracker | None = None
@@ -82,7 +84,7 @@ class Pipeline:
 
     @cached_property
     def resolved(self) -> ResolvedRun:
-        return resolve(self.cfg, self.family, self.tracking_uri)
+        return resolve(self.cfg, self.family, self.layout, self.tracking_uri)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _stage(self, name: str, **inputs: Any) -> tuple[str, Any]:
@@ -151,7 +153,8 @@ class Pipeline:
     def parent_key(self) -> str:
         """The configuration's identity: every section but the launch settings."""
         c = self.cfg
-        return I.digest(c.pipeline, c.extract, c.train, c.evaluate, c.attribution, c.analysis)
+        study = (c.study,) if c.study.sets else ()  # (a plain run's key is unchanged)
+        return I.digest(c.pipeline, c.extract, c.train, c.evaluate, c.attribution, c.analysis, *study)
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> RunOutcome:
@@ -159,43 +162,66 @@ class Pipeline:
         self.tracker = t = Tracker(r.experiment, r.layout.local_artifacts, r.tracking_uri)
         hashes = dict(zip(r.screened, I.weight_hashes(r.family, r.screened), strict=True))
         with t.parent(self.p.name, self.parent_key()) as o.mlflow_run_id:
-            t.set_tags({"crossray.family": r.family.name, "crossray.layer": str(self.p.layer),
-                        "crossray.config": self.config_name})
-            t.log_dict(to_dict(self.cfg), "config.json")
-            t.log_dict(r.plan, "plan.json")
-            r.layout.root.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(r.layout.config, to_dict(self.cfg))  # live queries read the family
-            self._stages(hashes)
-            self.register()
-            t.describe_parent(summary_markdown(o), parent_metrics(o), self.parent_params())
-            t.log_artifact(r.layout.report)  # the findings, on the parent
+            self.start_parent()
+            screened, selected = self.screen_and_select(hashes)
+            data = self.extract_stage({rev: hashes[rev] for rev in selected.result.revisions})
+            self.set_stages(screened, selected, data)
+            self.finish()
         return o
 
-    def _stages(self, hashes: dict[str, str]) -> None:
-        """The seven stages, each given exactly what its key hashes (`graph`)."""
-        r, p, c = self.resolved, self.p, self.cfg
+    def start_parent(self) -> None:
+        """The parent run's tags, config and plan; the config in the run folder (live queries read it)."""
+        r, t = self.resolved, self.tracker
+        assert t is not None
+        t.set_tags({"crossray.family": r.family.name, "crossray.layer": str(self.p.layer),
+                    "crossray.config": self.config_name})
+        t.log_dict(to_dict(self.cfg), "config.json")
+        t.log_dict(r.plan, "plan.json")
+        r.layout.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(r.layout.config, to_dict(self.cfg))
+
+    def screen_and_select(self, hashes: dict[str, str]) -> tuple[G.Screened, G.Selected]:
+        """`hashes`: every screened revision's weight hash."""
+        r, p = self.resolved, self.p
         screened = G.Screened(*self._stage("screen", family=r.family, checkpoints=hashes, tasks=r.tasks,
                                            layer=p.layer, examples=p.screen_examples, dtype=p.score_dtype),
                               hashes)
         selected = G.Selected(*self._stage("select", screen=screened, n_checkpoints=p.n_checkpoints,
                                            pinned=p.revisions))
-        revisions = selected.result.revisions
-        checkpoints = G.Checkpoints(r.family, {rev: hashes[rev] for rev in revisions}, p.family, p.naming,
-                                    p.tokenizer)
+        return screened, selected
+
+    def extract_stage(self, hashes: dict[str, str]) -> G.Extracted:
+        """The activations of the revisions in `hashes` (revision -> weight hash, in order)."""
+        r, p, c = self.resolved, self.p, self.cfg
+        checkpoints = G.Checkpoints(r.family, hashes, p.family, p.naming, p.tokenizer)
         corpus, extraction = G.Corpus(c.extract.corpus), G.Extraction(c.extract, r.extract_mode)
         _, ex = self._stage("extract", checkpoints=checkpoints, layer=p.layer, corpus=corpus,
                             settings=extraction)
-        self.tracker.set_tags({"crossray.revisions": ",".join(revisions),  # type: ignore[union-attr]
+        self.tracker.set_tags({"crossray.revisions": ",".join(hashes),  # type: ignore[union-attr]
                                "crossray.weight_hashes": ",".join(ex.weight_hashes),
                                "crossray.corpus_hash": ex.corpus_hash, "crossray.manifest": ex.manifest_key})
-        data = G.Extracted(ex, checkpoints, checkpoints.extract_config(p.layer, c.extract))
+        return G.Extracted(ex, checkpoints, checkpoints.extract_config(p.layer, c.extract))
+
+    def set_stages(self, screened: G.Screened, selected: G.Selected, data: G.Extracted) -> None:
+        """Train, evaluate, attribute and analyse the checkpoint set `data` holds; each stage is given
+        exactly what its key hashes (`graph`)."""
+        p, c = self.p, self.cfg
         trained = G.Trained(*self._stage("train", data=data, settings=c.train), data)
         self._stage("evaluate", train=trained, settings=c.evaluate)
-        attributed = G.Attributed(*self._stage("attribute", train=trained, tasks=r.tasks,
+        attributed = G.Attributed(*self._stage("attribute", train=trained, tasks=self.resolved.tasks,
                                                settings=c.attribution), trained)
-        title = f"{p.name}: {r.family.name} at layer {p.layer}, {', '.join(revisions)} ({p.method} method)"
+        revisions = ", ".join(data.checkpoints.revisions)
+        title = f"{p.name}: {self.family.name} at layer {p.layer}, {revisions} ({p.method} method)"
         self._stage("analyse", attribute=attributed, screen=screened, select=selected, settings=c.analysis,
                     title=title)
+
+    def finish(self) -> None:
+        """The crosscoder registered; the parent run's description, headline metrics and report."""
+        t, o = self.tracker, self.outcome
+        assert t is not None
+        self.register()
+        t.describe_parent(summary_markdown(o), parent_metrics(o), self.parent_params())
+        t.log_artifact(self.layout.report)  # the findings, on the parent
 
     def register(self) -> None:
         """The trained crosscoder in the Model Registry, with its lineage."""

@@ -296,7 +296,7 @@ def analyse(layout: RunLayout, screen: ScreenResult, select: SelectResult, train
 
 
 def top_contexts(crosscoder_dir: str, extract: ExtractResult, ecfg: ExtractConfig, cfg: AnalysisConfig,
-                 tokens_NS: np.ndarray) -> list[dict]:
+                 tokens_NS: np.ndarray, columns: Sequence[int] | None = None) -> list[dict]:
     """Top-activating contexts per feature (joint and per checkpoint) over the first extracted
     sequences (`tokens_NS`), with each window's tokens and scores."""
     from crossray.analysis import contexts_table, extracted_batches, shard_batches
@@ -315,6 +315,6 @@ def top_contexts(crosscoder_dir: str, extract: ExtractResult, ecfg: ExtractConfi
         manifest = Manifest.read(extract.acts)
         paths = [p for p, s in zip(manifest.shard_paths(extract.acts), manifest.shards, strict=True)
                  if s["seq_start"] < n_seq]
-        batches = functools.partial(shard_batches, paths, n_seq)
+        batches = functools.partial(shard_batches, paths, n_seq, columns)
     decode = functools.lru_cache(maxsize=None)(lambda t: tokenizer.decode([t]))
     return contexts_table(cc, batches, tokens, decode, cfg.context_k, cfg.context_before, cfg.context_after)

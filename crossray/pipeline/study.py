@@ -1,0 +1,122 @@
+"""A study's run: the shared stages once, each set's stages in its own folder, then the comparison.
+
+    <out>/<study>/screen, select, extract      once for every set (extract: the union of their revisions)
+    <out>/<study>/sets/<set>/train ... analyse  each set, as a plain run of it would
+    <out>/<study>/study/                       comparison tables, timeline plots and study.html
+
+MLflow: a study parent run holds the shared stages' runs and each set's parent run (its stages under
+it); its description is the timeline table and its metrics each set's headline numbers. A set reads
+the union extraction's columns of its revisions (Parquet shards; in stream mode it streams its own
+revisions into its training). A set that fails is reported and the others go on; re-running the
+same command reuses every finished stage of every set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from crossray import study as ST
+from crossray.config import Config
+from crossray.pipeline import graph as G
+from crossray.pipeline import inputs as I
+from crossray.pipeline import stages as S
+from crossray.pipeline.runner import Pipeline
+from crossray.pipeline.stages import RunOutcome
+from crossray.pipeline.study_report import StudyOutcome, finish_study
+from crossray.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+class Study:
+    """Runs `cfg` (with `study.sets`) on `backend`: one screening, one extraction, then every set."""
+
+    def __init__(self, cfg: Config, backend: G.Backend, config_name: str = "",
+                 tracking_uri: str | None = None):
+        self.cfg, self.backend, self.config_name = cfg, backend, config_name
+        self.main = Pipeline(cfg, backend, config_name, tracking_uri)  # the study folder, its shared stages
+        self.set_name: str | None = None
+
+    @property
+    def layout(self):
+        return self.main.layout
+
+    @property
+    def out(self):
+        return self.main.out
+
+    @property
+    def current(self) -> str | None:
+        """The stage running now, and the set (for error messages)."""
+        stage = self.main.current
+        return f"{stage} of set {self.set_name}" if stage and self.set_name else stage
+
+    def validate(self) -> None:
+        """The pipeline's checks, and every set's revisions and overrides (pinned revisions: all of it,
+        else as far as the first N screened ones tell), before any compute."""
+        self.main.validate()
+        p = self.cfg.pipeline
+        screened = list(p.screen_revisions) or self.main.family.available_revisions()
+        ST.resolve_sets(self.cfg, list(p.revisions) or screened[:p.n_checkpoints], screened)
+
+    def run(self) -> StudyOutcome:
+        m, cfg = self.main, self.cfg
+        r = m.resolved
+        m.tracker = t = Tracker(r.experiment, r.layout.local_artifacts, r.tracking_uri)
+        hashes = dict(zip(r.screened, I.weight_hashes(r.family, r.screened), strict=True))
+        with t.parent(cfg.pipeline.name, m.parent_key(), {"crossray.study": cfg.pipeline.name}) as run_id:
+            m.start_parent()
+            screened, selected = m.screen_and_select(hashes)
+            sets = ST.resolve_sets(cfg, selected.result.revisions, list(r.screened))
+            union = ST.union(sets, list(r.screened))
+            logger.info("study %s: %d sets over %d revisions (%s), each extracted once", cfg.pipeline.name,
+                        len(sets), len(union), ", ".join(union))
+            data = m.extract_stage({rev: hashes[rev] for rev in union})
+            outcome = StudyOutcome(cfg.pipeline.name, union, m.outcome, mlflow_run_id=run_id)
+            self.run_sets(sets, screened, selected, data, outcome)
+            finish_study(m.layout, m.family, t, outcome)
+        return outcome
+
+    def run_sets(self, sets: list[ST.StudySet], screened: G.Screened, selected: G.Selected,
+                 data: G.Extracted, outcome: StudyOutcome) -> None:
+        from crossray.progress import Progress
+
+        progress = Progress("study", len(sets), "sets", every_s=0.0)  # a line (done, ETA) per set
+        for s in sets:
+            self.set_name = s.name
+            outcome.set_revisions[s.name] = list(s.revisions)
+            try:
+                outcome.sets[s.name] = self.run_set(s, screened, selected, data)
+            except Exception as e:  # noqa: BLE001 (a set's failure is reported; the others go on)
+                logger.exception("study set %s failed; the other sets go on", s.name)
+                first = str(e).splitlines()[0][:300] if str(e) else ""
+                outcome.failed[s.name] = f"{type(e).__name__}: {first}"
+            progress.update(1)
+        self.set_name = None
+
+    def run_set(self, s: ST.StudySet, screened: G.Screened, selected: G.Selected, data: G.Extracted
+                ) -> RunOutcome:
+        """One set's train ... analyse in its folder, under its own MLflow parent run."""
+        m = self.main
+        layout = m.layout.link_set(s.name, self.cfg.pipeline.name)
+        p = Pipeline(s.config, self.backend, self.config_name, m.tracking_uri, layout=layout, family=m.family)
+        p.tracker = t = m.tracker
+        self.main.current = None
+        set_selected = G.Selected(I.digest(selected.key, s.revisions), S.SelectResult(
+            list(s.revisions), [f"set {s.name} of study {self.cfg.pipeline.name}"]))
+        set_data = data.select(s.revisions)
+        o = p.outcome
+        for stage, result in (("screen", screened.result), ("select", set_selected.result),
+                              ("extract", set_data.result)):
+            o.set(stage, result, "shared")
+        assert t is not None
+        with t.parent(s.name, p.parent_key(), {"crossray.study": self.cfg.pipeline.name}) as o.mlflow_run_id:
+            p.start_parent()
+            t.set_tags({"crossray.revisions": ",".join(s.revisions),
+                        "crossray.manifest": data.result.manifest_key})
+            try:
+                p.set_stages(screened, set_selected, set_data)
+            finally:
+                self.main.current = p.current
+            p.finish()
+        return o

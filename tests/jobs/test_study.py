@@ -1,0 +1,140 @@
+"""A study on Ray: the toy study shaped like the paper's Pythia study (three adjacent pairs and a
+triple), screened once, each revision extracted once, every set trained, evaluated, attributed and
+compared; a failed set reported while the others finish, and retried alone on a re-run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from crossray.config import load_config
+from crossray.extract import Manifest
+from crossray.pipeline.study import Study
+from crossray.pipeline.study_report import study_summary
+from crossray.store import RunLayout
+from tests.helpers import ARTIFACTS, chromium_page, light_study_config
+
+pytestmark = pytest.mark.ray
+SETS = ["step64-step128", "step128-step256", "step256-step1000", "step128-step256-step1000"]
+
+
+class FailOnce:
+    """The Ray backend, whose attribution fails once for one set (as a crash there would)."""
+
+    def __init__(self, backend, set_name: str):
+        self.backend, self.set_name, self.failed = backend, set_name, False
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def attribute(self, crosscoder, *args, **kwargs):
+        if f"/{self.set_name}/" in str(crosscoder) and not self.failed:
+            self.failed = True
+            raise RuntimeError("attribution actor died")
+        return self.backend.attribute(crosscoder, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def study(ray_cluster, toy_dir, tmp_path_factory):
+    """The light toy study, its second set failing once in attribution: (config, uri, first outcome,
+    the re-run's outcome)."""
+    from jobs.pipeline import RayBackend
+
+    root = tmp_path_factory.mktemp("study")
+    cfg = load_config(light_study_config(root, toy_dir))
+    uri = f"sqlite:///{root}/runs/mlflow.db"
+    (root / "runs").mkdir(exist_ok=True)
+    flaky = FailOnce(RayBackend(cfg), SETS[1])
+    first = Study(cfg, flaky, "study.yaml", uri).run()
+    again = Study(cfg, RayBackend(cfg), "study.yaml", uri).run()
+    return cfg, uri, first, again
+
+
+def test_a_failed_set_is_reported_and_the_others_finish(study):
+    _, _, first, _ = study
+    summary = study_summary(first)
+    assert list(summary["sets"]) == SETS and summary["failed"] == [SETS[1]]
+    assert summary["sets"][SETS[1]]["status"] == "failed" and "attribution actor died" in \
+        summary["sets"][SETS[1]]["error"]
+    for name in (SETS[0], *SETS[2:]):
+        s = summary["sets"][name]
+        assert s["status"] == "done" and set(s["stages"].values()) == {"ran"}
+        assert all(0 < v <= 1 for v in s["fve"].values()) and list(s["fve"]) == s["revisions"]
+    assert summary["stages"] == {"screen": "ran", "select": "ran", "extract": "ran"}
+
+
+def test_the_rerun_reuses_the_finished_sets_and_retries_the_failed_one(study):
+    _, _, _, again = study
+    summary = study_summary(again)
+    assert summary["failed"] == [] and summary["stages"] == dict.fromkeys(("screen", "select", "extract"),
+                                                                           "reused")
+    stages = {name: s["stages"] for name, s in summary["sets"].items()}
+    assert stages[SETS[1]] == {"train": "reused", "evaluate": "reused", "attribute": "ran", "analyse": "ran"}
+    assert all(set(stages[n].values()) == {"reused"} for n in (SETS[0], *SETS[2:]))
+    json.dumps(summary)  # what `crossray run --json` prints
+
+
+def test_each_revision_is_extracted_once_for_every_set(study):
+    cfg, _, _, again = study
+    layout = RunLayout.of(cfg.pipeline.out, cfg.pipeline.name)
+    manifest = Manifest.read(layout.acts)
+    assert manifest.revisions == again.revisions == ["step64", "step128", "step256", "step1000"]
+    counted = {r: sum(s["forward_sequences"][r] for s in manifest.shards) for r in manifest.revisions}
+    assert counted == dict.fromkeys(manifest.revisions, cfg.extract.corpus.n_sequences)  # one pass each
+    for name in SETS:  # no set extracted for itself: the shared stages live once, in the study folder
+        set_layout = RunLayout(layout.set_root(name))
+        assert set_layout.acts == layout.acts and not (layout.set_root(name) / "extract").exists()
+        trained = json.loads((set_layout.crosscoder / "config.json").read_text())["crosscoder"]
+        assert trained["revisions"] == name.split("-")
+        assert trained["weight_hashes"] == [manifest.weight_hashes[manifest.revisions.index(r)]
+                                            for r in name.split("-")]
+
+
+def test_the_comparison_tables_and_report(study, tmp_path):
+    cfg, _, _, again = study
+    layout = RunLayout.of(cfg.pipeline.out, cfg.pipeline.name)
+    timeline = {(r["set"], r["revision"]): r for r in again.comparison["timeline"]}
+    assert set(timeline) == {(n, r) for n in SETS for r in n.split("-")}
+    assert all(r["ie_mass"] >= r["top_ie_mass"] >= 0 for r in timeline.values())
+    pairs = {(r["set"], r["earlier"], r["later"]) for r in again.comparison["new_features"]}
+    assert ("step128-step256-step1000", "step256", "step1000") in pairs and len(pairs) == 5
+    matched = again.comparison["matched"]
+    assert {(m["set_a"], m["set_b"], m["revision"]) for m in matched} >= {
+        ("step64-step128", "step128-step256", "step128"),
+        ("step256-step1000", "step128-step256-step1000", "step1000")}
+    assert all(0 <= m["matched"] <= m["k"] and -1 <= m["mean_best_cosine"] <= 1 for m in matched)
+    for name in ("timeline", "new_features", "matched"):
+        assert all((layout.study_tables / f"{name}.{ext}").exists() for ext in ("parquet", "csv"))
+    text = layout.study_report.read_text()
+    assert all(f"sets/{n}/analyse/report.html" in text for n in SETS)
+    with chromium_page(layout.study_report.as_uri(), tmp_path / "profile") as browser:
+        browser.wait_for("document.querySelectorAll('h2').length > 1")
+        assert browser.eval("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        assert browser.eval("document.querySelectorAll('table').length") >= 2
+        browser.screenshot(ARTIFACTS / "study.png")
+
+
+def test_mlflow_holds_the_study_above_its_sets(study):
+    _, uri, _, again = study
+    client = MlflowClient(uri)
+    run = client.get_run(again.mlflow_run_id)
+    assert "IE mass per checkpoint (timeline)" in run.data.tags["mlflow.note.content"]
+    fve = again.sets[SETS[0]].evaluate.metrics["fve/step64"]
+    assert run.data.metrics[f"fve/{SETS[0]}/step64"] == pytest.approx(fve)
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{again.mlflow_run_id}'")
+    names = {c.info.run_name for c in children}
+    assert set(SETS) <= names and {"screen", "select", "extract"} & names  # sets and shared stages
+    parents = {c.info.run_name: c.info.run_id for c in children if c.info.run_name in SETS}
+    for run_id in parents.values():
+        stages = client.search_runs([run.info.experiment_id],
+                                    filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+        assert {s.data.tags["crossray.stage"] for s in stages} >= {"train", "evaluate", "attribute",
+                                                                   "analyse"}
+        assert client.get_run(run_id).data.tags["crossray.study"] == "tiny-study"
+    assert "study/study.html" in [f.path for f in client.list_artifacts(again.mlflow_run_id, "study")]
+    served = RunLayout(Path(again.sets[SETS[0]].train.crosscoder).parents[1])  # a set reads like a run
+    assert served.accuracy.exists() and served.effects.exists()
