@@ -268,6 +268,17 @@ class LiveRun:
         return {"checkpoints": self.revisions, "tokens": tokens}
 
 
+def open_runs(source: str, cache_dir: str | Path, device: str = "cpu") -> list[LiveRun]:
+    """`open_run`, or for a study folder every finished set (ids `<study>.<set>`, as the tables)."""
+    from crossray.results import is_study_folder, load_study
+
+    if not is_study_folder(source):
+        return [open_run(source, cache_dir, device)]
+    study, runs = load_study(source)
+    layout = RunLayout(source)
+    return [LiveRun(run.id, layout.set_root(run.id.removeprefix(f"{study.name}.")), device) for run in runs]
+
+
 def open_run(source: str, cache_dir: str | Path, device: str = "cpu") -> LiveRun:
     """A run for live queries from its pipeline folder, MLflow run id or `models:/` reference (the
     crosscoder's weights are downloaded into the cache the table queries use)."""

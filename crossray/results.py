@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crossray.store import CONFIG, WEIGHTS, RunLayout, all_zero_column, column, suffixes
+from crossray.store import CONFIG, WEIGHTS, RunLayout, all_zero_column, column, suffixes, table
 
 
 def stage_files(layout: RunLayout) -> dict[str, Path]:
@@ -184,6 +184,48 @@ def load_mlflow(ref: str, cache_dir: str | Path) -> RunResults:
     folder, parent_run = mlflow_folder(ref, cache_dir)
     return load_folder(folder, run_id=parent_run.info.run_id, name=parent_run.info.run_name or folder.name,
                        registered=parent_run.data.tags.get("crossray.registered_model"))
+
+
+@dataclass
+class StudyResults:
+    """A finished study: its sets (each loaded as a run) and its comparison tables."""
+
+    name: str
+    revisions: list[str]
+    sets: list[dict]
+    """name, run (the id its run is served under), revisions, status (done or failed)."""
+    tables: dict[str, list[dict]]
+    """timeline, new_features, matched (`crossray.study.compare`), values JSON-ready."""
+
+    def info(self) -> dict:
+        return {"study": self.name, "revisions": self.revisions, "sets": self.sets}
+
+    def detail(self) -> dict:
+        return {**self.info(), **self.tables}
+
+
+def is_study_folder(source: str | Path) -> bool:
+    return Path(source).is_dir() and RunLayout(source).study_summary.exists()
+
+
+def load_study(folder: str | Path) -> tuple[StudyResults, list[RunResults]]:
+    """A study folder: its finished sets as runs (id `<study>.<set>`) and its comparison tables."""
+    layout = RunLayout(folder)
+    summary = json.loads(layout.study_summary.read_text())
+    name, sets, runs = summary["study"], [], []
+    for set_name, s in summary["sets"].items():
+        run_id = f"{name}.{set_name}"
+        sets.append({"name": set_name, "run": run_id if s["status"] == "done" else None,
+                     "revisions": s["revisions"], "status": s["status"]})
+        if s["status"] == "done":
+            runs.append(load_folder(layout.set_root(set_name), run_id=run_id, name=run_id,
+                                    registered=s.get("registered")))
+    tables = {}
+    for kind in ("timeline", "new_features", "matched"):
+        frame = _read(table(layout.study_tables, kind))
+        tables[kind] = [{k: num(v) if isinstance(v, float) else v for k, v in row.items()}
+                        for row in frame.astype(object).where(frame.notna(), None).to_dict("records")]
+    return StudyResults(name, summary["revisions"], sets, tables), runs
 
 
 def load_run(source: str, cache_dir: str | Path) -> RunResults:

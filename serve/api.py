@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from crossray.errors import ErrorKind
-from crossray.results import NotFound, RunIndex, load_run
+from crossray.results import NotFound, RunIndex, StudyResults, is_study_folder, load_run, load_study
 from crossray.tasks import PairError, check_request_rows
 from serve import schemas as S
 
@@ -59,16 +59,23 @@ class ServiceState:
         self.sources, self.cache_dir = list(sources), Path(cache_dir)
         self.indexes: dict[str, RunIndex] = {}
         self.names: dict[str, str] = {}
+        self.studies: dict[str, StudyResults] = {}
         self.ready = False
         self.error: str | None = None
 
     def load(self) -> None:
         try:
             for source in self.sources:
-                index = RunIndex(load_run(source, self.cache_dir))
-                self.indexes[index.run.id] = index
-                self.names.setdefault(index.run.name, index.run.id)
-                logger.info("loaded run %s (%s) from %s", index.run.id, index.run.name, source)
+                if is_study_folder(source):  # a study: every finished set is a run
+                    study, runs = load_study(source)
+                    self.studies[study.name] = study
+                else:
+                    runs = [load_run(source, self.cache_dir)]
+                for run in runs:
+                    index = RunIndex(run)
+                    self.indexes[index.run.id] = index
+                    self.names.setdefault(index.run.name, index.run.id)
+                    logger.info("loaded run %s (%s) from %s", index.run.id, index.run.name, source)
             self.ready = True
         except Exception as e:
             logger.exception("loading runs failed")
@@ -82,6 +89,13 @@ class ServiceState:
             raise NotFound(f"unknown run {run!r}: loaded runs are {sorted(self.indexes)} "
                            f"(names {sorted(self.names)})")
         return self.indexes[run_id]
+
+    def study(self, name: str) -> StudyResults:
+        if not self.ready:
+            raise Unavailable(self.error or "runs are still loading")
+        if name not in self.studies:
+            raise NotFound(f"unknown study {name!r}: loaded studies are {sorted(self.studies)}")
+        return self.studies[name]
 
 
 def _error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -158,6 +172,7 @@ DOCUMENTED = {status: {"model": S.Error} for status in (400, 401, 404, 413, 503)
 pages = APIRouter()
 tables = APIRouter(prefix="/runs", dependencies=[Depends(authorise)], responses=DOCUMENTED)
 live_routes = APIRouter(prefix="/runs", dependencies=[Depends(authorise)], responses=DOCUMENTED)
+studies = APIRouter(prefix="/studies", dependencies=[Depends(authorise)], responses=DOCUMENTED)
 
 
 def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
@@ -170,7 +185,7 @@ def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int
     api.middleware("http")(functools.partial(bounded_body, max_body_bytes))
     for exc, handler in ERROR_HANDLERS.items():
         api.add_exception_handler(exc, handler)
-    for router in (pages, tables, live_routes):
+    for router in (pages, tables, live_routes, studies):
         api.include_router(router)
     return api
 
@@ -275,6 +290,23 @@ async def ranking(svc: Svc, run: Run, task: Annotated[str, PathParam(max_length=
 async def accuracy(svc: Svc, run: Run, task: Annotated[str | None, Query(max_length=200)] = None):
     """Task accuracy per screened checkpoint; the crosscoded ones are marked."""
     return svc.state.index(run).accuracy(task)
+
+
+# -- studies: several checkpoint sets of one family ------------------------------------------------
+
+@studies.get("", response_model=list[S.StudyInfo])
+async def list_studies(svc: Svc):
+    """The loaded studies: their sets (each served as a run) and the revisions they span."""
+    svc.ready_index()
+    return [study.info() for study in svc.state.studies.values()]
+
+
+@studies.get("/{study}", response_model=S.StudyDetail)
+async def get_study(svc: Svc, study: Annotated[str, PathParam(max_length=200)]):
+    """A study's sets and its comparison on one timeline: per task and set the IE mass per
+    checkpoint and the top features' groups, the share of a later checkpoint's IE from features new
+    to it, and top features matched by decoder cosine where sets share a checkpoint."""
+    return svc.state.study(study).detail()
 
 
 # -- live queries: computed by the model deployment -----------------------------------------------

@@ -110,16 +110,17 @@ def make_app(args: dict, live_options: dict | None = None, **options) -> serve.A
 
 def check_sources(runs: list[str], cache_dir: Path) -> None:
     """Resolve every run before deploying, so a wrong id is one error line, not a failing replica."""
-    from crossray.results import load_run
+    from crossray.results import is_study_folder, load_run, load_study
 
     for source in runs:
-        load_run(source, cache_dir)
+        load_study(source) if is_study_folder(source) else load_run(source, cache_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crossray serve", description="serve finished runs over HTTP")
     p.add_argument("--run", action="append", default=[],
-                   help="pipeline folder, MLflow run id, or models:/name@alias (repeatable)")
+                   help="pipeline folder (a study folder: every set), MLflow run id, or models:/name@alias "
+                   "(repeatable)")
     p.add_argument("--config", action="append", default=[],
                    help="a run config (YAML): serve its pipeline folder <pipeline.out>/<pipeline.name>")
     p.add_argument("--host", default="127.0.0.1")

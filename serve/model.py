@@ -77,7 +77,7 @@ class LiveModel:
         import ray
 
         from crossray.cache import serve_cache_dir
-        from crossray.live import open_run
+        from crossray.live import open_runs
         from rayenv import compute_device
 
         logging.basicConfig(level=logging.INFO)
@@ -89,8 +89,8 @@ class LiveModel:
         self.runs, self.problems = {}, {}
         for source in runs:
             try:
-                run = open_run(source, cache_dir or serve_cache_dir(), device)
-                self.runs[run.id] = run
+                for run in open_runs(source, cache_dir or serve_cache_dir(), device):
+                    self.runs[run.id] = run
             except Exception as e:  # the tables of this run are still served
                 logger.exception("no live model for %s", source)
                 self.problems[source] = f"{type(e).__name__}: {e}"

@@ -14,6 +14,28 @@ class Health(BaseModel):
     runs: list[str]
 
 
+class StudySet(BaseModel):
+    name: str
+    run: str | None = Field(description="the run id the set is served under (None: the set failed)")
+    revisions: list[str]
+    status: str = Field(description="done or failed")
+
+
+class StudyInfo(BaseModel):
+    study: str
+    revisions: list[str] = Field(description="the union of the sets' revisions, extracted once each")
+    sets: list[StudySet]
+
+
+class StudyDetail(StudyInfo):
+    timeline: list[dict] = Field(description="per task, set and checkpoint: tokens_seen, ie_mass, "
+                                 "top_ie_mass, top features' groups (RelDec, RelIE), top_mean_relie")
+    new_features: list[dict] = Field(description="per task, set and adjacent pair: the share of the later "
+                                     "checkpoint's IE from features new to it (RelIE > 0.9)")
+    matched: list[dict] = Field(description="per task and shared checkpoint of two sets: their top "
+                                "features matched by decoder cosine")
+
+
 class Error(BaseModel):
     detail: str | list = Field(description="what was wrong with the request (validation errors: a list)")
 

@@ -138,3 +138,46 @@ def test_mlflow_holds_the_study_above_its_sets(study):
     assert "study/study.html" in [f.path for f in client.list_artifacts(again.mlflow_run_id, "study")]
     served = RunLayout(Path(again.sets[SETS[0]].train.crosscoder).parents[1])  # a set reads like a run
     assert served.accuracy.exists() and served.effects.exists()
+
+
+def test_serve_lists_the_study_and_the_page_switches_sets(study, tmp_path):
+    """A study folder served: every set is a run, /studies gives the comparison, the page shows the
+    timeline and switches between the study's sets."""
+    import threading
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from serve.api import ServiceState, build_api
+    from tests.helpers import free_port
+
+    cfg, _, _, again = study
+    folder = RunLayout.of(cfg.pipeline.out, cfg.pipeline.name).root
+    state = ServiceState([str(folder)], tmp_path / "cache")
+    state.load()
+    assert state.ready, state.error
+    client = TestClient(build_api(state))
+    assert sorted(r["id"] for r in client.get("/runs").json()) == sorted(f"tiny-study.{n}" for n in SETS)
+    [listed] = client.get("/studies").json()
+    assert listed["study"] == "tiny-study" and [s["name"] for s in listed["sets"]] == SETS
+    detail = client.get("/studies/tiny-study").json()
+    assert len(detail["timeline"]) == len(again.comparison["timeline"]) and detail["matched"]
+    assert client.get("/studies/nope").status_code == 404
+    assert client.get(f"/runs/tiny-study.{SETS[0]}/accuracy").status_code == 200  # a set reads as a run
+    port = free_port()
+    config = uvicorn.Config(build_api(state), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with chromium_page(f"http://127.0.0.1:{port}/", tmp_path / "profile") as browser:
+            browser.wait_for("document.querySelectorAll('#timeline tbody tr').length > 0")
+            assert browser.eval("document.getElementById('study').value") == "tiny-study"
+            assert browser.eval("document.querySelectorAll('#run option').length") == len(SETS)
+            browser.eval("(() => { const s = document.getElementById('run');"
+                         f" s.value = 'tiny-study.{SETS[3]}'; s.dispatchEvent(new Event('change')); }})()")
+            browser.wait_for(f"document.querySelector('#timeline tr.sel td').innerText === '{SETS[3]}'")
+            browser.screenshot(ARTIFACTS / "study-page.png")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
