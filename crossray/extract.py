@@ -315,15 +315,13 @@ def shard_name(index: int) -> str:
 # -- reading rows back for training ----------------------------------------------------------------
 
 def shuffled_batches(paths: Sequence[Path], batch_size: int, buffer_rows: int, seed: int,
-                     drop_last: bool = True, columns: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
-    """Batches (B, C, D) from shards in order through a local shuffle buffer of `buffer_rows` rows;
-    `columns` picks checkpoints of the shards' axis (a study set reading the union's shards)."""
+                     drop_last: bool = True) -> Iterator[torch.Tensor]:
+    """Batches (B, C, D) from shards in order through a local shuffle buffer of `buffer_rows` rows."""
     gen = torch.Generator().manual_seed(seed)
     buffer: list[torch.Tensor] = []
     size = 0
     for path in paths:
-        acts = read_shard(path)[2]
-        buffer.append(acts if columns is None else acts[:, list(columns)])
+        buffer.append(read_shard(path)[2])
         size += len(buffer[-1])
         if size >= buffer_rows + batch_size:
             pool = torch.cat(buffer)

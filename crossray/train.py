@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from crossray import metrics as M
 from crossray import store
-from crossray.config import TrainConfig
+from crossray.config import TrainConfig, TrainSettings
 from crossray.models.crosscoder import Crosscoder, ForwardOutput, norm_factors
 
 logger = logging.getLogger(__name__)
@@ -230,30 +230,9 @@ class Trainer:
         With `progress`, steps/s, tokens/s, loss, L0 and FVE show as a bar in a terminal or a log line
         every `every_s` (default `CROSSRAY_PROGRESS_SECONDS`, 30) otherwise, and go to `report` then.
         """
-        from crossray.progress import Progress
-
-        bar = Progress("train", self.cfg.n_steps, "steps", initial=self.step, report=report,
-                       every_s=every_s) if progress else None
-
-        def logged(step: int, metrics: dict) -> None:
-            if bar is not None:
-                bar.set(loss=metrics["loss"], l0=metrics["l0"], fve=metrics["fve"])
-            if log is not None:
-                log(step, metrics)
-
-        it: Iterator[Tensor] = iter(batches)
-        while self.step < self.cfg.n_steps:
-            x = next(it, None)
-            if x is None:
-                logger.warning("batches ran out at step %d of %d", self.step, self.cfg.n_steps)
-                if save is not None and self.step % self.cfg.checkpoint_every:
-                    save(self)  # the final state, as a finished run has it
-                break
-            self.step_batch(x, logged, save)
-            if bar is not None:
-                bar.update(1, tokens=x.shape[0])
-        if bar is not None:
-            bar.close()
+        fit_together({"": self}, batches, log=(lambda _, step, m: log(step, m)) if log else None,
+                     save=(lambda: save(self)) if save else None, progress=progress, report=report,
+                     every_s=every_s)
         return self
 
     def init_from_first_batch(self, x: Tensor) -> None:
@@ -268,8 +247,9 @@ class Trainer:
             self.cc.b_enc_L.data.div_(world_size())
 
     def step_batch(self, x: Tensor, log: Callable[[int, dict], None] | None = None,
-                   save: Callable[[Trainer], None] | None = None) -> None:
-        """One step on a raw batch: check, normalise, update, then log/save on their cadence."""
+                   save: Callable[[Trainer], None] | None = None) -> Tensor:
+        """One step on a raw batch: check, normalise, update, then log/save on their cadence; returns
+        the loss."""
         x = x.to(self.device, torch.float32, non_blocking=True)
         check_batch(x, self.cc, self.batches_consumed)
         x = self.cc.normalise(x)
@@ -284,6 +264,7 @@ class Trainer:
             log(self.step, self.metrics(x, losses, out))
         if save and (self.step % self.cfg.checkpoint_every == 0 or last):
             save(self)
+        return losses.loss.detach()
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, folder: str | Path, meta: dict | None = None) -> Path:
@@ -310,6 +291,89 @@ class Trainer:
         trainer.batches_consumed = scalars["batches_consumed"]
         trainer.dead.tokens_since_fired_L = tensors["tokens_since_fired_L"].to(trainer.device)
         return trainer
+
+
+def fit_together(trainers: dict[str, Trainer], batches: Iterable[Tensor],
+                 columns: dict[str, list[int]] | None = None,
+                 log: Callable[[str, int, dict], None] | None = None, save: Callable[[], None] | None = None,
+                 progress: bool = True, report: Callable[[dict], None] | None = None,
+                 every_s: float | None = None, failed: dict[str, str] | None = None) -> dict[str, str]:
+    """Train several crosscoders on one stream of batches, one step each per batch (a study's sets:
+    `columns[name]` picks a set's checkpoints from the batch's axis), until `n_steps`, which they share
+    with the batch size and checkpoint cadence; `save()` on that cadence saves them all.
+
+    With more than one, a crosscoder whose batch columns hold NaN/Inf or whose loss is not finite is
+    set aside in `failed` (name -> why; decided on every data-parallel rank alike) and the others go
+    on; alone, a bad batch raises `NonFiniteBatchError` as `Trainer.step_batch` does."""
+    from crossray.progress import Progress
+
+    failed = {} if failed is None else failed
+    lead = next(iter(trainers.values()))
+    n_steps, every = lead.cfg.n_steps, lead.cfg.checkpoint_every
+    together = len(trainers) > 1
+    bar = Progress("train", n_steps, "steps", initial=lead.step, report=report, every_s=every_s) \
+        if progress else None
+
+    def logged(name: str, step: int, metrics: dict) -> None:
+        if bar is not None and name == next((n for n in trainers if n not in failed), name):
+            bar.set(loss=metrics["loss"], l0=metrics["l0"], fve=metrics["fve"])
+        if log is not None:
+            log(name, step, metrics)
+
+    step, it = lead.step, iter(batches)
+    while step < n_steps:
+        x = next(it, None)
+        if x is None:
+            logger.warning("batches ran out at step %d of %d", step, n_steps)
+            if save is not None and step % every:
+                save()  # the final state, as a finished run has it
+            break
+        ok = {}
+        for name, t in trainers.items():
+            part = x if not columns or columns.get(name) is None else x[:, columns[name]]
+            if name in failed:
+                continue
+            if together and not _agree(bool(torch.isfinite(part).all())):
+                failed[name] = f"batch {t.batches_consumed} holds NaN/Inf in its checkpoints"
+                logger.error("crosscoder %s set aside: %s; the others go on", name, failed[name])
+                continue
+            loss = t.step_batch(part, lambda s, m, name=name: logged(name, s, m))
+            ok[name] = bool(torch.isfinite(loss))
+        for name, finite in ok.items():
+            if together and not _agree(finite):
+                failed[name] = f"the loss is not finite at step {trainers[name].step}"
+                logger.error("crosscoder %s set aside: %s; the others go on", name, failed[name])
+        step += 1
+        if bar is not None:
+            bar.update(1, tokens=x.shape[0])
+        if save is not None and (step % every == 0 or step == n_steps):
+            save()
+    if bar is not None:
+        bar.close()
+    return failed
+
+
+SHARED_SETTINGS = ("batch_size", "n_steps", "data_seed", "shuffle_buffer_rows", "checkpoint_every")
+"""Training settings that crosscoders trained together on one stream share."""
+
+
+def check_shared(settings: dict[str, TrainSettings]) -> None:
+    """Refuse crosscoders that cannot train together: they must share `SHARED_SETTINGS`."""
+    lead = next(iter(settings.values()))
+    for name, s in settings.items():
+        differ = [f for f in SHARED_SETTINGS if getattr(s, f) != getattr(lead, f)]
+        if differ:
+            raise ValueError(f"{name} differs in train.{', train.'.join(differ)}: crosscoders trained "
+                             f"together on one stream share {', '.join(SHARED_SETTINGS)}")
+
+
+def _agree(value: bool) -> bool:
+    """`value` and'ed over the data-parallel ranks (every rank decides alike)."""
+    if world_size() == 1:
+        return value
+    flag = torch.tensor([1.0 if value else 0.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
 
 
 @torch.no_grad()

@@ -109,9 +109,34 @@ class RayBackend:
         else:
             result = train_job.run_train(cfg, self.launch, storage, norm_factors, data=data.result.acts,
                                          name=name, on_progress=progress, columns=data.columns)
+        return self._output(result, "")
+
+    def train_together(self, sets: dict[str, tuple[TrainConfig, Extracted]], storage: Path, name: str,
+                       data: Extracted, progress: Progress = None
+                       ) -> tuple[dict[str, TrainOutput], dict[str, str]]:
+        together = {n: train_job.SetToTrain(cfg, d.result.norm_factors, d.columns)
+                    for n, (cfg, d) in sets.items()}
+        lead = next(iter(together.values())).cfg
+        if data.result.mode == "stream":  # one stream of every revision of the sets: extracted once
+            prep = self._prepare(data.config)
+            plan = extract_job.stream_plan(prep, lead.n_steps * lead.batch_size, lead.data_seed)
+            result = train_job.run_train_together(together, self.launch, storage, name=name,
+                                                  stream=extract_job.row_stream(prep, plan, self.launch),
+                                                  on_progress=progress)
+        else:
+            result = train_job.run_train_together(together, self.launch, storage, data=data.result.acts,
+                                                  name=name, on_progress=progress)
+        aside = train_job.set_aside(result)
+        return {n: self._output(result, n) for n in sets if n not in aside}, aside
+
+    @staticmethod
+    def _output(result, name: str) -> TrainOutput:
         position = train_job.stream_position(result)
-        return TrainOutput(train_job.crosscoder_dir(result), train_job.metric_history(result),
-                           dict(result.metrics or {}), position.to_json() if position else None)
+        prefix = f"{name}/" if name else ""
+        final = {k.removeprefix(prefix): v for k, v in (result.metrics or {}).items()
+                 if not name or k.startswith(prefix) or k == "step"}
+        return TrainOutput(train_job.crosscoder_dir(result, name), train_job.metric_history(result, name),
+                           final, position.to_json() if position else None)
 
     def attribute(self, crosscoder: str, family: Family, tasks: list[str], out: Path,
                   cfg: AttributionConfig, progress: Progress = None) -> dict:

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -43,7 +44,7 @@ from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
 from crossray.position import RowMarks, StreamPlan, StreamPosition
 from crossray.store import CROSSCODER, STREAM_POSITION, TRAIN_HISTORY
-from crossray.train import Trainer
+from crossray.train import Trainer, check_shared, fit_together
 from jobs._ray import job_parser, run_job
 from jobs.extract import RowStream
 from rayenv import use_assigned_cpus
@@ -54,13 +55,13 @@ logger = logging.getLogger(__name__)
 # item (`STREAM_POSITION`, `crossray.position`).
 
 
-def _parquet_batches(folder: str, world: int, rank: int, batch: int, buffer: int, seed: int,
-                     columns: tuple[int, ...] | None = None) -> Iterator[torch.Tensor]:
+def _parquet_batches(folder: str, world: int, rank: int, batch: int, buffer: int, seed: int
+                     ) -> Iterator[torch.Tensor]:
     paths = Manifest.read(folder).shard_paths(folder)[rank::world]
     if not paths:
         raise ValueError(f"worker {rank} of {world} has no shard: use fewer workers than shards")
     for epoch in itertools.count():
-        yield from shuffled_batches(paths, batch, buffer, seed + 1000 * epoch + rank, columns=columns)
+        yield from shuffled_batches(paths, batch, buffer, seed + 1000 * epoch + rank)
 
 
 def _stream_batches(batch: int, buffer: int, seed: int, marks: RowMarks) -> Iterator[torch.Tensor]:
@@ -96,31 +97,53 @@ def _gather(marks: dict, world: int) -> list[dict]:
     return out
 
 
-def _make_trainer(cfg: TrainConfig, norm_factors: list[float], device: torch.device,
-                  restore: Callable[[Path | None], None] = lambda _: None) -> tuple[Trainer, list[dict]]:
-    """A fresh trainer, or the one in the latest Ray Train checkpoint with its metric history;
-    `restore` reads anything else from the checkpoint folder (None for a fresh start)."""
+FAILED = "failed.json"
+"""In a checkpoint of crosscoders trained together: the ones set aside, and why."""
+
+
+@dataclass(frozen=True)
+class SetToTrain:
+    """One crosscoder of a Train job: its config, normalisation factors, and which checkpoints of the
+    data's axis it reads (None: all, in order)."""
+
+    cfg: TrainConfig
+    norm_factors: list[float]
+    columns: tuple[int, ...] | None = None
+
+
+def _make_trainers(sets: dict[str, SetToTrain], device: torch.device,
+                   restore: Callable[[Path | None], None] = lambda _: None
+                   ) -> tuple[dict[str, Trainer], dict[str, list[dict]], dict[str, str]]:
+    """Fresh trainers, or the ones in the latest Ray Train checkpoint (each in `<name>/`, the only
+    one at the top) with their metric histories and the ones set aside; `restore` reads anything
+    else from the checkpoint folder (None for a fresh start)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            trainer = Trainer.resume(Path(folder) / CROSSCODER, cfg, device)
-            history = json.loads((Path(folder) / TRAIN_HISTORY).read_text())
-            restore(Path(folder))
-        logger.info("resumed from step %d", trainer.step)
-        return trainer, history
+            root = Path(folder)
+            trainers = {n: Trainer.resume(root / n / CROSSCODER, s.cfg, device) for n, s in sets.items()}
+            histories = {n: json.loads((root / n / TRAIN_HISTORY).read_text()) for n in sets}
+            failed = json.loads((root / FAILED).read_text()) if (root / FAILED).exists() else {}
+            restore(root)
+        logger.info("resumed from step %d", next(iter(trainers.values())).step)
+        return trainers, histories, failed
     restore(None)
-    cc = Crosscoder(cfg.crosscoder)
-    cc.norm_factors_C.copy_(torch.tensor(norm_factors))
-    return Trainer(cc, cfg, device), []
+    trainers = {}
+    for name, s in sets.items():
+        cc = Crosscoder(s.cfg.crosscoder)
+        cc.norm_factors_C.copy_(torch.tensor(s.norm_factors))
+        trainers[name] = Trainer(cc, s.cfg, device)
+    return trainers, {n: [] for n in sets}, {}
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Glue: data shard -> crossray Trainer -> ray.train.report. The data position on a restore:
+    """Glue: data shard -> crossray Trainer(s) -> ray.train.report. Several crosscoders (a study's
+    sets) train together on the same batches, each on its columns. The data position on a restore:
     Parquet batches skip the consumed ones; a stream leaves out the items already trained on."""
     use_assigned_cpus()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg: TrainConfig = config["train_cfg"]
+    sets: dict[str, SetToTrain] = config["sets"]
     device = ray.train.torch.get_device()
     stream = config.get("plan")
     marks = RowMarks(stream) if stream is not None else None
@@ -130,46 +153,52 @@ def train_loop_per_worker(config: dict) -> None:
         if stream is not None and rank == 0:
             restored.append(_restore_position(folder, stream, config["position"]))
 
-    trainer, history = _make_trainer(cfg, config["norm_factors"], device, restore)
+    trainers, histories, failed = _make_trainers(sets, device, restore)
     position = restored[0] if restored else None
     if world > 1:
-        trainer.forward_module = ray.train.torch.prepare_model(trainer.cc, move_to_device=False)
-    batch, buffer, seed = cfg.batch_size // world, cfg.shuffle_buffer_rows, cfg.data_seed
+        for t in trainers.values():
+            t.forward_module = ray.train.torch.prepare_model(t.cc, move_to_device=False)
+    lead = next(iter(trainers.values()))
+    batch, buffer, seed = lead.cfg.batch_size // world, lead.cfg.shuffle_buffer_rows, lead.cfg.data_seed
     if stream is None:
-        batches = _parquet_batches(config["data"], world, rank, batch, buffer, seed, config.get("columns"))
-        batches = itertools.islice(batches, trainer.batches_consumed, None)
+        batches = _parquet_batches(config["data"], world, rank, batch, buffer, seed)
+        batches = itertools.islice(batches, lead.batches_consumed, None)
     else:
-        batches = _stream_batches(batch, buffer, seed + 1000 * trainer.step + rank, marks)
-    latest: dict = {"resumed_from_step": trainer.step}
+        batches = _stream_batches(batch, buffer, seed + 1000 * lead.step + rank, marks)
+    latest: dict = {"resumed_from_step": lead.step}
 
-    def log(step: int, metrics: dict) -> None:
+    def log(name: str, step: int, metrics: dict) -> None:
         if rank == 0:
-            latest.update(metrics, step=step)
-            history.append({**metrics, "step": step})
-            logger.info("step %d loss %.4f fve %.4f l0 %.1f", step, metrics["loss"], metrics["fve"],
-                        metrics["l0"])
+            latest.update({f"{name}/{k}" if name else k: v for k, v in metrics.items()}, step=step)
+            histories[name].append({**metrics, "step": step})
+            logger.info("%sstep %d loss %.4f fve %.4f l0 %.1f", f"{name}: " if name else "", step,
+                        metrics["loss"], metrics["fve"], metrics["l0"])
 
     def report(snapshot: dict) -> None:  # rank 0's progress, to the driver's log and MLflow
         with contextlib.suppress(Exception):  # a full or gone queue never stops training
             config["progress"].put_nowait(snapshot)
 
-    def save(t: Trainer) -> None:
+    def save() -> None:
         counts = _gather(marks.take(), world) if marks is not None else []
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                t.save(Path(tmp) / CROSSCODER)
-                (Path(tmp) / TRAIN_HISTORY).write_text(json.dumps(history))
+                for name, t in trainers.items():
+                    t.save(Path(tmp) / name / CROSSCODER)
+                    (Path(tmp) / name / TRAIN_HISTORY).write_text(json.dumps(histories[name]))
+                if failed:
+                    (Path(tmp) / FAILED).write_text(json.dumps(failed))
                 if position is not None:
                     for c in counts:
                         position.add(c)
                     (Path(tmp) / STREAM_POSITION).write_text(json.dumps(position.to_json()))
-                ray.train.report({**latest, "step": t.step}, checkpoint=Checkpoint.from_directory(tmp))
+                ray.train.report({**latest, "step": lead.step}, checkpoint=Checkpoint.from_directory(tmp))
             else:
-                ray.train.report({"step": t.step})
+                ray.train.report({"step": lead.step})
 
-    trainer.fit(batches, log=log, save=save, progress=rank == 0,
-                report=report if config.get("progress") is not None else None,
-                every_s=config.get("progress_s"))
+    fit_together(trainers, batches, {n: list(s.columns) for n, s in sets.items() if s.columns is not None},
+                 log=log, save=save, progress=rank == 0,
+                 report=report if config.get("progress") is not None else None,
+                 every_s=config.get("progress_s"), failed=failed)
 
 
 def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_factors: list[float],
@@ -177,12 +206,23 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_
               on_progress: Callable[[dict], None] | None = None, columns: tuple[int, ...] | None = None
               ) -> ray.train.Result:
     """Fit on Parquet shards (`data`, a manifest folder) or a `stream` of rows from the extraction
-    actors (`jobs.extract.row_stream`); `columns` picks the checkpoints of the shards' axis to train
+    actors (`jobs.extract.row_stream`); `columns` picks the checkpoints of the data's axis to train
     on (a study set reading the union's shards).
 
     `name` is the Ray Train run name under `storage`: the name of a stopped run resumes it (empty: a
     fresh unique name). Rank 0's progress (steps/s, tokens/s, loss, L0, FVE, ETA) comes back through a
     Ray queue every `CROSSRAY_PROGRESS_SECONDS`: logged here, and handed to `on_progress`."""
+    return run_train_together({"": SetToTrain(cfg, list(norm_factors), columns)}, launch, storage, data,
+                              stream, name, on_progress)
+
+
+def run_train_together(sets: dict[str, SetToTrain], launch: LaunchConfig, storage: str | Path,
+                       data: str | None = None, stream: RowStream | None = None, name: str = "",
+                       on_progress: Callable[[dict], None] | None = None) -> ray.train.Result:
+    """Several crosscoders (a study's sets) fitted by one Train job on the same data, one step each
+    per batch (each on its columns of the data's axis), saved together in each checkpoint (`<set>/`),
+    so the activations are read (or, streamed, extracted) once for all of them. They share the batch
+    size, step count, data seed, shuffle buffer and checkpoint cadence. As `run_train` otherwise."""
     if (data is None) == (stream is None):
         raise ValueError("give exactly one of data (a manifest folder) or stream (jobs.extract.row_stream)")
     if data is not None:
@@ -191,11 +231,7 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_
         manifest.verify(data)  # a corrupted shard is an error before any worker starts
         if len(manifest.shards) < launch.workers:
             raise ValueError(f"{data} has {len(manifest.shards)} shards for {launch.workers} workers")
-    if cfg.batch_size % launch.workers:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {launch.workers} workers")
-    if len(norm_factors) != cfg.crosscoder.n_checkpoints:
-        raise ValueError(f"{len(norm_factors)} normalisation factors for "
-                         f"{cfg.crosscoder.n_checkpoints} checkpoints")
+    check_together(sets, launch.workers)
     resources = {"CPU": launch.cpus_per_worker}
     if launch.gpus_per_worker:
         resources["GPU"] = launch.gpus_per_worker
@@ -206,9 +242,8 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_
     progress = Queue(maxsize=256, actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train_cfg": cfg, "norm_factors": list(norm_factors), "data": data,
-                           "progress": progress, "progress_s": progress_seconds(),
-                           "plan": stream.plan if stream else None, "columns": columns,
+        train_loop_config={"sets": sets, "data": data, "progress": progress, "progress_s": progress_seconds(),
+                           "plan": stream.plan if stream else None,
                            "position": stream.position if stream else None},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
                                      resources_per_worker=resources),
@@ -234,6 +269,17 @@ def run_train(cfg: TrainConfig, launch: LaunchConfig, storage: str | Path, norm_
         ray.kill(progress.actor)
 
 
+def check_together(sets: dict[str, SetToTrain], workers: int) -> None:
+    lead = next(iter(sets.values())).cfg
+    check_shared({name: s.cfg for name, s in sets.items()})
+    for s in sets.values():
+        if len(s.norm_factors) != s.cfg.crosscoder.n_checkpoints:
+            raise ValueError(f"{len(s.norm_factors)} normalisation factors for "
+                             f"{s.cfg.crosscoder.n_checkpoints} checkpoints")
+    if lead.batch_size % workers:
+        raise ValueError(f"batch_size {lead.batch_size} is not divisible by {workers} workers")
+
+
 def _relay_progress(queue, stop: threading.Event, workers: int, on_progress) -> None:
     """Workers' progress into the driver's log (Ray does not forward worker logs here)."""
     import queue as queue_module
@@ -256,9 +302,15 @@ def _relay_progress(queue, stop: threading.Event, workers: int, on_progress) -> 
                 logger.warning("progress could not be recorded", exc_info=True)
 
 
-def metric_history(result: ray.train.Result) -> list[dict]:
-    """Every metrics row of a finished run (rank 0's, every metrics_every steps)."""
-    return json.loads((crosscoder_dir(result).parent / TRAIN_HISTORY).read_text())
+def metric_history(result: ray.train.Result, name: str = "") -> list[dict]:
+    """Every metrics row of a finished run (rank 0's, every metrics_every steps); `name`: of that set."""
+    return json.loads((crosscoder_dir(result, name).parent / TRAIN_HISTORY).read_text())
+
+
+def set_aside(result: ray.train.Result) -> dict[str, str]:
+    """The crosscoders of a Train job run together that were set aside (name -> why)."""
+    path = crosscoder_dir(result).parent / FAILED
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def stream_position(result: ray.train.Result) -> StreamPosition | None:
@@ -267,11 +319,12 @@ def stream_position(result: ray.train.Result) -> StreamPosition | None:
     return StreamPosition.from_json(json.loads(path.read_text())) if path.exists() else None
 
 
-def crosscoder_dir(result: ray.train.Result) -> Path:
-    """Local folder of the final crosscoder (weights, config, training state) of a finished run."""
+def crosscoder_dir(result: ray.train.Result, name: str = "") -> Path:
+    """Local folder of the final crosscoder (weights, config, training state) of a finished run
+    (`name`: of that set, for crosscoders trained together)."""
     if result.checkpoint is None:
         raise ValueError(f"run {result.path} reported no checkpoint")
-    return Path(result.checkpoint.path) / CROSSCODER
+    return Path(result.checkpoint.path) / name / CROSSCODER
 
 
 def resolve_with_manifest(settings: TrainSettings, manifest: Manifest) -> TrainConfig:

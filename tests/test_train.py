@@ -1,5 +1,7 @@
 """Training: losses by hand, schedules, aux-k sign, ground-truth recovery, exact resume, bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -280,3 +282,47 @@ def test_dead_latents_count_tokens_over_all_workers(tmp_path):
     assert torch.equal(rank0, rank1)
     assert (rank1 < 5 * 128).any()  # fired on worker 0, so not counted as idle on worker 1
     assert (rank1 % 128 == 0).all()  # counted in global batches: 2 workers x 64 tokens per step
+
+
+def _trainer(n_checkpoints: int, seed: int, steps: int = 6) -> Trainer:
+    cc = CrosscoderConfig(n_checkpoints=n_checkpoints, d_model=8, n_latents=16, seed=seed)
+    cfg = TrainConfig(crosscoder=cc, n_steps=steps, batch_size=32, lr=1e-2, metrics_every=2,
+                      checkpoint_every=3)
+    return Trainer(Crosscoder(cfg.crosscoder), cfg, "cpu")
+
+
+def test_crosscoders_train_together_on_their_columns_and_resume_exactly(tmp_path):
+    """A study's sets: one batch stream of 3 checkpoints, a pair on columns 1-2 and the triple on all;
+    each trains as it would alone on its columns, and a stop after step 3 resumes to the same weights."""
+    from crossray.train import fit_together
+
+    torch.manual_seed(0)
+    data = [torch.randn(32, 3, 8) for _ in range(6)]
+    alone = _trainer(2, 1)
+    alone.fit([x[:, [1, 2]] for x in data], progress=False)
+    together = {"pair": _trainer(2, 1), "triple": _trainer(3, 2)}
+    fit_together(together, data, {"pair": [1, 2]}, progress=False)
+    torch.testing.assert_close(together["pair"].cc.W_dec_LCD, alone.cc.W_dec_LCD)
+    first = {"pair": _trainer(2, 1), "triple": _trainer(3, 2)}
+    fit_together(first, data[:3], {"pair": [1, 2]}, progress=False)
+    for name, t in first.items():
+        t.save(tmp_path / name)
+    resumed = {name: Trainer.resume(tmp_path / name, device="cpu") for name in first}
+    fit_together(resumed, data[resumed["pair"].batches_consumed:], {"pair": [1, 2]}, progress=False)
+    for name in together:
+        assert resumed[name].step == 6
+        torch.testing.assert_close(resumed[name].cc.W_enc_CDL, together[name].cc.W_enc_CDL)
+
+
+def test_a_crosscoder_with_a_bad_batch_is_set_aside_and_the_others_go_on():
+    from crossray.train import check_shared, fit_together
+
+    data = [torch.randn(32, 3, 8) for _ in range(6)]
+    data[2][:, 0] = float("nan")  # checkpoint 0's activations go bad in batch 2
+    trainers = {"pair": _trainer(2, 1), "triple": _trainer(3, 2)}
+    failed = fit_together(trainers, data, {"pair": [1, 2]}, progress=False)
+    assert list(failed) == ["triple"] and "NaN/Inf" in failed["triple"]
+    assert trainers["pair"].step == 6 and trainers["triple"].step == 2
+    with pytest.raises(ValueError, match=r"set b differs in train.batch_size"):
+        check_shared({"set a": trainers["pair"].cfg,
+                      "set b": dataclasses.replace(trainers["triple"].cfg, batch_size=64)})

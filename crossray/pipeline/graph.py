@@ -89,6 +89,14 @@ class Backend(Protocol):
         """Fit on the extraction's shards, or (stream mode) on its extraction streamed into training."""
         ...
 
+    def train_together(self, sets: dict[str, tuple[TrainConfig, Extracted]], storage: Path, name: str,
+                       data: Extracted, progress: Progress = None
+                       ) -> tuple[dict[str, TrainOutput], dict[str, str]]:
+        """Several crosscoders (a study's sets, each config with its columns of `data`) fitted by one job
+        on `data` read (or streamed) once: the outputs of those that trained, and why the others were
+        set aside."""
+        ...
+
     def attribute(self, crosscoder: str, family: Family, tasks: list[str], out: Path, cfg: AttributionConfig,
                   progress: Progress = None) -> dict: ...
 
@@ -343,9 +351,7 @@ def train(run: StageRun, *, data: Extracted, settings: TrainSettings) -> S.Train
     from crossray.tracking import flat_params
 
     ex, layout, t = data.result, run.layout, run.tracker
-    cfg = resolve_train(settings, len(data.checkpoints.hashes), ex.d_model,
-                        revisions=tuple(data.checkpoints.revisions), weight_hashes=tuple(ex.weight_hashes),
-                        family=data.checkpoints.family.name, layer=data.config.layer)
+    cfg = train_config(data, settings)
     t.log_params(flat_params({"train": to_dict(cfg)}))
     out = run.backend.train(cfg, layout.train_storage, f"train-{run.key}", ex.norm_factors, data,
                             run.progress())
@@ -357,6 +363,14 @@ def train(run: StageRun, *, data: Extracted, settings: TrainSettings) -> S.Train
     shutil.copytree(out.crosscoder, layout.crosscoder, dirs_exist_ok=True)
     shutil.rmtree(layout.train_storage, ignore_errors=True)  # checkpoints are not needed once done
     return S.TrainResult(str(layout.crosscoder), out.final, t.log_crosscoder(layout.crosscoder))
+
+
+def train_config(data: Extracted, settings: TrainSettings) -> TrainConfig:
+    """The training settings resolved against what they train on (C, D and the data's lineage)."""
+    return resolve_train(settings, len(data.checkpoints.hashes), data.result.d_model,
+                         revisions=tuple(data.checkpoints.revisions),
+                         weight_hashes=tuple(data.result.weight_hashes),
+                         family=data.checkpoints.family.name, layer=data.config.layer)
 
 
 @stage("evaluate")

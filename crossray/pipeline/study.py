@@ -13,7 +13,9 @@ same command reuses every finished stage of every set.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 
 from crossray import study as ST
 from crossray.config import Config
@@ -23,7 +25,9 @@ from crossray.pipeline import stages as S
 from crossray.pipeline.runner import Pipeline
 from crossray.pipeline.stages import RunOutcome
 from crossray.pipeline.study_report import StudyOutcome, finish_study
+from crossray.store import RunLayout
 from crossray.tracking import Tracker
+from crossray.train import check_shared
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,8 @@ class Study:
         self.main.validate()
         p = self.cfg.pipeline
         screened = list(p.screen_revisions) or self.main.family.available_revisions()
-        ST.resolve_sets(self.cfg, list(p.revisions) or screened[:p.n_checkpoints], screened)
+        sets = ST.resolve_sets(self.cfg, list(p.revisions) or screened[:p.n_checkpoints], screened)
+        check_shared({f"study set {s.name}": s.config.train for s in sets})  # trained together
 
     def run(self) -> StudyOutcome:
         m, cfg = self.main, self.cfg
@@ -73,12 +78,38 @@ class Study:
                         len(sets), len(union), ", ".join(union))
             data = m.extract_stage({rev: hashes[rev] for rev in union})
             outcome = StudyOutcome(cfg.pipeline.name, union, m.outcome, mlflow_run_id=run_id)
-            self.run_sets(sets, screened, selected, data, outcome)
+            trained = self.train_together(sets, data, t.progress_logger(run_id))
+            self.run_sets(sets, screened, selected, data, outcome, trained)
+            if not outcome.failed:
+                shutil.rmtree(m.layout.train_storage, ignore_errors=True)  # every set holds its crosscoder
             finish_study(m.layout, m.family, t, outcome)
         return outcome
 
+    def train_together(self, sets: list[ST.StudySet], data: G.Extracted, progress
+                       ) -> dict[str, G.TrainOutput | str]:
+        """Every set whose train stage is not done, fitted by one Train job on the study's extraction
+        (read, or streamed, once for all of them; each set on its columns): per set, its output or
+        why it was set aside. The job is named by the sets' train keys, so a re-run resumes it."""
+        m, pending, keys = self.main, {}, []
+        for s in sets:
+            set_data = data.select(s.revisions)
+            key = G.stage_key(G.STAGE["train"], {"data": set_data, "settings": s.config.train})
+            done = RunLayout(m.layout.set_root(s.name)).done("train")
+            if not (done.exists() and json.loads(done.read_text()).get("key") == key):
+                pending[s.name] = (G.train_config(set_data, s.config.train), set_data)
+                keys.append(key)
+        if not pending:
+            return {}
+        logger.info("study %s: training %d crosscoders together (%s) on one pass over the data",
+                    self.cfg.pipeline.name, len(pending), ", ".join(pending))
+        self.main.current = "train"
+        outputs, aside = self.backend.train_together(pending, m.layout.train_storage,
+                                                     f"train-{I.digest(*sorted(keys))}", data, progress)
+        self.main.current = None
+        return {**outputs, **aside}
+
     def run_sets(self, sets: list[ST.StudySet], screened: G.Screened, selected: G.Selected,
-                 data: G.Extracted, outcome: StudyOutcome) -> None:
+                 data: G.Extracted, outcome: StudyOutcome, trained: dict[str, G.TrainOutput | str]) -> None:
         from crossray.progress import Progress
 
         progress = Progress("study", len(sets), "sets", every_s=0.0)  # a line (done, ETA) per set
@@ -86,7 +117,7 @@ class Study:
             self.set_name = s.name
             outcome.set_revisions[s.name] = list(s.revisions)
             try:
-                outcome.sets[s.name] = self.run_set(s, screened, selected, data)
+                outcome.sets[s.name] = self.run_set(s, screened, selected, data, trained.get(s.name))
             except Exception as e:  # noqa: BLE001 (a set's failure is reported; the others go on)
                 logger.exception("study set %s failed; the other sets go on", s.name)
                 first = str(e).splitlines()[0][:300] if str(e) else ""
@@ -94,12 +125,14 @@ class Study:
             progress.update(1)
         self.set_name = None
 
-    def run_set(self, s: ST.StudySet, screened: G.Screened, selected: G.Selected, data: G.Extracted
-                ) -> RunOutcome:
-        """One set's train ... analyse in its folder, under its own MLflow parent run."""
+    def run_set(self, s: ST.StudySet, screened: G.Screened, selected: G.Selected, data: G.Extracted,
+                trained: G.TrainOutput | str | None = None) -> RunOutcome:
+        """One set's train ... analyse in its folder, under its own MLflow parent run; `trained`: what
+        the study's Train job made of it (its train stage records that), or why it was set aside."""
         m = self.main
         layout = m.layout.link_set(s.name, self.cfg.pipeline.name)
-        p = Pipeline(s.config, self.backend, self.config_name, m.tracking_uri, layout=layout, family=m.family)
+        backend = self.backend if trained is None else Trained(self.backend, trained)
+        p = Pipeline(s.config, backend, self.config_name, m.tracking_uri, layout=layout, family=m.family)
         p.tracker = t = m.tracker
         self.main.current = None
         set_selected = G.Selected(I.digest(selected.key, s.revisions), S.SelectResult(
@@ -120,3 +153,19 @@ class Study:
                 self.main.current = p.current
             p.finish()
         return o
+
+
+class Trained:
+    """A set's backend whose training the study's joint Train job did: `train` hands over its output
+    (or raises why the set was set aside); everything else is the study's backend."""
+
+    def __init__(self, backend: G.Backend, output: G.TrainOutput | str):
+        self.backend, self.output = backend, output
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def train(self, *args, **kwargs) -> G.TrainOutput:
+        if isinstance(self.output, str):
+            raise RuntimeError(f"its crosscoder was set aside while training with the others: {self.output}")
+        return self.output
