@@ -24,6 +24,11 @@ downloads weights. Formulas (C checkpoints, D = d_model, L latents, N training r
   it for the fp32 (TF32) crosscoder; MFU 0.4 for extraction and evaluation, 0.3 for training (the
   B1/B3 GPU targets). Attribution is left out (minutes at the paper's size). Wall hours divide each
   stage's GPU hours by its GPU count (actors, Train workers).
+
+A study (`study_plan`): the union of its sets' revisions extracted once; every set's crosscoder
+trained by one Train job (its GPU hours the sum of the sets', each worker holding every set's
+crosscoder and step plus one shuffle buffer of the union's rows); each set's tables and Train
+checkpoints; beside it what the sets would cost run apart.
 """
 
 from __future__ import annotations
@@ -120,8 +125,8 @@ def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int |
     rows = max(1, t.batch_size // cfg.launch.workers)
     peak_actor = C * (prefix + shape.vocab * D) * BYTES[e.compute_dtype] + \
         e.batch_sequences * seq_len * D * (4 * C + 32)
-    peak_worker = 16 * cc_params + rows * (12 * C * D + 8 * L) + \
-        (t.shuffle_buffer_rows * C * D * 4 if mode == "stream" else rows * C * D * 4)
+    buffer = t.shuffle_buffer_rows * C * D * 4 if mode == "stream" else rows * C * D * 4
+    peak_worker = 16 * cc_params + rows * (12 * C * D + 8 * L) + buffer
     model_params = shape.n_layers * shape.block_params() + 2 * shape.vocab * D
     flops = {"extract": 2 * prefix * tokens * C, "train": 6 * cc_params * t.n_steps * t.batch_size,
              "evaluate": 4 * model_params * C * cfg.evaluate.eval_sequences * seq_len}
@@ -133,7 +138,7 @@ def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int |
             "activation_bytes": activation_bytes, "mode": mode, "disk_bytes": sum(disk.values()),
             "corpus_bytes": (n_seq + cfg.evaluate.eval_sequences) * seq_len * 4,
             "disk": disk, "crosscoder_params": cc_params, "peak_bytes_per_actor": peak_actor,
-            "peak_bytes_per_worker": peak_worker, "flops": flops,
+            "peak_bytes_per_worker": peak_worker, "buffer_bytes_per_worker": buffer, "flops": flops,
             "gpu_hours": sum(gpu_hours.values()), "gpu_hours_by_stage": gpu_hours,
             "wall_hours": sum(h / gpus[s] for s, h in gpu_hours.items()),
             "free_bytes": free, "fits": free is None or sum(disk.values()) <= free}
@@ -213,7 +218,9 @@ def study_plan(cfg: Config, shape: Shape, free: int | None = None) -> dict:
             "disk": disk, "disk_bytes": sum(disk.values()), "free_bytes": free,
             "fits": free is None or sum(disk.values()) <= free,
             "peak_bytes_per_actor": union["peak_bytes_per_actor"],
-            "peak_bytes_per_worker": max(s["peak_bytes_per_worker"] for s in sets.values()),
+            # the Train workers hold every set's crosscoder and step, and one buffer of the union's rows
+            "peak_bytes_per_worker": sum(s["peak_bytes_per_worker"] - s["buffer_bytes_per_worker"]
+                                         for s in sets.values()) + union["buffer_bytes_per_worker"],
             "gpu_hours": sum(hours.values()), "gpu_hours_by_stage": hours, "gpu_hours_apart": apart,
             "wall_hours": sum(h / gpus[s] for s, h in hours.items()), "union": union, "sets": sets}
 

@@ -136,6 +136,17 @@ def _make_trainers(sets: dict[str, SetToTrain], device: torch.device,
     return trainers, {n: [] for n in sets}, {}
 
 
+def _worker_batches(data: str | None, lead: Trainer, world: int, rank: int, marks: RowMarks | None
+                    ) -> Iterator[torch.Tensor]:
+    """This worker's batches from where `lead` (every trainer steps alike) left off: Parquet shards
+    skip the consumed batches; a stream (`marks`) leaves out the items already trained on."""
+    batch, buffer, seed = lead.cfg.batch_size // world, lead.cfg.shuffle_buffer_rows, lead.cfg.data_seed
+    if marks is None:
+        parquet = _parquet_batches(data, world, rank, batch, buffer, seed)  # type: ignore[arg-type]
+        return itertools.islice(parquet, lead.batches_consumed, None)
+    return _stream_batches(batch, buffer, seed + 1000 * lead.step + rank, marks)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Glue: data shard -> crossray Trainer(s) -> ray.train.report. Several crosscoders (a study's
     sets) train together on the same batches, each on its columns. The data position on a restore:
@@ -159,12 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
         for t in trainers.values():
             t.forward_module = ray.train.torch.prepare_model(t.cc, move_to_device=False)
     lead = next(iter(trainers.values()))
-    batch, buffer, seed = lead.cfg.batch_size // world, lead.cfg.shuffle_buffer_rows, lead.cfg.data_seed
-    if stream is None:
-        batches = _parquet_batches(config["data"], world, rank, batch, buffer, seed)
-        batches = itertools.islice(batches, lead.batches_consumed, None)
-    else:
-        batches = _stream_batches(batch, buffer, seed + 1000 * lead.step + rank, marks)
+    batches = _worker_batches(config.get("data"), lead, world, rank, marks)
     latest: dict = {"resumed_from_step": lead.step}
 
     def log(name: str, step: int, metrics: dict) -> None:

@@ -5,10 +5,11 @@
     <out>/<study>/study/                       comparison tables, timeline plots and study.html
 
 MLflow: a study parent run holds the shared stages' runs and each set's parent run (its stages under
-it); its description is the timeline table and its metrics each set's headline numbers. A set reads
-the union extraction's columns of its revisions (Parquet shards; in stream mode it streams its own
-revisions into its training). A set that fails is reported and the others go on; re-running the
-same command reuses every finished stage of every set.
+it); its description is the timeline table and its metrics each set's headline numbers. Every set's
+crosscoder is trained by one Ray Train job on one pass over the union extraction (its Parquet shards,
+or its stream), each set on its columns of the checkpoint axis; evaluation and the context scan read
+a set's own revisions. A set that fails is reported and the others go on; re-running the same
+command reuses every finished stage of every set.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Study:
                  tracking_uri: str | None = None):
         self.cfg, self.backend, self.config_name = cfg, backend, config_name
         self.main = Pipeline(cfg, backend, config_name, tracking_uri)  # the study folder, its shared stages
-        self.set_name: str | None = None
+        self.running: tuple[str, Pipeline] | None = None
+        """The set whose stages run now, and its pipeline."""
 
     @property
     def layout(self):
@@ -51,9 +53,10 @@ class Study:
 
     @property
     def current(self) -> str | None:
-        """The stage running now, and the set (for error messages)."""
-        stage = self.main.current
-        return f"{stage} of set {self.set_name}" if stage and self.set_name else stage
+        """The stage running now, and its set (for error messages)."""
+        if self.running is not None and self.running[1].current:
+            return f"{self.running[1].current} of set {self.running[0]}"
+        return self.main.current
 
     def validate(self) -> None:
         """The pipeline's checks, and every set's revisions and overrides (pinned revisions: all of it,
@@ -114,7 +117,6 @@ class Study:
 
         progress = Progress("study", len(sets), "sets", every_s=0.0)  # a line (done, ETA) per set
         for s in sets:
-            self.set_name = s.name
             outcome.set_revisions[s.name] = list(s.revisions)
             try:
                 outcome.sets[s.name] = self.run_set(s, screened, selected, data, trained.get(s.name))
@@ -123,7 +125,7 @@ class Study:
                 first = str(e).splitlines()[0][:300] if str(e) else ""
                 outcome.failed[s.name] = f"{type(e).__name__}: {first}"
             progress.update(1)
-        self.set_name = None
+        self.running = None
 
     def run_set(self, s: ST.StudySet, screened: G.Screened, selected: G.Selected, data: G.Extracted,
                 trained: G.TrainOutput | str | None = None) -> RunOutcome:
@@ -134,7 +136,7 @@ class Study:
         backend = self.backend if trained is None else Trained(self.backend, trained)
         p = Pipeline(s.config, backend, self.config_name, m.tracking_uri, layout=layout, family=m.family)
         p.tracker = t = m.tracker
-        self.main.current = None
+        self.running = (s.name, p)
         set_selected = G.Selected(I.digest(selected.key, s.revisions), S.SelectResult(
             list(s.revisions), [f"set {s.name} of study {self.cfg.pipeline.name}"]))
         set_data = data.select(s.revisions)
@@ -147,10 +149,7 @@ class Study:
             p.start_parent()
             t.set_tags({"crossray.revisions": ",".join(s.revisions),
                         "crossray.manifest": data.result.manifest_key})
-            try:
-                p.set_stages(screened, set_selected, set_data)
-            finally:
-                self.main.current = p.current
+            p.set_stages(screened, set_selected, set_data)
             p.finish()
         return o
 
