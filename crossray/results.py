@@ -115,6 +115,8 @@ def parent_run_id(ref: str) -> str:
         run = client.get_run(ref)
     except MlflowException as e:
         raise ResultsError(f"MLflow has no run or model {ref!r}: {e.message.splitlines()[0]}") from e
+    if "crossray.stage" not in run.data.tags:  # a pipeline's (or a study set's) own run
+        return run.info.run_id
     return run.data.tags.get("mlflow.parentRunId", run.info.run_id)
 
 
@@ -128,17 +130,19 @@ def mlflow_folder(ref: str, cache_dir: str | Path, weights: bool = False):
     parent = parent_run_id(ref)
     client = MlflowClient()
     parent_run = client.get_run(parent)
-    children = client.search_runs([parent_run.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
-                                  order_by=["attributes.start_time DESC"])
     folder = Path(cache_dir) / parent
     layout = RunLayout(folder)
     files = stage_files(layout)
-    stages = {}
-    for child in children:
-        stage = child.data.tags.get("crossray.stage")
-        if stage in files and stage not in stages and child.info.status == "FINISHED":
-            stages[stage] = child.info.run_id
+    stages: dict[str, str] = {}
+    tags = parent_run.data.tags
+    study = tags.get("mlflow.parentRunId") if "crossray.study" in tags else None
+    for holder in [parent, *([study] if study else [])]:  # a study's set: its shared stages under the study
+        for child in client.search_runs([parent_run.info.experiment_id],
+                                        filter_string=f"tags.`mlflow.parentRunId` = '{holder}'",
+                                        order_by=["attributes.start_time DESC"]):
+            stage = child.data.tags.get("crossray.stage")
+            if stage in files and stage not in stages and child.info.status == "FINISHED":
+                stages[stage] = child.info.run_id
     missing = sorted(set(files) - set(stages))
     if missing:
         raise ResultsError(f"MLflow run {parent} has no finished stage run for {missing}: "

@@ -134,7 +134,7 @@ class RayBackend:
         position = train_job.stream_position(result)
         prefix = f"{name}/" if name else ""
         final = {k.removeprefix(prefix): v for k, v in (result.metrics or {}).items()
-                 if not name or k.startswith(prefix) or k == "step"}
+                 if not name or k.startswith(prefix) or k in ("step", "resumed_from_step")}
         return TrainOutput(train_job.crosscoder_dir(result, name), train_job.metric_history(result, name),
                            final, position.to_json() if position else None)
 

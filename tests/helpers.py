@@ -280,7 +280,8 @@ def stray_processes(started_before: set[int]) -> list:
 
 def light_study_config(tmp_path: Path, toy_dir: Path, out: Path | None = None) -> Path:
     """configs/tiny-study.yaml as small as a study gets: one task, the four revisions screened,
-    96 sequences, 60 steps of a 64-latent crosscoder per set."""
+    96 sequences, 300 steps of a 64-latent crosscoder per set (checkpoints every 20: a kill lands
+    mid-training)."""
     import yaml
 
     root = Path(__file__).resolve().parents[1]
@@ -291,7 +292,7 @@ def light_study_config(tmp_path: Path, toy_dir: Path, out: Path | None = None) -
     cfg["evaluate"]["eval_sequences"] = 4
     cfg["extract"]["corpus"]["n_sequences"] = 96
     cfg["extract"].update(shard_sequences=48, norm_sequences=48)
-    cfg["train"].update(n_steps=60, batch_size=256, checkpoint_every=20, metrics_every=20)
+    cfg["train"].update(n_steps=300, batch_size=256, checkpoint_every=20, metrics_every=100)
     cfg["train"]["crosscoder"]["n_latents"] = 64
     cfg["attribution"].update(steps=2, top_k=5)
     cfg["analysis"] = {"context_sequences": 8}

@@ -1,6 +1,7 @@
 """A study on Ray: the toy study shaped like the paper's Pythia study (three adjacent pairs and a
-triple), screened once, each revision extracted once, every set trained, evaluated, attributed and
-compared; a failed set reported while the others finish, and retried alone on a re-run."""
+triple), screened once, each revision extracted once, every set trained by one Train job, evaluated,
+attributed and compared; killed while training, it resumes every set from the joint checkpoint; a
+failed set is reported while the others finish, and retried alone on a re-run."""
 
 from __future__ import annotations
 
@@ -37,16 +38,42 @@ class FailOnce:
         return self.backend.attribute(crosscoder, *args, **kwargs)
 
 
+def _killed_while_training(config: Path, cfg) -> None:
+    """`crossray run` of the study in a process of its own (its own local Ray), SIGKILLed with the
+    driver and its Ray once the joint Train job has registered a checkpoint."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import kill_tree, registered_checkpoints
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = str(root)
+    storage = RunLayout.of(cfg.pipeline.out, cfg.pipeline.name).train_storage
+    run = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(config)], env=env, cwd=root,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and run.poll() is None and registered_checkpoints(storage) < 1:
+        time.sleep(0.1)
+    assert registered_checkpoints(storage) >= 1, f"no joint checkpoint (the run ended {run.poll()})"
+    kill_tree(run.pid)
+    run.wait()
+
+
 @pytest.fixture(scope="module")
 def study(ray_cluster, toy_dir, tmp_path_factory):
-    """The light toy study, its second set failing once in attribution: (config, uri, first outcome,
-    the re-run's outcome)."""
+    """The light toy study killed while training, resumed with its second set failing once in
+    attribution, then run again: (config, uri, the resumed outcome, the re-run's outcome)."""
     from jobs.pipeline import RayBackend
 
     root = tmp_path_factory.mktemp("study")
-    cfg = load_config(light_study_config(root, toy_dir))
+    config = light_study_config(root, toy_dir)
+    cfg = load_config(config)
     uri = f"sqlite:///{root}/runs/mlflow.db"
     (root / "runs").mkdir(exist_ok=True)
+    _killed_while_training(config, cfg)
     flaky = FailOnce(RayBackend(cfg), SETS[1])
     first = Study(cfg, flaky, "study.yaml", uri).run()
     again = Study(cfg, RayBackend(cfg), "study.yaml", uri).run()
@@ -63,7 +90,14 @@ def test_a_failed_set_is_reported_and_the_others_finish(study):
         s = summary["sets"][name]
         assert s["status"] == "done" and set(s["stages"].values()) == {"ran"}
         assert all(0 < v <= 1 for v in s["fve"].values()) and list(s["fve"]) == s["revisions"]
-    assert summary["stages"] == {"screen": "ran", "select": "ran", "extract": "ran"}
+    assert summary["stages"] == {"screen": "reused", "select": "reused", "extract": "reused"}  # killed run's
+
+
+def test_the_killed_study_resumed_every_set_from_the_joint_checkpoint(study):
+    _, _, first, _ = study
+    for name in (SETS[0], *SETS[2:]):
+        final = first.sets[name].train.final
+        assert final["resumed_from_step"] > 0 and final["step"] == 300, final
 
 
 def test_the_rerun_reuses_the_finished_sets_and_retries_the_failed_one(study):
@@ -181,3 +215,24 @@ def test_serve_lists_the_study_and_the_page_switches_sets(study, tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_set_is_served_from_mlflow_alone(study, tmp_path):
+    """A set's MLflow run (or its registered crosscoder) loads like a plain run's: its own stages
+    from its run, the shared ones from the study's."""
+    import mlflow
+
+    from crossray.results import load_run
+
+    _, uri, _, again = study
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        outcome = again.sets[SETS[2]]
+        run = load_run(outcome.mlflow_run_id, tmp_path / "cache")
+        assert run.id == outcome.mlflow_run_id and run.revisions == SETS[2].split("-")
+        assert len(run.accuracy) and len(run.effects) and run.metrics["fve/step1000"] == pytest.approx(
+            outcome.evaluate.metrics["fve/step1000"])
+        assert load_run(outcome.registered["uri"], tmp_path / "cache2").id == outcome.mlflow_run_id
+    finally:
+        mlflow.set_tracking_uri(previous)

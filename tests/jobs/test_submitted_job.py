@@ -1,9 +1,10 @@
 """A real multi-node rehearsal the way users run it: `ray start --head` plus two `ray start --address`
 worker nodes with their own resources (`rehearsal.sh`, in a private PID namespace, so `ray stop`
 touches nothing else; a node that misses Ray's registration wait is waited for, then started again,
-and one that never comes up is named with its logs), a tracking server, and the streamed tiny
-pipeline submitted with `ray job submit --working-dir .`. Afterwards its registered crosscoder and
-tables are in MLflow, and its extraction actors and Train workers ran on more than one node."""
+and one that never comes up is named with its logs), a tracking server, and the toy study (three
+adjacent pairs and a triple), streamed, submitted with `ray job submit --working-dir .`. Afterwards
+every set's registered crosscoder and tables are in MLflow under the study's run, and its extraction
+actors and Train workers ran on more than one node."""
 
 import json
 import os
@@ -18,22 +19,19 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.helpers import free_port, small_pipeline_config
+from tests.helpers import free_port, light_study_config
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray, pytest.mark.rehearsal]
 
 
-def test_streamed_pipeline_submitted_to_a_three_node_cluster(mlflow_server, toy_dir, tmp_path):
+def test_streamed_study_submitted_to_a_three_node_cluster(mlflow_server, toy_dir, tmp_path):
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root for a private PID namespace")
-    config = small_pipeline_config(tmp_path)
+    config = light_study_config(tmp_path, toy_dir)
     cfg = yaml.safe_load(config.read_text())
-    task = str(toy_dir / "tasks" / "simple_agreement.jsonl")
-    cfg["pipeline"].update(out="runs", name="multinode", tasks=[task],
-                           screen_revisions=["step0", "step128", "step1000"])
-    cfg["extract"].update(mode="stream", batch_sequences=64)
-    cfg["extract"]["corpus"]["n_sequences"] = 64
+    cfg["pipeline"].update(out="runs", name="multinode")
+    cfg["extract"].update(mode="stream", batch_sequences=48)
     cfg["train"].update(n_steps=150)
     cfg["launch"] = {"register_name": "toy-multinode", "actors": 2, "workers": 2}
     config.write_text(yaml.safe_dump(cfg))
@@ -60,13 +58,19 @@ def test_streamed_pipeline_submitted_to_a_three_node_cluster(mlflow_server, toy_
     extractors = set().union(*[v for k, v in nodes.items() if "RowExtractor" in k])
     workers = set().union(*[v for k, v in nodes.items() if "RayTrainWorker" in k])
     assert extractors and workers and len(extractors | workers) > 1, nodes
-    # the results live in MLflow (the job's working directory is gone)
+    # the results live in MLflow (the job's working directory is gone): every set under the study's run
     client = MlflowClient(mlflow_server)
-    version = client.get_model_version_by_alias("toy-multinode", "champion")
-    parent = summary["mlflow_run_id"]
-    children = {r.data.tags["crossray.stage"]: r for r in client.search_runs(
-        [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")}
-    assert version.run_id == children["train"].info.run_id
-    tables = [f.path for f in client.list_artifacts(children["attribute"].info.run_id, "attribute/effects")]
-    assert "attribute/effects/effects.parquet" in tables
-    assert children["extract"].data.tags.get("crossray.extract_mode", "stream") == "stream"
+    assert summary["study"] == "multinode" and not summary["failed"] and len(summary["sets"]) == 4
+    experiment = client.get_run(summary["mlflow_run_id"]).info.experiment_id
+    shared = {r.data.tags.get("crossray.stage"): r for r in client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")}
+    assert shared["extract"].data.tags.get("crossray.extract_mode") == "stream"
+    for name, s in summary["sets"].items():
+        version = client.get_model_version_by_alias(f"toy-multinode-{name}", "champion")
+        children = {r.data.tags["crossray.stage"]: r for r in client.search_runs(
+            [experiment], f"tags.`mlflow.parentRunId` = '{s['mlflow_run_id']}'")}
+        assert version.run_id == children["train"].info.run_id
+        attribute = children["attribute"].info.run_id
+        tables = [f.path for f in client.list_artifacts(attribute, "attribute/effects")]
+        assert "attribute/effects/effects.parquet" in tables
+    assert "study/study.html" in [f.path for f in client.list_artifacts(summary["mlflow_run_id"], "study")]
