@@ -95,8 +95,14 @@ class Progress:
 
 def describe(desc: str, unit: str, snap: dict, counters: list[str], figures: list[str]) -> str:
     """One progress line: done of total, rates, the latest figures, ETA."""
-    rates = ", ".join(f"{snap[f'{k}_per_s']:,.1f} {k}/s" for k in [unit, *counters] if f"{k}_per_s" in snap)
+    rates = ", ".join(_rate(snap[f"{k}_per_s"], k) for k in [unit, *counters] if f"{k}_per_s" in snap)
     shown = "".join(f", {k} {snap[k]:.4g}" for k in figures if k in snap)
     pct = 100 * snap["done"] / snap["total"] if snap["total"] else 100.0
     eta = _duration(snap["eta_s"]) if snap["eta_s"] == snap["eta_s"] else "?"
     return f"{desc}: {snap['done']:,}/{snap['total']:,} {unit} ({pct:.0f}%), {rates}{shown}, ETA {eta}"
+
+
+def _rate(per_s: float, unit: str) -> str:
+    """A rate as people read it: per second, or per minute when under one every ten seconds (a
+    study's sets)."""
+    return f"{per_s * 60:,.2f} {unit}/min" if 0 < per_s < 0.1 else f"{per_s:,.1f} {unit}/s"

@@ -48,3 +48,12 @@ def test_training_without_a_terminal_logs_progress_lines_with_a_rate(caplog, mon
     assert all("steps/s" in line and "tokens/s" in line and "ETA" in line for line in lines)
     assert "loss" in lines[-1] and "fve" in lines[-1] and "l0" in lines[-1]
     assert reports[-1]["done"] == 40 and reports[-1]["tokens_per_s"] > reports[-1]["steps_per_s"]
+
+
+
+def test_slow_work_shows_its_rate_per_minute():
+    from crossray.progress import describe
+
+    snap = {"done": 2, "total": 4, "sets_per_s": 1 / 90, "eta_s": 180.0}
+    assert "0.67 sets/min" in describe("study", "sets", snap, [], []) and "ETA 3 min" in \
+        describe("study", "sets", snap, [], [])
