@@ -110,12 +110,6 @@ def planned_sets(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
     return [(n, r) for n, r, _ in expand(cfg.study.sets, selected, screened)]
 
 
-def replace_revisions(cfg: Config, revisions: Sequence[str]) -> Config:
-    """`cfg` with `pipeline.revisions` pinned (the union's plan, extraction and validation)."""
-    p = dataclasses.replace(cfg.pipeline, revisions=tuple(revisions), n_checkpoints=len(revisions))
-    return dataclasses.replace(cfg, pipeline=p)
-
-
 def union_config(cfg: Config) -> Config:
     """The config whose plan is the study's extraction: the union of the sets' revisions (pinned when
     every set names its revisions, else as many as the plan can tell)."""
@@ -147,8 +141,9 @@ class SetTables:
     """The analyse stage's features table (pandas: group by RelDec)."""
     selected: dict[str, list[int]]
     """Per task, the selected top features."""
-    decoders: Any
-    """W_dec (L, C, D) as a float tensor, for matching features across sets."""
+    decoders: dict[int, Any]
+    """Each selected feature's decoder (C, D), for matching features across sets (only those: the
+    whole W_dec of a paper-size set is 400 MB)."""
 
 
 def timeline(s: SetTables) -> list[dict]:
@@ -210,8 +205,9 @@ def matched_features(a: SetTables, b: SetTables, k: int = 10) -> list[dict]:
             tops = [_top_at(s, task, c, k) for s, c in ((a, ca), (b, cb))]
             if not tops[0] or not tops[1]:
                 continue
-            da = torch.nn.functional.normalize(a.decoders[tops[0], ca].float(), dim=-1)
-            db = torch.nn.functional.normalize(b.decoders[tops[1], cb].float(), dim=-1)
+            unit = lambda s, c, top: torch.nn.functional.normalize(  # noqa: E731
+                torch.stack([s.decoders[f][c] for f in top]).float(), dim=-1)
+            da, db = unit(a, ca, tops[0]), unit(b, cb, tops[1])
             best = (da @ db.T).max(dim=1).values
             rows.append({"task": task, "revision": rev, "set_a": a.name, "set_b": b.name, "k": len(tops[0]),
                          "matched": int((best >= MATCH_COSINE).sum()),

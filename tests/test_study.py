@@ -78,7 +78,7 @@ def _set(name, revisions, ie_rows, selected, decoders):
     n = decoders.shape[0]
     features = pd.DataFrame({"feature": range(n), "group": ["shared by all"] * n})
     return ST.SetTables(name, revisions, [1000 * (i + 1) for i in range(len(revisions))], effects, features,
-                        {"t": selected}, decoders)
+                        {"t": selected}, dict(enumerate(decoders)))
 
 
 def test_the_comparison_counts_new_features_and_matches_decoders():

@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from crossray.extract import Manifest
     from crossray.tracking import Tracker
 
-ExtractMode = S.ExtractMode
 
 
 # -- what the heavy work runs on ------------------------------------------------------------------
@@ -178,7 +177,7 @@ class Extraction:
     what the output depends on)."""
 
     settings: ExtractSettings
-    mode: ExtractMode
+    mode: S.ExtractMode
 
     def stage_identity(self) -> dict:
         return {**to_dict(self.settings), "mode": self.mode, "max_disk_gb": None}
@@ -226,8 +225,10 @@ class Extracted:
 
     def select(self, revisions: list[str] | tuple[str, ...]) -> Extracted:
         """The columns of `revisions` (a study set) of this extraction."""
+        from crossray.study import columns
+
         names = self.checkpoints.revisions
-        cols = tuple(names.index(r) for r in revisions)
+        cols = columns(revisions, names)
         if cols == tuple(range(len(names))):
             return self
         ex, pick = self.result, (lambda values: [values[c] for c in cols])  # noqa: E731

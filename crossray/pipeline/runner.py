@@ -28,8 +28,8 @@ from crossray.config import Config
 from crossray.pipeline import graph as G
 from crossray.pipeline import inputs as I
 from crossray.pipeline import stages as S
-from crossray.pipeline.graph import Backend, ExtractMode
-from crossray.pipeline.stages import RunOutcome
+from crossray.pipeline.graph import Backend
+from crossray.pipeline.stages import ExtractMode, RunOutcome
 from crossray.pipeline.summary import parent_metrics, summary_markdown
 from crossray.schema import to_dict
 from crossray.store import RunLayout, load_crosscoder, write_json_atomic
@@ -97,8 +97,9 @@ class Pipeline:
         if done.exists() and (record := json.loads(done.read_text())).get("key") == key:
             logger.info("stage %s: reused (key %s)", name, key)
             self.tracker.link(name, key, record.get("mlflow_run_id"))
-            o.set(name, S.from_json(name, record["result"]), "reused")
-            return key, o.result(name)
+            result = S.from_json(name, record["result"])
+            o.set(name, result, "reused")
+            return key, result
         logger.info("stage %s: running (key %s)", name, key)
         self.current = name
         if folder.exists() and (not started.exists() or json.loads(started.read_text())["key"] != key):

@@ -138,11 +138,6 @@ class RunOutcome:
         setattr(self, stage, result)
         self.status[stage] = status
 
-    def result(self, stage: str) -> Any:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}")
-        return getattr(self, stage)
-
 
 RESULTS = {"screen": ScreenResult, "select": SelectResult, "extract": ExtractResult, "train": TrainResult,
            "evaluate": EvaluateResult, "attribute": AttributeResult, "analyse": AnalyseResult}

@@ -62,8 +62,7 @@ class Study:
         """The pipeline's checks, and every set's revisions and overrides (pinned revisions: all of it,
         else as far as the first N screened ones tell), before any compute."""
         self.main.validate()
-        p = self.cfg.pipeline
-        screened = list(p.screen_revisions) or self.main.family.available_revisions()
+        p, screened = self.cfg.pipeline, list(self.main.resolved.screened)
         sets = ST.resolve_sets(self.cfg, list(p.revisions) or screened[:p.n_checkpoints], screened)
         check_shared({f"study set {s.name}": s.config.train for s in sets})  # trained together
 

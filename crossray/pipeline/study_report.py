@@ -41,11 +41,12 @@ class StudyOutcome:
 
 def set_tables(layout: RunLayout, name: str, revisions: list[str], tokens_seen: list[int | None],
                tasks: dict) -> ST.SetTables:
-    cc = load_crosscoder(layout.crosscoder)
+    """What the comparison reads of a finished set; of its crosscoder, the selected features' decoders."""
+    selected = {t: list(info.selected) for t, info in tasks.items()}
+    W_dec_LCD = load_crosscoder(layout.crosscoder).W_dec_LCD.detach()
+    decoders = {f: W_dec_LCD[f].clone() for f in sorted({f for fs in selected.values() for f in fs})}
     return ST.SetTables(name, revisions, tokens_seen, pd.read_parquet(layout.effects),
-                        pd.read_parquet(layout.features),
-                        {t: list(info.selected) for t, info in tasks.items()},
-                        cc.W_dec_LCD.detach())
+                        pd.read_parquet(layout.features), selected, decoders)
 
 
 def finish_study(layout: RunLayout, family: Family, tracker: Tracker, o: StudyOutcome) -> None:
