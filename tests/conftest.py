@@ -24,6 +24,40 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 hf_logging.disable_progress_bar()
 
 
+SUITE_BUDGET_S = 720
+"""`make test` on the 2-core machine: at most 12 minutes of pytest, no test over 90 s (setup included)."""
+TEST_BUDGET_S = 90
+
+
+def pytest_sessionstart(session):
+    import time
+
+    session.config._crossray_started = time.time()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The guard against a slow default suite: the total against its budget, and every test whose
+    setup and call together took over its budget, named (a printout, not a failure: no test asserts a
+    time)."""
+    import time
+
+    started = getattr(config, "_crossray_started", None)
+    if started is None:
+        return
+    per_test: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for r in reports:
+            if getattr(r, "when", None) in ("setup", "call"):
+                per_test[r.nodeid] = per_test.get(r.nodeid, 0.0) + r.duration
+    total = time.time() - started
+    over = sorted(((t, n) for n, t in per_test.items() if t > TEST_BUDGET_S), reverse=True)
+    verdict = "within" if total <= SUITE_BUDGET_S and not over else "OVER"
+    terminalreporter.write_sep("-", f"suite: {total:.0f} s of pytest, {verdict} its budget of "
+                                    f"{SUITE_BUDGET_S} s and {TEST_BUDGET_S} s a test")
+    for t, name in over:
+        terminalreporter.write_line(f"  {t:.0f} s (setup + call): {name}")
+
+
 def pytest_collection_modifyitems(items):
     """The multi-node rehearsal runs first: it starts three Ray nodes of its own, and a raylet that
     cannot register within Ray's fixed 30 s (a machine busy with the rest of the suite) fails
@@ -151,7 +185,13 @@ def toy_acts(ray_cluster, toy_extract_cfg, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def mlflow_root(tmp_path_factory) -> Path:
+    """The tracking server's folder: its sqlite store, and its artifact store under artifacts/."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_root):
     """A real tracking server (sqlite backend), started here and stopped by its PID."""
     import signal
     import subprocess
@@ -161,7 +201,7 @@ def mlflow_server(tmp_path_factory):
 
     from tests.helpers import free_port
 
-    root = tmp_path_factory.mktemp("mlflow")
+    root = mlflow_root
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
@@ -187,21 +227,60 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tracked_run(ray_cluster, mlflow_server, tmp_path_factory):
-    """The tiny pipeline (shrunk) tracked in the real MLflow server, run once per session:
-    (RunOutcome, config path). Shared by the pipeline and the Serve tests."""
+    """configs/tiny.yaml as `make demo` runs it (its output folder and registered name aside), tracked
+    in the real MLflow server, run once per session: (RunOutcome, config path, the summary that
+    `crossray run --json` prints). Read by the pipeline, report, science and Serve tests."""
     import mlflow
 
     from crossray.config import load_config
+    from crossray.pipeline.summary import summary_json
     from crossray.tracking import check_tracking
     from jobs.pipeline import run
-    from tests.helpers import small_pipeline_config
+    from tests.helpers import tiny_pipeline_config
 
     tmp_path = tmp_path_factory.mktemp("pipeline")
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     mlflow.set_tracking_uri(mlflow_server)
     try:
         check_tracking()
-        config = small_pipeline_config(tmp_path)
-        yield run(load_config(config), config.name), config
+        config = tiny_pipeline_config(tmp_path)
+        outcome = run(load_config(config), config.name)
+        yield outcome, config, summary_json(outcome)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
+
+
+@pytest.fixture(scope="session")
+def light_chain(ray_cluster, toy_dir, tmp_path_factory):
+    """The smallest whole pipeline (`light_pipeline_config`) in one folder with a sqlite MLflow store of
+    its own, run once per session: a namespace with `first` (its RunOutcome and JSON summary: the
+    Parquet reference the stream-mode and resume tests compare with), `run_it(**changes)` (change
+    fields, written `section__key`, and run the same folder again: tests/jobs/test_stage_graph.py),
+    `config`, `root` and `uri`."""
+    import types
+
+    import mlflow
+    import yaml
+
+    from crossray.config import load_config
+    from crossray.pipeline.summary import summary_json
+    from jobs.pipeline import run
+    from tests.helpers import light_pipeline_config, set_fields
+
+    root = tmp_path_factory.mktemp("light")
+    path = light_pipeline_config(root, toy_dir, changes={"launch.register_name": "toy-graph"})
+    cfg = yaml.safe_load(path.read_text())
+    uri = f"sqlite:///{root}/mlflow.db"
+
+    def run_it(**changes):
+        set_fields(cfg, {k.replace("__", "."): v for k, v in changes.items()})
+        path.write_text(yaml.safe_dump(cfg))
+        previous = mlflow.get_tracking_uri()
+        try:
+            outcome = run(load_config(path), path.name, uri)
+        finally:
+            mlflow.set_tracking_uri(previous)  # the pipeline sets MLflow's global URI: not for other tests
+        return summary_json(outcome), outcome
+
+    summary, outcome = run_it()
+    return types.SimpleNamespace(first=(summary, outcome), run_it=run_it, config=path, root=root, uri=uri)

@@ -81,51 +81,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def small_pipeline_config(tmp_path: Path) -> Path:
-    """configs/tiny.yaml shrunk for tests: 5 screened revisions, 128 sequences, 600 steps."""
+def _yaml_config(name: str) -> dict:
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
-    cfg = yaml.safe_load((root / "configs" / "tiny.yaml").read_text())
-    cfg["pipeline"].update(out=str(tmp_path / "runs"),
-                           screen_revisions=["step0", "step64", "step128", "step256", "step1000"])
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / name).read_text())
+
+
+def tiny_pipeline_config(tmp_path: Path) -> Path:
+    """configs/tiny.yaml as `make demo` runs it: only its output folder and registered name differ."""
+    import yaml
+
+    cfg = _yaml_config("tiny.yaml")
+    cfg["pipeline"]["out"] = str(tmp_path / "runs")
     cfg["launch"] = {"register_name": "toy-test"}
-    cfg["evaluate"]["eval_sequences"] = 8
-    cfg["extract"]["corpus"]["n_sequences"] = 128
-    cfg["extract"]["shard_sequences"] = 64
-    cfg["train"].update(n_steps=600, batch_size=256, checkpoint_every=50, metrics_every=50)
-    cfg["attribution"].update(steps=4, top_k=10)  # plumbing, not the science: tiny.yaml's top 20 is slower
-    path = tmp_path / "small.yaml"
+    path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def light_pipeline_config(tmp_path: Path, toy_dir: Path, out: Path | None = None) -> Path:
-    """The smallest whole pipeline, for tests of failure and resume: one task, the checkpoint set
-    pinned (screening still runs on it), 96 sequences, 100 steps of a 128-latent crosscoder."""
+ONE_OF_EACH = {"actors": 1, "workers": 1, "cpus_per_actor": 1.0, "cpus_per_worker": 1.0}
+"""The light runs' launch: one extraction/attribution actor and one Train worker of a whole CPU each.
+On two cores this runs a light pipeline in 2/3 of the time of the default two of each at half a CPU
+(fewer Ray worker processes to start, and tasks that reuse warm workers). Whole runs on the defaults:
+`tracked_run`, and the multi-node rehearsal; the jobs' tests check two actors and DDP workers."""
+
+
+def light_pipeline_config(tmp_path: Path, toy_dir: Path, out: Path | None = None,
+                          changes: dict | None = None) -> Path:
+    """The smallest whole pipeline, for the stage graph and the tests of failure, resume, stream mode
+    and the paper's method: one task, the checkpoint set pinned (screening still runs, on one more
+    revision than the set), 96 sequences, 100 steps of a 128-latent crosscoder. `changes` sets fields by
+    dotted name ({"train.n_steps": 40})."""
     import yaml
 
-    config = small_pipeline_config(tmp_path)
-    cfg = yaml.safe_load(config.read_text())
+    cfg = _yaml_config("tiny.yaml")
     cfg["pipeline"].update(out=str(out or tmp_path / "runs"), revisions=["step0", "step128", "step1000"],
-                           screen_revisions=["step0", "step128", "step1000"],
+                           screen_revisions=["step0", "step64", "step128", "step1000"],
                            tasks=[str(toy_dir / "tasks" / "simple_agreement.jsonl")])
+    cfg["launch"] = {"register_name": "toy-light", **ONE_OF_EACH}
     cfg["extract"]["corpus"]["n_sequences"] = 96
     cfg["extract"].update(shard_sequences=48, norm_sequences=48)
-    cfg["train"].update(n_steps=100, checkpoint_every=20, metrics_every=20)
+    cfg["train"].update(n_steps=100, batch_size=256, checkpoint_every=20, metrics_every=20)
     cfg["train"]["crosscoder"]["n_latents"] = 128
+    cfg["evaluate"] = {"eval_sequences": 4}
     cfg["attribution"].update(steps=2)
     cfg["analysis"] = {"context_sequences": 16}
-    config.write_text(yaml.safe_dump(cfg))
-    return config
+    set_fields(cfg, changes or {})
+    path = tmp_path / "light.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
-def same_training(reference, toy_dir: Path) -> dict[str, str]:
-    """Overrides that keep a small pipeline's extraction and training those of `reference` (a
-    RunOutcome of `small_pipeline_config`: its selected checkpoints pinned) while screening and
-    attribution take one task: for tests that compare a second run's crosscoder with the reference's."""
-    return {"pipeline.revisions": ",".join(reference.select.revisions),
-            "pipeline.tasks": str(toy_dir / "tasks" / "simple_agreement.jsonl")}
+def set_fields(cfg: dict, changes: dict) -> None:
+    """Set `section.key.subkey` fields of a config dict."""
+    for dotted, value in changes.items():
+        section, *keys = dotted.split(".")
+        target = cfg.setdefault(section, {})
+        for k in keys[:-1]:
+            target = target.setdefault(k, {})
+        target[keys[-1]] = value
 
 
 def as_flags(overrides: dict[str, str]) -> list[str]:
@@ -284,11 +298,10 @@ def light_study_config(tmp_path: Path, toy_dir: Path, out: Path | None = None) -
     mid-training)."""
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
-    cfg = yaml.safe_load((root / "configs" / "tiny-study.yaml").read_text())
+    cfg = _yaml_config("tiny-study.yaml")
     cfg["pipeline"].update(out=str(out or tmp_path / "runs"), screen_revisions=cfg["pipeline"]["revisions"],
                            tasks=[str(toy_dir / "tasks" / "simple_agreement.jsonl")], screen_examples=8)
-    cfg["launch"] = {"register_name": "toy-study-test"}
+    cfg["launch"] = {"register_name": "toy-study-test", **ONE_OF_EACH}
     cfg["evaluate"]["eval_sequences"] = 4
     cfg["extract"]["corpus"]["n_sequences"] = 96
     cfg["extract"].update(shard_sequences=48, norm_sequences=48)

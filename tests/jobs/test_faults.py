@@ -49,12 +49,6 @@ def test_empty_task_file_fails_before_any_compute(toy_dir, tmp_path):
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
-def _small(tmp_path, out: Path, toy_dir: Path) -> Path:
-    from tests.helpers import light_pipeline_config
-
-    return light_pipeline_config(tmp_path, toy_dir, out)
-
-
 @pytest.mark.ray
 def test_disk_full_during_extraction(toy_dir, tmp_path):
     """Out of space while writing shards: exit 1, one line naming the cause and what to do, the
@@ -67,7 +61,9 @@ def test_disk_full_during_extraction(toy_dir, tmp_path):
         pytest.skip("needs root for a private tmpfs")
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
-    config = _small(tmp_path, mnt, toy_dir)
+    from tests.helpers import light_pipeline_config
+
+    config = light_pipeline_config(tmp_path, toy_dir, mnt)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("RAY_ADDRESS", None)
     filler = (f"while [ ! -e {mnt}/tiny/extract/started.json ]; do sleep 0.05; done; "
@@ -120,34 +116,28 @@ def _wait(condition, proc: subprocess.Popen, seconds: float, what: str) -> None:
 
 
 @pytest.mark.ray
-def test_interrupted_runs_resume(tracked_run, toy_dir, tmp_path):
+def test_interrupted_runs_resume(light_chain, toy_dir, tmp_path):
     """One run folder through the interruptions a user meets, each followed by the same command:
     1. a second run of the folder while the first holds it is refused at once, naming the holder;
     2. the MLflow server stops after screening: exit 1 with one line saying so;
     3. after a restart, the run is SIGKILLed during training;
     4. the next run takes over the stale lock, closes the killed stage run as KILLED, resumes from
-       the last Ray Train checkpoint, and its crosscoder is as good as the uninterrupted one's."""
+       the last Ray Train checkpoint, and its crosscoder is as good as the uninterrupted one's (the
+       session's light run: the same data and training, checkpointed every 20 steps, not 10)."""
     import json
     import signal
 
     from mlflow import MlflowClient
 
-    from tests.helpers import (
-        as_flags,
-        free_port,
-        kill_tree,
-        registered_checkpoints,
-        same_training,
-        small_pipeline_config,
-    )
+    from tests.helpers import free_port, kill_tree, light_pipeline_config, registered_checkpoints
 
-    reference, _ = tracked_run
+    _, reference = light_chain.first
     port, root = free_port(), tmp_path / "mlflow"
-    config, folder = small_pipeline_config(tmp_path), tmp_path / "runs" / "tiny"
+    config = light_pipeline_config(tmp_path, toy_dir, changes={"train.checkpoint_every": 10})
+    folder = tmp_path / "runs" / "tiny"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config),
-           *as_flags(same_training(reference, toy_dir))]  # the reference's training, one task
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config)]
     server = _mlflow_server(port, root)
     run = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
@@ -190,7 +180,7 @@ def test_interrupted_runs_resume(tracked_run, toy_dir, tmp_path):
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     train = json.loads((folder / "train" / "done.json").read_text())["result"]["final"]
-    assert train["step"] == 600 and 50 <= train["resumed_from_step"] < 600
+    assert train["step"] == 100 and 10 <= train["resumed_from_step"] < 100
     evaluate = json.loads((folder / "evaluate" / "done.json").read_text())["result"]
     for name, value in reference.evaluate.metrics.items():
         if name.startswith("fve/"):

@@ -15,14 +15,14 @@ from crossray.pipeline.runner import Pipeline
 from crossray.pipeline.summary import summary_text
 from crossray.tracking import check_tracking
 from jobs.pipeline import run
-from tests.helpers import free_port, same_training
+from tests.helpers import free_port, light_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.ray
 
 
 def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
-    results, config = tracked_run
+    results, config, _ = tracked_run
     text = summary_text(results)
     assert "FVE" in text and "models:/toy-test@champion" in text
 
@@ -35,22 +35,22 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
     assert tags["crossray.revisions"] == ",".join(revisions) and len(revisions) == 3
     assert len(tags["crossray.weight_hashes"].split(",")) == 3 and len(tags["crossray.corpus_hash"]) == 64
     assert tags["crossray.manifest"] == results.extract.manifest_key
-    assert tags["crossray.config"] == "small.yaml"  # a name, never a path of this machine
+    assert tags["crossray.config"] == "tiny.yaml"  # a name, never a path of this machine
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["crossray.stage"]: r for r in children}
     assert set(by_stage) == {"screen", "select", "extract", "train", "evaluate", "attribute", "analyse"}
     train = by_stage["train"]
     params = train.data.params
-    assert params["train.n_steps"] == "600" and params["train.crosscoder.n_latents"] == "512"
+    assert params["train.n_steps"] == "1000" and params["train.crosscoder.n_latents"] == "512"
     history = client.get_metric_history(train.info.run_id, f"fve/{revisions[0]}")
-    assert [m.step for m in history] == [50 * i for i in range(1, 13)]
+    assert [m.step for m in history] == [100 * i for i in range(1, 11)]
     evaluate = by_stage["evaluate"].data.metrics  # one naming scheme: fve/<revision> everywhere
     assert all(0 < evaluate[f"fve/{r}"] <= 1 and f"delta_ce/{r}" in evaluate for r in revisions)
     # MLflow stays lean: the extraction's manifest, never its activation shards
     extract_files = [f.path for f in client.list_artifacts(by_stage["extract"].info.run_id, "extract/acts")]
     assert extract_files == ["extract/acts/manifest.json"]
-    assert len(client.get_metric_history(by_stage["screen"].info.run_id, "accuracy/simple_agreement")) == 5
+    assert len(client.get_metric_history(by_stage["screen"].info.run_id, "accuracy/simple_agreement")) == 12
     # artifacts: open the tables and the PNGs
     from PIL import Image
 
@@ -74,13 +74,13 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 7
 
 
-def test_stream_mode_writes_no_activation_and_matches_parquet(tracked_run, mlflow_server, toy_dir):
-    """The same data and settings with `extract.mode: stream`: the extraction actors feed the Train
-    workers, no activation shard is written anywhere, and the held-out FVE is the Parquet run's."""
-    parquet, config = tracked_run
+def test_stream_mode_writes_no_activation_and_matches_parquet(light_chain, mlflow_server, toy_dir, tmp_path):
+    """The light run's data and settings with `extract.mode: stream`: the extraction actors feed the
+    Train workers, no activation shard is written anywhere, and the held-out FVE is the Parquet run's."""
+    _, parquet = light_chain.first
+    config = light_pipeline_config(tmp_path, toy_dir)  # the same extraction and training
     cfg = load_config(config, {"extract.mode": "stream", "pipeline.name": "tiny-stream",
-                               "launch.register_name": "toy-test-stream",  # toy-test@champion stays
-                               **same_training(parquet, toy_dir)})  # the same extraction and training
+                               "launch.register_name": "toy-test-stream"})  # toy-test@champion stays
     mlflow.set_tracking_uri(mlflow_server)
     outcome = run(cfg, config.name)
     ex = outcome.extract
@@ -160,7 +160,7 @@ def test_mlflow_as_a_researcher_uses_it(tracked_run, mlflow_server, toy_dir, tmp
     from crossray.extract import Manifest, read_shard
     from crossray.store import load_crosscoder
 
-    results, _ = tracked_run
+    results, *_ = tracked_run
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("crossray-toy")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -221,7 +221,7 @@ def test_mlflow_ui_in_headless_chromium(tracked_run, mlflow_server, tmp_path):
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    results, _ = tracked_run
+    results, *_ = tracked_run
     client = MlflowClient(mlflow_server)
     exp_id = client.get_experiment_by_name("crossray-toy").experiment_id
     view = "?workflowType=machine_learning"

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_report_shows_every_task(tracked_run, mlflow_server, tmp_path):
-    results, _ = tracked_run
+    results, *_ = tracked_run
     folder = Path(results.train.crosscoder).parents[1] / "analyse"
     report = folder / "report.html"
     text = report.read_text()
@@ -34,24 +34,13 @@ def test_report_shows_every_task(tracked_run, mlflow_server, tmp_path):
         browser.screenshot(ARTIFACTS / "report.png")
 
 
-def test_tiny_config_finds_the_dip_and_agrees_with_ablation(toy_dir, tmp_path):
-    """`crossray run configs/tiny.yaml --json`, as the demo runs it: the checkpoint set holds the
-    nearest-noun dip of agreement across a prepositional phrase and the phase where it is learned,
-    the ablation check agrees with RelIE on every toy task, and the MLflow artifact store stays lean:
-    no activation shard, no training state, a few MB in all."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(root / "configs" / "tiny.yaml"),
-                           "--pipeline.out", str(tmp_path / "runs"), "--json"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line is the summary
+def test_tiny_config_finds_the_dip_and_agrees_with_ablation(tracked_run, mlflow_server, mlflow_root):
+    """configs/tiny.yaml as the demo runs it (the session's tracked run; its summary is what
+    `crossray run --json` prints): the checkpoint set holds the nearest-noun dip of agreement across a
+    prepositional phrase and the phase where it is learned, the ablation check agrees with RelIE on
+    every toy task, and the MLflow artifact store stays lean: no activation shard, no training state, a
+    few MB in all."""
+    results, _, summary = tracked_run
     assert set(summary) == {"run", "method", "mlflow_run_id", "registered", "revisions", "stages", "screen",
                             "checkpoints", "l0", "dead_latents", "tasks"}
     assert summary["method"] == "crossray"
@@ -68,10 +57,17 @@ def test_tiny_config_finds_the_dip_and_agrees_with_ablation(toy_dir, tmp_path):
     assert min(chosen) <= 0.25 and max(chosen) >= 0.9
     assert len(summary["tasks"]) == 6
     assert all(info["ablation_rho"] >= 0.8 for info in summary["tasks"].values()), summary["tasks"]
-    store = [p for p in (tmp_path / "runs" / "mlartifacts").rglob("*") if p.is_file()]
+    # the artifacts of this run's parent and stage runs, and of its logged crosscoder
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    ids = {parent.info.run_id, *(c.info.run_id for c in children),
+           results.train.model_uri.removeprefix("models:/")}
+    store = [p for p in (mlflow_root / "artifacts").rglob("*") if p.is_file() and ids & set(p.parts)]
     total = sum(p.stat().st_size for p in store)
     print(f"MLflow artifact store: {len(store)} files, {total / 1e6:.1f} MB")
-    assert store and total < 25e6
+    assert any(p.name == "weights.safetensors" for p in store) and total < 25e6
     assert not [p for p in store if p.name.startswith("shard-") or p.name == "train_state.safetensors"]
     # the chosen set ends at the final model (selection keeps it)
     assert summary["revisions"][-1] == max(summary["screen"]["agreement_across_pp"], key=_step)
@@ -82,9 +78,10 @@ def _step(revision: str) -> int:
 
 
 def test_tiny_config_runs_the_papers_method(toy_dir, tmp_path):
-    """`--pipeline.method paper` runs too (a smaller budget: what is checked is the method, not the
-    numbers): the summary says so and takes the paper's forms as its headline (ΔCE with position 0
-    spliced, the 2-way ablation rho), and the parent run records the method and both forms of each."""
+    """`crossray run CONFIG --pipeline.method paper --json` in a process of its own, as a user runs it,
+    on the light run with every toy task (what is checked is the method, not the numbers): the
+    summary says so and takes the paper's forms as its headline (ΔCE with position 0 spliced, the
+    2-way ablation rho), and the parent run records the method and both forms of each."""
     import json
     import os
     import subprocess
@@ -92,16 +89,16 @@ def test_tiny_config_runs_the_papers_method(toy_dir, tmp_path):
 
     from mlflow import MlflowClient
 
+    from tests.helpers import light_pipeline_config
+
     root = Path(__file__).resolve().parents[2]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": uri}
     env.pop("RAY_ADDRESS", None)
-    small = ["--extract.corpus.n_sequences", "600", "--train.n_steps", "300", "--attribution.steps", "4",
-             "--analysis.context_sequences", "64", "--pipeline.revisions", "step0,step128,step1000",
-             "--pipeline.screen_revisions", "step0,step128,step1000", "--pipeline.screen_examples", "10",
-             "--evaluate.eval_sequences", "8"]
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(root / "configs" / "tiny.yaml"),
-                           "--pipeline.out", str(tmp_path / "runs"), "--pipeline.method", "paper", *small,
+    config = light_pipeline_config(tmp_path, toy_dir, changes={
+        "pipeline.tasks": ["toy"], "pipeline.screen_examples": 10,
+        "pipeline.screen_revisions": ["step0", "step128", "step1000"]})
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(config), "--pipeline.method", "paper",
                            "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

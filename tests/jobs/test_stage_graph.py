@@ -5,21 +5,14 @@ previous one's state); the stage status comes from the run's JSON summary.
 """
 
 import json
-import os
 from pathlib import Path
 
-import mlflow
 import pytest
-import yaml
 from mlflow import MlflowClient
 
-from crossray.config import load_config
-from crossray.pipeline.summary import summary_json
 from crossray.store import load_crosscoder
-from jobs.pipeline import run
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["screen", "select", "extract", "train", "evaluate", "attribute", "analyse"]
 
 
@@ -28,48 +21,13 @@ def _ran(*names):
 
 
 @pytest.fixture(scope="module")
-def chain(ray_cluster, toy_dir, tmp_path_factory):
-    """A mutable small config in one folder, and a function that runs it and returns the JSON summary."""
-    root = tmp_path_factory.mktemp("graph")
-    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    cfg["pipeline"].update(out=str(root / "runs"), revisions=["step0", "step128", "step1000"],
-                           screen_revisions=["step0", "step64", "step128", "step1000"],
-                           tasks=[str(toy_dir / "tasks" / "simple_agreement.jsonl")])
-    cfg["extract"]["corpus"]["n_sequences"] = 96
-    cfg["extract"].update(shard_sequences=48, norm_sequences=48)
-    cfg["train"].update(n_steps=40, batch_size=256, checkpoint_every=20, metrics_every=20)
-    cfg["train"]["crosscoder"]["n_latents"] = 128
-    cfg["evaluate"] = {"eval_sequences": 4}
-    cfg["attribution"].update(steps=2)
-    cfg["analysis"] = {"context_sequences": 16}
-    cfg["launch"] = {"register_name": "toy-graph"}
-    path = root / "graph.yaml"
-    old_env, old_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-
-    def run_it(**changes):
-        for dotted, value in changes.items():
-            section, *keys = dotted.split("__")
-            target = cfg[section]
-            for k in keys[:-1]:
-                target = target[k]
-            target[keys[-1]] = value
-        path.write_text(yaml.safe_dump(cfg))
-        outcome = run(load_config(path), path.name)
-        return summary_json(outcome), outcome
-
-    yield run_it, path, root
-    mlflow.set_tracking_uri(old_uri)
-    if old_env is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old_env
+def chain(light_chain):
+    """The session's light run (tests/conftest.py): its folder, changed here one setting at a time."""
+    return light_chain
 
 
 def test_first_run_runs_every_stage(chain):
-    run_it, _, _ = chain
-    summary, outcome = run_it()
+    summary, outcome = chain.first
     assert summary["stages"] == _ran(*STAGES)
     assert summary["revisions"] == ["step0", "step128", "step1000"]
     assert summary["registered"] == "models:/toy-graph@champion"
@@ -82,11 +40,10 @@ def test_first_run_runs_every_stage(chain):
 
 
 def test_attribution_change_reruns_attribution_and_analysis(chain):
-    run_it, _, root = chain
-    before = json.loads((root / "runs" / "tiny" / "train" / "done.json").read_text())
-    summary, outcome = run_it(attribution__steps=3)
+    before = json.loads((chain.root / "runs" / "tiny" / "train" / "done.json").read_text())
+    summary, outcome = chain.run_it(attribution__steps=3)
     assert summary["stages"] == _ran("attribute", "analyse")
-    client = MlflowClient()
+    client = MlflowClient(chain.uri)
     version = client.get_model_version_by_alias("toy-graph", "champion")
     assert str(version.version) == "1"  # a reused training stage registers no new version
     assert version.run_id == before["mlflow_run_id"]
@@ -99,42 +56,37 @@ def test_attribution_change_reruns_attribution_and_analysis(chain):
 
 
 def test_held_out_change_reruns_evaluation_only(chain):
-    run_it, _, _ = chain
-    summary, _ = run_it(evaluate__eval_sequences=6)
+    summary, _ = chain.run_it(evaluate__eval_sequences=6)
     assert summary["stages"] == _ran("evaluate")
 
 
 def test_added_task_reruns_screen_attribution_analysis(chain, toy_dir):
-    run_it, _, _ = chain
     tasks = [str(toy_dir / "tasks" / f"{t}.jsonl") for t in ("simple_agreement", "agreement_across_pp")]
-    summary, _ = run_it(pipeline__tasks=tasks)
+    summary, _ = chain.run_it(pipeline__tasks=tasks)
     assert summary["stages"] == _ran("screen", "select", "attribute", "analyse")
     assert set(summary["tasks"]) == set(summary["screen"]) == {"simple_agreement", "agreement_across_pp"}
 
 
 def test_crosscoder_change_retrains_without_reextracting(chain):
-    run_it, _, _ = chain
-    summary, outcome = run_it(train__crosscoder__n_latents=64)
+    summary, outcome = chain.run_it(train__crosscoder__n_latents=64)
     assert summary["stages"] == _ran("train", "evaluate", "attribute", "analyse")
     assert load_crosscoder(outcome.train.crosscoder).cfg.n_latents == 64
     import pandas as pd
 
     effects = pd.read_parquet(Path(outcome.attribute.effects) / "effects.parquet")
     assert effects.feature.max() == 63  # attribution ran on the new crosscoder, not the stale one
-    assert str(MlflowClient().get_model_version_by_alias("toy-graph", "champion").version) == "2"
+    assert str(MlflowClient(chain.uri).get_model_version_by_alias("toy-graph", "champion").version) == "2"
 
 
 def test_corpus_change_reextracts(chain):
-    run_it, _, _ = chain
-    summary, outcome = run_it(extract__corpus__n_sequences=112)
+    summary, outcome = chain.run_it(extract__corpus__n_sequences=112)
     assert summary["stages"] == _ran("extract", "train", "evaluate", "attribute", "analyse")
     assert outcome.extract.n_sequences == 112
 
 
 @pytest.mark.slow  # the layer in every key: the corpus change shows extract onward, this adds screen
 def test_layer_change_reruns_everything(chain):
-    run_it, _, _ = chain
-    summary, outcome = run_it(pipeline__layer=1)
+    summary, outcome = chain.run_it(pipeline__layer=1)
     assert summary["stages"] == _ran(*STAGES)
     assert load_crosscoder(outcome.train.crosscoder).cfg.layer == 1
 
@@ -142,6 +94,5 @@ def test_layer_change_reruns_everything(chain):
 def test_unchanged_config_reruns_nothing(chain):
     """(The summary's format, from the CLI: test_report.py; a fresh process reusing stages:
     test_faults.py.)"""
-    run_it, _, _ = chain
-    summary, _ = run_it()
+    summary, _ = chain.run_it()
     assert summary["stages"] == _ran()

@@ -82,7 +82,7 @@ def served(tracked_run, mlflow_server, tmp_path_factory):
 
     from serve.app import make_app
 
-    results, config = tracked_run
+    results, config, _ = tracked_run
     folder = Path(results.train.crosscoder).parents[1]
     mlflow.set_tracking_uri(mlflow_server)
     port = free_port()
