@@ -77,31 +77,35 @@ def _step(revision: str) -> int:
     return int(revision.removeprefix("step"))
 
 
-def test_tiny_config_runs_the_papers_method(toy_dir, tmp_path):
-    """`crossray run CONFIG --pipeline.method paper --json` in a process of its own, as a user runs it,
-    on the light run with every toy task (what is checked is the method, not the numbers): the
-    summary says so and takes the paper's forms as its headline (ΔCE with position 0 spliced, the
-    2-way ablation rho), and the parent run records the method and both forms of each."""
+def test_tiny_config_runs_the_papers_method(ray_cluster, toy_dir, tmp_path, monkeypatch, capsys):
+    """`crossray run CONFIG --pipeline.method paper --json` (its `main`, on the session's Ray; a run in
+    a process of its own: test_faults.py) on the light run with every toy task (what is checked is the
+    method, not the numbers): the summary says so and takes the paper's forms as its headline (ΔCE
+    with position 0 spliced, the 2-way ablation rho), and the parent run records the method and both
+    forms of each."""
     import json
-    import os
-    import subprocess
-    import sys
+    import signal
 
+    import mlflow
     from mlflow import MlflowClient
 
+    from jobs.cli import main
     from tests.helpers import light_pipeline_config
 
-    root = Path(__file__).resolve().parents[2]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": uri}
-    env.pop("RAY_ADDRESS", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     config = light_pipeline_config(tmp_path, toy_dir, changes={
         "pipeline.tasks": ["toy"], "pipeline.screen_examples": 10,
         "pipeline.screen_revisions": ["step0", "step128", "step1000"]})
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(config), "--pipeline.method", "paper",
-                           "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    handler, previous = signal.getsignal(signal.SIGTERM), mlflow.get_tracking_uri()
+    try:
+        code = main(["run", str(config), "--pipeline.method", "paper", "--json"])
+    finally:  # the command's SIGTERM handler and MLflow's global URI are not for the rest of the session
+        signal.signal(signal.SIGTERM, handler)
+        mlflow.set_tracking_uri(previous)
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
     assert summary["method"] == "paper"
     assert all(c["delta_ce"] == c["delta_ce_pos0"] and c["delta_ce_skip_pos0"] is not None
                for c in summary["checkpoints"])
