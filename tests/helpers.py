@@ -294,8 +294,8 @@ def stray_processes(started_before: set[int]) -> list:
 
 def light_study_config(tmp_path: Path, toy_dir: Path, out: Path | None = None) -> Path:
     """configs/tiny-study.yaml as small as a study gets: one task, the four revisions screened,
-    96 sequences, 300 steps of a 64-latent crosscoder per set (checkpoints every 20: a kill lands
-    mid-training)."""
+    96 sequences, 120 steps of a 64-latent crosscoder per set (checkpoints every 10: a kill lands
+    mid-training), one actor and one Train worker."""
     import yaml
 
     cfg = _yaml_config("tiny-study.yaml")
@@ -305,7 +305,7 @@ def light_study_config(tmp_path: Path, toy_dir: Path, out: Path | None = None) -
     cfg["evaluate"]["eval_sequences"] = 4
     cfg["extract"]["corpus"]["n_sequences"] = 96
     cfg["extract"].update(shard_sequences=48, norm_sequences=48)
-    cfg["train"].update(n_steps=300, batch_size=256, checkpoint_every=20, metrics_every=100)
+    cfg["train"].update(n_steps=120, batch_size=256, checkpoint_every=10, metrics_every=60)
     cfg["train"]["crosscoder"]["n_latents"] = 64
     cfg["attribution"].update(steps=2, top_k=5)
     cfg["analysis"] = {"context_sequences": 8}

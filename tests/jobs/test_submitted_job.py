@@ -35,7 +35,7 @@ def test_streamed_study_submitted_to_a_three_node_cluster(mlflow_server, toy_dir
     cfg["pipeline"].update(out="runs", name="multinode", revisions=revisions, screen_revisions=revisions)
     cfg["study"] = {"sets": ["adjacent"]}
     cfg["extract"].update(mode="stream", batch_sequences=48)
-    cfg["train"].update(n_steps=60)
+    cfg["train"].update(n_steps=60, checkpoint_every=30, metrics_every=30)
     cfg["launch"] = {"register_name": "toy-multinode", "actors": 2, "workers": 2}
     config.write_text(yaml.safe_dump(cfg))
     temp = tempfile.mkdtemp(prefix="crj", dir="/tmp")  # short: Ray's socket paths have a length limit
