@@ -142,10 +142,6 @@ def set_fields(cfg: dict, changes: dict) -> None:
         target[keys[-1]] = value
 
 
-def as_flags(overrides: dict[str, str]) -> list[str]:
-    return [x for k, v in overrides.items() for x in (f"--{k}", v)]
-
-
 def replica_pids(deployment: str = "ServeReplica:crossray:CrosscoderService") -> list[int]:
     """PIDs of a Serve deployment's replicas in this process's own Ray cluster (its descendants)."""
     import psutil
