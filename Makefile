@@ -31,7 +31,7 @@ test-all: install   # with the tests marked slow (their substance is covered by 
 
 coverage: install   # the same suite under coverage.py: line coverage of crossray/, jobs/ and serve/
 	scripts/offline $(BIN)/python -m coverage run -m pytest -q --durations=15
-	$(BIN)/python -m coverage report | tail -n 1
+	$(BIN)/python -m coverage report | grep TOTAL
 
 check: install
 	$(BIN)/ruff check .
