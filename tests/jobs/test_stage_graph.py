@@ -1,7 +1,8 @@
 """Each stage re-runs only when what it reads changes, and nothing stale is ever reused.
 
-One pipeline folder, changed one setting at a time (the tests run in file order, each from the
-previous one's state); the stage status comes from the run's JSON summary.
+The session's light run (`light_chain`, tests/conftest.py) in one folder, changed one setting at a
+time (the tests run in file order, each from the previous one's state); the stage status comes from
+the run's JSON summary.
 """
 
 import json
@@ -20,14 +21,8 @@ def _ran(*names):
     return {s: "ran" if s in names else "reused" for s in STAGES}
 
 
-@pytest.fixture(scope="module")
-def chain(light_chain):
-    """The session's light run (tests/conftest.py): its folder, changed here one setting at a time."""
-    return light_chain
-
-
-def test_first_run_runs_every_stage(chain):
-    summary, outcome = chain.first
+def test_first_run_runs_every_stage(light_chain):
+    summary, outcome = light_chain.first
     assert summary["stages"] == _ran(*STAGES)
     assert summary["revisions"] == ["step0", "step128", "step1000"]
     assert summary["registered"] == "models:/toy-graph@champion"
@@ -39,11 +34,11 @@ def test_first_run_runs_every_stage(chain):
     assert summary["l0"] > 0 and summary["dead_latents"] >= 0
 
 
-def test_attribution_change_reruns_attribution_and_analysis(chain):
-    before = json.loads((chain.root / "runs" / "tiny" / "train" / "done.json").read_text())
-    summary, outcome = chain.run_it(attribution__steps=3)
+def test_attribution_change_reruns_attribution_and_analysis(light_chain):
+    before = json.loads((light_chain.root / "runs" / "tiny" / "train" / "done.json").read_text())
+    summary, outcome = light_chain.run_it(attribution__steps=3)
     assert summary["stages"] == _ran("attribute", "analyse")
-    client = MlflowClient(chain.uri)
+    client = MlflowClient(light_chain.uri)
     version = client.get_model_version_by_alias("toy-graph", "champion")
     assert str(version.version) == "1"  # a reused training stage registers no new version
     assert version.run_id == before["mlflow_run_id"]
@@ -55,44 +50,45 @@ def test_attribution_change_reruns_attribution_and_analysis(chain):
     assert len(children) == 7
 
 
-def test_held_out_change_reruns_evaluation_only(chain):
-    summary, _ = chain.run_it(evaluate__eval_sequences=6)
+def test_held_out_change_reruns_evaluation_only(light_chain):
+    summary, _ = light_chain.run_it(evaluate__eval_sequences=6)
     assert summary["stages"] == _ran("evaluate")
 
 
-def test_added_task_reruns_screen_attribution_analysis(chain, toy_dir):
+def test_added_task_reruns_screen_attribution_analysis(light_chain, toy_dir):
     tasks = [str(toy_dir / "tasks" / f"{t}.jsonl") for t in ("simple_agreement", "agreement_across_pp")]
-    summary, _ = chain.run_it(pipeline__tasks=tasks)
+    summary, _ = light_chain.run_it(pipeline__tasks=tasks)
     assert summary["stages"] == _ran("screen", "select", "attribute", "analyse")
     assert set(summary["tasks"]) == set(summary["screen"]) == {"simple_agreement", "agreement_across_pp"}
 
 
-def test_crosscoder_change_retrains_without_reextracting(chain):
-    summary, outcome = chain.run_it(train__crosscoder__n_latents=64)
+def test_crosscoder_change_retrains_without_reextracting(light_chain):
+    summary, outcome = light_chain.run_it(train__crosscoder__n_latents=64)
     assert summary["stages"] == _ran("train", "evaluate", "attribute", "analyse")
     assert load_crosscoder(outcome.train.crosscoder).cfg.n_latents == 64
     import pandas as pd
 
     effects = pd.read_parquet(Path(outcome.attribute.effects) / "effects.parquet")
     assert effects.feature.max() == 63  # attribution ran on the new crosscoder, not the stale one
-    assert str(MlflowClient(chain.uri).get_model_version_by_alias("toy-graph", "champion").version) == "2"
+    version = MlflowClient(light_chain.uri).get_model_version_by_alias("toy-graph", "champion")
+    assert str(version.version) == "2"
 
 
-def test_corpus_change_reextracts(chain):
-    summary, outcome = chain.run_it(extract__corpus__n_sequences=112)
+def test_corpus_change_reextracts(light_chain):
+    summary, outcome = light_chain.run_it(extract__corpus__n_sequences=112)
     assert summary["stages"] == _ran("extract", "train", "evaluate", "attribute", "analyse")
     assert outcome.extract.n_sequences == 112
 
 
 @pytest.mark.slow  # the layer in every key: the corpus change shows extract onward, this adds screen
-def test_layer_change_reruns_everything(chain):
-    summary, outcome = chain.run_it(pipeline__layer=1)
+def test_layer_change_reruns_everything(light_chain):
+    summary, outcome = light_chain.run_it(pipeline__layer=1)
     assert summary["stages"] == _ran(*STAGES)
     assert load_crosscoder(outcome.train.crosscoder).cfg.layer == 1
 
 
-def test_unchanged_config_reruns_nothing(chain):
+def test_unchanged_config_reruns_nothing(light_chain):
     """(The summary's format, from the CLI: test_report.py; a fresh process reusing stages:
     test_faults.py.)"""
-    summary, _ = chain.run_it()
+    summary, _ = light_chain.run_it()
     assert summary["stages"] == _ran()
