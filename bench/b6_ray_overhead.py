@@ -53,7 +53,7 @@ def main() -> None:
         out = Path(tempfile.mkdtemp())
         resolve_hashes(cfg)
         tokens, _ = load_sequences(cfg.corpus, load_tokenizer(extract_family(cfg), cfg.revisions[0]))
-        extractor = CheckpointSetExtractor(cfg)
+        extractor = CheckpointSetExtractor(cfg, "cpu")
         for i, start, stop in shard_plan(len(tokens), cfg.shard_sequences):
             extract_shard(extractor, tokens[start:stop].numpy(), i, start, out)
         shutil.rmtree(out)

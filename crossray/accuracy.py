@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from crossray.checkpoints import Family
@@ -21,10 +22,10 @@ logger = logging.getLogger(__name__)
 
 
 def accuracy_curves(family: Family, task_specs: list[str | Path],
-                    revisions: list[str] | None = None, batch_size: int = 64, dtype: str = "float32"
-                    ) -> tuple[list[dict], list[Task]]:
-    """Score every revision on every task (models in `dtype`); tasks are tokenised once with the first
-    revision's tokenizer."""
+                    revisions: list[str] | None = None, batch_size: int = 64, dtype: str = "float32", *,
+                    device: str | torch.device) -> tuple[list[dict], list[Task]]:
+    """Score every revision on every task (models in `dtype`, on `device`); tasks are tokenised once
+    with the first revision's tokenizer."""
     revisions = revisions or family.available_revisions()
     for rev in revisions:
         family.location(rev)  # fail on a missing revision before any model is loaded
@@ -32,7 +33,7 @@ def accuracy_curves(family: Family, task_specs: list[str | Path],
     tasks = load_tasks(task_specs, tokenizer)
     rows = []
     for rev in tqdm(revisions, desc="scoring checkpoints", disable=None):
-        model = load_model(family, rev, dtype=dtype)
+        model = load_model(family, rev, dtype=dtype, device=device)
         info = family.revision(rev)
         for task in tasks:
             rows.append({"revision": rev, "step": info.step, "tokens_seen": info.tokens_seen,

@@ -168,11 +168,11 @@ def top_contexts(crosscoder: Crosscoder, batches: Iterable[tuple[Tensor, Tensor]
     c's encoder contribution. `batches` yields (raw acts (N, C, D), token ids (N,))."""
     C, _, L = crosscoder.shape
     top = TopContexts(L, k, n_views=1 + C)
-    for x_NCD, ids_N in batches:
-        x = crosscoder.normalise(x_NCD.float())
+    for x_NCD, ids_N in batches:  # scored where the crosscoder is, ranked on the CPU
+        x = crosscoder.normalise(x_NCD.to(crosscoder.norm_factors_C.device).float())
         joint_NL = crosscoder.encode(x, mode="eval")
         per_CNL = checkpoint_contributions(crosscoder.W_enc_CDL, x)
-        top.update(torch.cat([joint_NL[None], per_CNL]), ids_N)
+        top.update(torch.cat([joint_NL[None], per_CNL]).cpu(), ids_N)
     return top
 
 
@@ -198,9 +198,9 @@ def window_scores(crosscoder: Crosscoder, top: TopContexts, batches: Iterable[tu
             hit = ids_sorted[pos] == keys_VkLW
             if not hit.any():
                 continue
-            x = crosscoder.normalise(x_NCD.float())
+            x = crosscoder.normalise(x_NCD.to(crosscoder.norm_factors_C.device).float())
             scores_VNL = torch.cat([crosscoder.encode(x, mode="eval")[None],
-                                    checkpoint_contributions(crosscoder.W_enc_CDL, x)])
+                                    checkpoint_contributions(crosscoder.W_enc_CDL, x)]).cpu()
             rows = order[pos[hit]]
             out[hit] = scores_VNL[v_idx[hit], rows, l_idx[hit]].float()
     return out

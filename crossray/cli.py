@@ -61,7 +61,7 @@ def cmd_checkpoints_check(args: argparse.Namespace) -> int:
     rows = cset.describe()
     if args.layer is not None:
         for row in rows:
-            model = load_model(family, row["revision"])
+            model = load_model(family, row["revision"], device="cpu")  # its blocks and width only
             blocks = find_blocks(model, family.block_path)
             check_layer(args.layer, len(blocks), f"{family.name}@{row['revision']}")
             row["d_model"] = int(model.config.hidden_size)
@@ -70,10 +70,13 @@ def cmd_checkpoints_check(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks_accuracy(args: argparse.Namespace) -> int:
+    import torch
+
     from crossray.accuracy import accuracy_curves, format_curves, write_accuracy
 
     family = family_from_args(args)
-    rows, tasks = accuracy_curves(family, args.task, family.available_revisions())
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a local command: the machine's GPU if any
+    rows, tasks = accuracy_curves(family, args.task, family.available_revisions(), device=device)
     for t in tasks:
         logger.info("task %s: kept %d of %d, skipped %s", t.name, len(t.examples), t.n_rows,
                     dict(t.skipped) or "none")

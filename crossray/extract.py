@@ -70,7 +70,7 @@ def check_same_width(family: Family, revisions: Sequence[str], layer: int | None
 class CheckpointSetExtractor:
     """Holds every checkpoint of the set once; maps token ids (N, S) to activations (N, S, C, D)."""
 
-    def __init__(self, cfg: ExtractConfig, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: ExtractConfig, device: str | torch.device):
         family = extract_family(cfg)
         self.d_model = check_same_width(family, cfg.revisions)
         dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32

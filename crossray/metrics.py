@@ -75,15 +75,16 @@ def evaluate(crosscoder: Crosscoder, acts: Tensor | Iterable[Tensor], batch_size
     of `batch_size` rows (with that batch's mean) and averaged over batches, like its evaluation.
     """
     C, D = crosscoder.cfg.n_checkpoints, crosscoder.cfg.d_model
-    err_C = torch.zeros(C, dtype=torch.float64)
-    sum_CD = torch.zeros(C, D, dtype=torch.float64)
-    sq_C = torch.zeros(C, dtype=torch.float64)
-    paper, l0s, fired = [], [], torch.zeros(crosscoder.cfg.n_latents, dtype=torch.bool)
+    dev = crosscoder.norm_factors_C.device  # rows go where the crosscoder is
+    err_C = torch.zeros(C, dtype=torch.float64, device=dev)
+    sum_CD = torch.zeros(C, D, dtype=torch.float64, device=dev)
+    sq_C = torch.zeros(C, dtype=torch.float64, device=dev)
+    paper, l0s, fired = [], [], torch.zeros(crosscoder.cfg.n_latents, dtype=torch.bool, device=dev)
     n = 0
     blocks = [acts] if isinstance(acts, Tensor) else acts
     for x in (b for block in blocks for b in block.split(batch_size)):
         n += len(x)
-        x = crosscoder.normalise(x.float())
+        x = crosscoder.normalise(x.to(dev).float())
         out = crosscoder(x, mode="eval")
         err_C += (x - out.recon_BCD).pow(2).sum(dim=(0, 2)).double()
         sum_CD += x.sum(0).double()
@@ -166,6 +167,7 @@ def spliced_ce_policies(crosscoder: Crosscoder, models: Sequence[LayerModel], in
         return [CEResult(*(mean(k, f) for f in CEResult._fields)) for k in range(len(policies))]
     if len(models) != crosscoder.cfg.n_checkpoints:
         raise ValueError(f"{len(models)} models for a crosscoder over {crosscoder.cfg.n_checkpoints}")
+    input_ids = input_ids.to(crosscoder.norm_factors_C.device)  # the models' and crosscoder's device
     acts_CBSD = torch.stack([m.resid_pre(input_ids) for m in models])
     C, B, S, D = acts_CBSD.shape
     x_NCD = acts_CBSD.permute(1, 2, 0, 3).reshape(B * S, C, D)  # (B*S, C, D)

@@ -25,21 +25,24 @@ from crossray.models.layer import encode, left_pad, load_layer_model
 
 @torch.inference_mode()
 def revision_activations(family: Family, revision: str, layer: int, tokenizer, texts: Sequence[str],
-                         batch_size: int = 64, dtype: str = "float32") -> torch.Tensor:
-    """Unit-normalised residuals entering block `layer` at every real token of `texts`, (N_tok, D)."""
-    lm = load_layer_model(family, revision, layer, dtype=dtype)
+                         batch_size: int = 64, dtype: str = "float32", *, device: str | torch.device
+                         ) -> torch.Tensor:
+    """Unit-normalised residuals entering block `layer` at every real token of `texts`, (N_tok, D), the
+    model on `device` (the result on the CPU)."""
+    lm = load_layer_model(family, revision, layer, dtype=dtype, device=device)
     out = []
     for i in range(0, len(texts), batch_size):
         ids, mask = left_pad(tokenizer, [encode(tokenizer, t) for t in texts[i:i + batch_size]])
-        acts = lm.resid_pre(ids, mask).float()[mask.bool()]  # (n_real, D)
-        out.append(torch.nn.functional.normalize(acts, dim=-1).half())
+        acts = lm.resid_pre(ids.to(device), mask.to(device)).float()[mask.to(device).bool()]  # (n_real, D)
+        out.append(torch.nn.functional.normalize(acts, dim=-1).half().cpu())
     return torch.cat(out)
 
 
 def activation_similarity(family: Family, revisions: Sequence[str], layer: int, tokenizer,
-                          texts: Sequence[str]) -> torch.Tensor:
+                          texts: Sequence[str], device: str | torch.device = "cpu") -> torch.Tensor:
     """Mean per-token cosine similarity between every pair of revisions, (R, R)."""
-    return similarity_matrix([revision_activations(family, r, layer, tokenizer, texts) for r in revisions])
+    return similarity_matrix([revision_activations(family, r, layer, tokenizer, texts, device=device)
+                              for r in revisions])
 
 
 def similarity_matrix(acts: Sequence[torch.Tensor]) -> torch.Tensor:

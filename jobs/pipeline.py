@@ -50,15 +50,16 @@ from jobs import extract as extract_job
 from jobs import train as train_job
 from jobs._ray import error_line, guarded, job_parser, setup_logging
 from jobs.corpus import head_sequences
-from rayenv import init_ray, use_assigned_cpus
+from rayenv import compute_device, init_ray, planned_device
 
 logger = logging.getLogger(__name__)
 
 
-def _call(fn: Callable, *args):
-    """`fn(*args)` in a Ray task, torch on the task's CPUs."""
-    use_assigned_cpus()
-    return fn(*args)
+def _call(fn: Callable, num_gpus: float, *args) -> tuple[object, str]:
+    """`fn(*args, device=...)` in a Ray task: torch on the task's CPUs, its models on the device Ray gave
+    the task (`rayenv.compute_device`); (the result, that device)."""
+    device = compute_device(num_gpus)
+    return fn(*args, device=device), device
 
 
 class RayBackend:
@@ -85,12 +86,19 @@ class RayBackend:
         store = self._prepare(cfg).corpus.store
         return store.get(min(start, store.n), min(stop, store.n))
 
-    def map(self, fn: Callable, args: list[tuple]) -> list:
-        task = ray.remote(num_cpus=self.launch.cpus_per_actor, num_gpus=self.launch.gpus_per_actor)(_call)
+    def map(self, fn: Callable, args: list[tuple]) -> list[tuple[object, str]]:
+        gpus = self.launch.gpus_per_actor
+        task = ray.remote(num_cpus=self.launch.cpus_per_actor, num_gpus=gpus)(_call)
         try:
-            return ray.get([task.remote(fn, *a) for a in args])
+            return ray.get([task.remote(fn, gpus, *a) for a in args])
         except ray.exceptions.RayTaskError as e:
             raise e.as_instanceof_cause() from None
+
+    def device(self, work: str) -> str:
+        """Where the extraction and attribution actors ("actors") or the Train workers ("workers")
+        compute: what `rayenv.task_device` holds each of them to, given the GPUs the launch reserves."""
+        launch = self.launch
+        return planned_device({"actors": launch.gpus_per_actor, "workers": launch.gpus_per_worker}[work])
 
     def extract(self, cfg: ExtractConfig, out: Path, progress: Progress = None) -> Manifest:
         return extract_job.run_extract(cfg, out, self.launch, prep=self._prepare(cfg), on_progress=progress)

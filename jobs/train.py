@@ -47,7 +47,7 @@ from crossray.store import CROSSCODER, STREAM_POSITION, TRAIN_HISTORY
 from crossray.train import Trainer, check_shared, fit_together
 from jobs._ray import job_parser, run_job
 from jobs.extract import RowStream
-from rayenv import use_assigned_cpus
+from rayenv import task_device, use_assigned_cpus
 
 logger = logging.getLogger(__name__)
 # A Train checkpoint holds the crosscoder (`CROSSCODER`), every metrics row rank 0 logged
@@ -155,6 +155,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     sets: dict[str, SetToTrain] = config["sets"]
+    task_device(config.get("gpus", 0))  # a GPU reserved that torch cannot use fails here, named
     device = ray.train.torch.get_device()
     stream = config.get("plan")
     marks = RowMarks(stream) if stream is not None else None
@@ -249,6 +250,7 @@ def run_train_together(sets: dict[str, SetToTrain], launch: LaunchConfig, storag
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"sets": sets, "data": data, "progress": progress, "progress_s": progress_seconds(),
+                           "gpus": launch.gpus_per_worker,
                            "plan": stream.plan if stream else None,
                            "position": stream.position if stream else None},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,

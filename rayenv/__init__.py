@@ -47,13 +47,33 @@ def use_assigned_cpus() -> None:
     torch.set_num_threads(max(1, math.floor(cpus)))
 
 
-def compute_device(num_gpus: float) -> str:
-    """The torch device of a task or actor that asked for `num_gpus`, its torch threads set to its
-    CPUs."""
+def planned_device(num_gpus: float) -> str:
+    """The one device rule: "cuda" for a task, actor, Train worker or replica that reserved a GPU
+    (`num_gpus` > 0; Ray sets CUDA_VISIBLE_DEVICES to it), else "cpu". Where the work runs,
+    `task_device` holds it to that; the driver reads it to record where a stage ran."""
+    return "cuda" if num_gpus > 0 else "cpu"
+
+
+def task_device(num_gpus: float) -> str:
+    """`planned_device`, checked where the work runs: a GPU reserved but unusable (a CPU build of torch,
+    no driver) is an error naming the cause, never a silent run on the CPU."""
+    if num_gpus <= 0:
+        return planned_device(num_gpus)
     import torch
 
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"Ray gave this task {num_gpus:g} GPU(s) (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) but torch {torch.__version__} "
+                           f"sees no CUDA device: install a CUDA build of torch on the GPU nodes, or set the "
+                           f"launch section's GPUs to 0")
+    return planned_device(num_gpus)
+
+
+def compute_device(num_gpus: float) -> str:
+    """The torch device of a task or actor that asked for `num_gpus` (`task_device`), its torch threads
+    set to its CPUs. Every model, extractor and crosscoder of a stage or deployment is put there."""
     use_assigned_cpus()
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    return task_device(num_gpus)
 
 
 def init_ray(address: str | None) -> None:

@@ -30,7 +30,7 @@ REVS = ("step0", "step128", "step1000")
 
 @pytest.fixture(scope="module")
 def toy_models(toy_family):
-    return [load_layer_model(toy_family, r, 2) for r in REVS]
+    return [load_layer_model(toy_family, r, 2, device="cpu") for r in REVS]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_toy_emergence_relie_and_ablation(toy_dir, toy_models, toy_tokenizer):
     from crossray.corpus import load_sequences
 
     tokens, _ = load_sequences(ecfg.corpus, toy_tokenizer)
-    acts = CheckpointSetExtractor(ecfg)(tokens)[:, 1:].reshape(-1, 3, 64)
+    acts = CheckpointSetExtractor(ecfg, "cpu")(tokens)[:, 1:].reshape(-1, 3, 64)
     batches = list(acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))].split(512))
     ccfg = CrosscoderConfig(n_checkpoints=3, d_model=64, n_latents=256, seed=0, revisions=REVS, layer=2)
     cc = Crosscoder(ccfg)
@@ -302,9 +302,10 @@ def test_checkpoints_run_in_fp32_whatever_they_were_saved_in(tmp_path):
     model = AutoModelForCausalLM.from_config(tiny_config("gpt_neox")).half()
     model.save_pretrained(tmp_path / "fam" / "step1")
     family = Family.from_dir(tmp_path / "fam")
-    assert next(load_model(family, "step1").parameters()).dtype == torch.float32
-    assert next(load_layer_model(family, "step1", 1).model.parameters()).dtype == torch.float32
-    assert next(load_model(family, "step1", dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    assert next(load_model(family, "step1", device="cpu").parameters()).dtype == torch.float32
+    assert next(load_layer_model(family, "step1", 1, device="cpu").model.parameters()).dtype == torch.float32
+    bf16 = load_model(family, "step1", dtype="bfloat16", device="cpu")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
     assert AttributionConfig().dtype == "float32"
 
 

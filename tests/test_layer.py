@@ -26,7 +26,7 @@ def _inputs():
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_resid_pre_equals_hidden_states(family, layer):
-    lm = load_layer_model(family, "step1", layer)
+    lm = load_layer_model(family, "step1", layer, device="cpu")
     ids, mask = _inputs()
     with torch.no_grad():
         full = lm.model(**model_inputs(lm.model, ids, mask), output_hidden_states=True)
@@ -37,7 +37,7 @@ def test_resid_pre_equals_hidden_states(family, layer):
 
 
 def test_suffix_only_forward_equals_the_full_model(family):
-    lm = load_layer_model(family, "step1", 1)
+    lm = load_layer_model(family, "step1", 1, device="cpu")
     ids, mask = _inputs()
     with torch.no_grad():
         full = lm.model(**model_inputs(lm.model, ids, mask)).logits[:, -1]
@@ -51,7 +51,7 @@ def test_suffix_only_forward_equals_the_full_model(family):
 
 
 def test_truncated_forward_never_runs_later_blocks(family):
-    lm = load_layer_model(family, "step1", 1)
+    lm = load_layer_model(family, "step1", 1, device="cpu")
     calls = []
     blocks = find_blocks(lm.model)
     for i, b in enumerate(blocks):
@@ -63,13 +63,13 @@ def test_truncated_forward_never_runs_later_blocks(family):
 
 def test_layer_out_of_range(family):
     with pytest.raises(CheckpointError, match=r"layer 3 out of range .* 3 blocks"):
-        load_layer_model(family, "step1", 3)
+        load_layer_model(family, "step1", 3, device="cpu")
     with pytest.raises(CheckpointError, match="layer -1 out of range"):
-        load_layer_model(family, "step1", -1)
+        load_layer_model(family, "step1", -1, device="cpu")
 
 
 def test_unknown_architecture_needs_block_path(family):
-    lm = load_layer_model(family, "step1", 0)
+    lm = load_layer_model(family, "step1", 0, device="cpu")
     lm.model.config.model_type = "mystery"
     with pytest.raises(ValueError, match="pass block_path"):
         find_blocks(lm.model)
@@ -81,6 +81,6 @@ def test_unknown_architecture_needs_block_path(family):
 
 
 def test_toy_family_at_a_layer(toy_family):
-    lm = load_layer_model(toy_family, "step1000", 2)
+    lm = load_layer_model(toy_family, "step1000", 2, device="cpu")
     acts = lm.resid_pre(torch.tensor([[5, 6, 7, 8]]))
     assert acts.shape == (1, 4, 64) and torch.isfinite(acts).all()

@@ -63,7 +63,7 @@ def _identity_crosscoder(C: int, D: int) -> Crosscoder:
 def two_models(tmp_path_factory):
     root = save_tiny_family(tmp_path_factory.mktemp("ce"), "gpt_neox", ("step1", "step2"))
     fam = Family.from_dir(root)
-    return [load_layer_model(fam, r, 1) for r in ("step1", "step2")]
+    return [load_layer_model(fam, r, 1, device="cpu") for r in ("step1", "step2")]
 
 
 def test_spliced_ce_perfect_and_zero_reconstruction(two_models):
@@ -144,14 +144,16 @@ def test_evaluation_runs_fp32_weights_whatever_extraction_ran_in(toy_extract_cfg
     seen = []
     real = extract.CheckpointSetExtractor.__init__
 
-    def spy(self, cfg, device="cpu"):
+    def spy(self, cfg, device):
         real(self, cfg, device)
         seen.append({str(p.dtype) for m in self.models for p in m.model.parameters()})
 
     monkeypatch.setattr(extract.CheckpointSetExtractor, "__init__", spy)
     bf16 = dataclasses.replace(toy_extract_cfg, compute_dtype="bfloat16")
     held_out = np.zeros((2, 16), dtype=np.int64)
-    metrics = evaluate(bf16, str(tmp_path / "cc"), held_out, EvaluateConfig(eval_sequences=2)).metrics
+    metrics = evaluate(bf16, str(tmp_path / "cc"), held_out, EvaluateConfig(eval_sequences=2),
+                       device="cpu").metrics
     assert seen == [{"torch.float32"}] and "delta_ce_pos0/step1000" in metrics
-    evaluate(bf16, str(tmp_path / "cc"), held_out, EvaluateConfig(eval_sequences=2, dtype="bfloat16"))
+    evaluate(bf16, str(tmp_path / "cc"), held_out, EvaluateConfig(eval_sequences=2, dtype="bfloat16"),
+             device="cpu")
     assert seen[1] == {"torch.bfloat16"}

@@ -11,7 +11,7 @@ from crossray.screen import activation_similarity, select_checkpoints
 @pytest.fixture(scope="module")
 def screened(toy_family, toy_dir, toy_tokenizer):
     revs = toy_family.available_revisions()
-    rows, tasks = accuracy_curves(toy_family, [toy_dir / "tasks"], revs)
+    rows, tasks = accuracy_curves(toy_family, [toy_dir / "tasks"], revs, device="cpu")
     acc: dict = {}
     for r in rows:
         acc.setdefault(r["task"], []).append(r["prefix_accuracy"])

@@ -113,7 +113,8 @@ def test_real_blimp_files_load_and_score(toy_family, toy_tokenizer):
         assert len(t.sentences) == 1000
         if f.stem.endswith("_2") and "irregular_plural" not in f.stem and "adj_irregular_1" not in f.stem:
             assert t.skipped.get("two_prefix") == 1000
-    rows, tasks = accuracy_curves(toy_family, files, [toy_family.available_revisions()[-1]], batch_size=256)
+    rows, tasks = accuracy_curves(toy_family, files, [toy_family.available_revisions()[-1]],
+                                  batch_size=256, device="cpu")
     print("\nreal BLiMP on the toy family (kept/skipped, prefix and sentence accuracy):")
     for t in tasks:
         print(f"  {t.name:50s} kept {len(t.examples):4d} skipped {dict(t.skipped)}")

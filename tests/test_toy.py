@@ -70,7 +70,7 @@ def test_toy_config_validation():
 
 def test_agreement_emerges(toy_family, toy_dir):
     """Simple agreement rises from chance to learned; the relative-clause task is learned later."""
-    rows, _ = accuracy_curves(toy_family, [toy_dir / "tasks"])
+    rows, _ = accuracy_curves(toy_family, [toy_dir / "tasks"], device="cpu")
     curve = {}
     for r in rows:
         curve.setdefault(r["task"], []).append(r["prefix_accuracy"])

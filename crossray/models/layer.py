@@ -196,10 +196,11 @@ def load_tokenizer(family: Family, revision: str):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(family: Family, revision: str, dtype: torch.dtype | str = torch.float32,
-               device: str | torch.device = "cpu") -> nn.Module:
+def load_model(family: Family, revision: str, dtype: torch.dtype | str = torch.float32, *,
+               device: str | torch.device) -> nn.Module:
     """A checkpoint in `dtype`, whatever dtype it was saved in (pinned, so a checkpoint stored in fp16
-    is not silently scored or differentiated in fp16; the paper ran fp32)."""
+    is not silently scored or differentiated in fp16; the paper ran fp32), on `device`: no default, so
+    every caller names where its model computes (`rayenv.compute_device` in a Ray task)."""
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -211,8 +212,8 @@ def load_model(family: Family, revision: str, dtype: torch.dtype | str = torch.f
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_layer_model(family: Family, revision: str, layer: int, dtype: torch.dtype | str = torch.float32,
-                     device: str | torch.device = "cpu") -> LayerModel:
+def load_layer_model(family: Family, revision: str, layer: int, dtype: torch.dtype | str = torch.float32, *,
+                     device: str | torch.device) -> LayerModel:
     model = load_model(family, revision, dtype=dtype, device=device)
     blocks = find_blocks(model, family.block_path)
     return LayerModel(model, layer, blocks, name=f"{family.name}@{revision}", block_path=family.block_path)

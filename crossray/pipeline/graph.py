@@ -75,7 +75,14 @@ class Backend(Protocol):
     """Runs the heavy work: library functions next to the models, extraction, training, attribution.
     `progress` receives progress snapshots (the stage's MLflow run records them)."""
 
-    def map(self, fn: Callable, args: list[tuple]) -> list: ...
+    def map(self, fn: Callable, args: list[tuple]) -> list[tuple[Any, str]]:
+        """`fn(*a, device=...)` for each `a`, where the backend runs it, on the device it gives that
+        work: each result with its device."""
+        ...
+
+    def device(self, work: str) -> str:
+        """Where the backend's "actors" (extraction, attribution) or Train "workers" compute."""
+        ...
 
     def extract(self, cfg: ExtractConfig, out: Path, progress: Progress = None) -> Manifest: ...
 
@@ -115,9 +122,22 @@ class StageRun:
     layout: RunLayout
     key: str
     mlflow_run_id: str
+    devices: set[str] = dataclasses.field(default_factory=set)
+    """Where the stage's work ran (the runner records it; none: the driver's CPU)."""
 
     def progress(self) -> Callable[[dict], None]:
         return self.tracker.progress_logger(self.mlflow_run_id)
+
+    def map(self, fn: Callable, args: list[tuple]) -> list:
+        """`backend.map`, the devices it ran on recorded."""
+        ran = self.backend.map(fn, args)
+        self.devices.update(device for _, device in ran)
+        return [result for result, _ in ran]
+
+    def on(self, work: str) -> Backend:
+        """The backend, its `work` ("actors" or "workers") recorded as where the stage ran."""
+        self.devices.add(self.backend.device(work))
+        return self.backend
 
 
 # -- inputs hashed by content ---------------------------------------------------------------------
@@ -297,7 +317,7 @@ def screen(run: StageRun, *, family: Family, checkpoints: dict[str, str], tasks:
     """Accuracy and activations of every screened revision (one unit of work each)."""
     revisions = list(checkpoints)
     texts = S.screen_texts(family, revisions[0], tasks.specs, examples)
-    parts = run.backend.map(S.screen_revision,
+    parts = run.map(S.screen_revision,
                             [(family, tasks.specs, r, layer, texts, dtype) for r in revisions])
     result, rows = S.combine_screen(revisions, parts)
     log_tasks(run.tracker, tasks, "screening")
@@ -329,10 +349,10 @@ def extract(run: StageRun, *, checkpoints: Checkpoints, layer: int, corpus: Corp
     ecfg, t = checkpoints.extract_config(layer, settings.settings), run.tracker
     t.log_params(flat_params({"extract": to_dict(ecfg)}))
     t.set_tags({"crossray.extract_mode": settings.mode})
-    if settings.mode == "stream":
-        m = run.backend.stream(ecfg)
+    if settings.mode == "stream":  # (the norm factors only: training extracts the rows)
+        m = run.on("actors").stream(ecfg)
     else:
-        m = run.backend.extract(ecfg, run.layout.acts, run.progress())
+        m = run.on("actors").extract(ecfg, run.layout.acts, run.progress())
     t.log_metrics({"token_count": m.token_count})
     c = corpus.config
     t.log_dataset(f"corpus:{Path(c.source).name if c.source else 'mixture'}", c.label, m.corpus_hash,
@@ -354,7 +374,7 @@ def train(run: StageRun, *, data: Extracted, settings: TrainSettings) -> S.Train
     ex, layout, t = data.result, run.layout, run.tracker
     cfg = train_config(data, settings)
     t.log_params(flat_params({"train": to_dict(cfg)}))
-    out = run.backend.train(cfg, layout.train_storage, f"train-{run.key}", ex.norm_factors, data,
+    out = run.on("workers").train(cfg, layout.train_storage, f"train-{run.key}", ex.norm_factors, data,
                             run.progress())
     t.log_history(out.history)
     if out.stream_position is not None:  # what a restore re-trained, for the record
@@ -379,7 +399,7 @@ def evaluate(run: StageRun, *, train: Trained, settings: EvaluateConfig) -> S.Ev
     """FVE, L0, dead latents and spliced ΔCE on the sequences after the training ones."""
     ecfg, n_train = train.data.config, train.data.result.n_sequences
     held_out = run.backend.sequences(ecfg, n_train, n_train + settings.eval_sequences)
-    [result] = run.backend.map(S.evaluate, [(ecfg, train.result.crosscoder, held_out, settings)])
+    [result] = run.map(S.evaluate, [(ecfg, train.result.crosscoder, held_out, settings)])
     run.tracker.log_metrics(result.metrics)
     write_json_atomic(run.layout.eval_metrics, result.metrics)
     return result
@@ -395,8 +415,9 @@ def attribute(run: StageRun, *, train: Trained, tasks: TaskSet, settings: Attrib
     t = run.tracker
     t.log_params(flat_params({"attribution": to_dict(settings)}))
     log_tasks(t, tasks, "attribution")
-    summary = run.backend.attribute(train.result.crosscoder, train.data.checkpoints.family, list(tasks.specs),
-                                    run.layout.effects_folder, settings, run.progress())
+    summary = run.on("actors").attribute(train.result.crosscoder, train.data.checkpoints.family,
+                                         list(tasks.specs), run.layout.effects_folder, settings,
+                                         run.progress())
     infos = {task: TaskSummary.from_json(info) for task, info in summary["tasks"].items()}
     for task, info in infos.items():
         if info.ablation is not None:  # both forms, named as the parent run names them
@@ -412,7 +433,7 @@ def analyse(run: StageRun, *, attribute: Attributed, screen: Screened, select: S
     trained = attribute.train
     ex, ecfg = trained.data.result, trained.data.config
     tokens = run.backend.sequences(ecfg, 0, min(settings.context_sequences, ex.n_sequences))
-    [contexts] = run.backend.map(S.top_contexts, [(trained.result.crosscoder, ex, ecfg, settings, tokens,
+    [contexts] = run.map(S.top_contexts, [(trained.result.crosscoder, ex, ecfg, settings, tokens,
                                                    trained.data.columns)])
     return S.analyse(run.layout, screen.result, select.result, trained.result, attribute.result, contexts,
                      title)  # (top contexts next to the models; stream mode extracts the scanned ones again)

@@ -99,6 +99,7 @@ class Pipeline:
             self.tracker.link(name, key, record.get("mlflow_run_id"))
             result = S.from_json(name, record["result"])
             o.set(name, result, "reused")
+            o.devices[name] = record.get("device", "unrecorded")  # where it ran (before devices were kept)
             return key, result
         logger.info("stage %s: running (key %s)", name, key)
         self.current = name
@@ -107,10 +108,15 @@ class Pipeline:
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(started, {"key": key})
         with self.tracker.stage(name, key, system_metrics=stage.system_metrics) as run_id:
-            result = stage.fn(G.StageRun(self.backend, self.tracker, layout, key, run_id), **inputs)
+            run = G.StageRun(self.backend, self.tracker, layout, key, run_id)
+            result = stage.fn(run, **inputs)
+            device = ",".join(sorted(run.devices)) or "cpu"  # none recorded: the driver's work
+            self.tracker.set_tags({"crossray.device": device})
             self.tracker.log_folder(folder, name)
-        write_json_atomic(done, {"key": key, "result": S.to_json(result), "mlflow_run_id": run_id})
+        write_json_atomic(done, {"key": key, "result": S.to_json(result), "mlflow_run_id": run_id,
+                                 "device": device})
         o.set(name, result, "ran")
+        o.devices[name] = device
         self.current = None
         return key, result
 

@@ -2,8 +2,10 @@
 
 Each result is a frozen dataclass of plain values, written to the stage's `done` file and read back
 when the stage is reused; `RunOutcome` holds one per stage. The functions that need the models
-(`screen_revision`, `evaluate`, `top_contexts`) run wherever the caller puts them: in this process, or
-in a Ray task (`jobs/pipeline.py`). The stages themselves, and their keys, are in `graph`.
+(`screen_revision`, `evaluate`, `top_contexts`) run wherever the caller puts them, on the `device` it
+hands them (in a Ray task, the one `rayenv.compute_device` gives it: its GPU, else the CPU;
+`jobs/pipeline.py`): every model and crosscoder they load goes there. The stages themselves, and their
+keys, are in `graph`.
 """
 
 from __future__ import annotations
@@ -125,6 +127,8 @@ class RunOutcome:
     analyse: AnalyseResult | None = None
     status: dict[str, str] = field(default_factory=dict)
     """Per stage: "ran" or "reused"."""
+    devices: dict[str, str] = field(default_factory=dict)
+    """Per stage: the device its work ran on ("cuda" or "cpu"; a reused stage: when it ran)."""
     keys: dict[str, str] = field(default_factory=dict)
     mlflow_run_id: str = ""
     registered: dict | None = None
@@ -173,15 +177,17 @@ def screen_texts(family: Family, revision: str, task_specs: Sequence[str], n_exa
 
 
 def screen_revision(family: Family, task_specs: Sequence[str], revision: str, layer: int,
-                    texts: Sequence[str], dtype: str = "float32") -> tuple[list[dict], torch.Tensor]:
-    """One revision's accuracy rows and its unit-normalised activations on the texts (models in `dtype`)."""
+                    texts: Sequence[str], dtype: str = "float32", *, device: str
+                    ) -> tuple[list[dict], torch.Tensor]:
+    """One revision's accuracy rows and its unit-normalised activations on the texts (models in `dtype`
+    on `device`)."""
     from crossray.accuracy import accuracy_curves
     from crossray.models.layer import load_tokenizer
     from crossray.screen import revision_activations
 
-    rows = accuracy_curves(family, list(task_specs), [revision], dtype=dtype)[0]
+    rows = accuracy_curves(family, list(task_specs), [revision], dtype=dtype, device=device)[0]
     tokenizer = load_tokenizer(family, revision)
-    return rows, revision_activations(family, revision, layer, tokenizer, texts, dtype=dtype)
+    return rows, revision_activations(family, revision, layer, tokenizer, texts, dtype=dtype, device=device)
 
 
 def combine_screen(revisions: Sequence[str], parts: Sequence[tuple[list[dict], torch.Tensor]]
@@ -212,13 +218,13 @@ def select(screen: ScreenResult, n_checkpoints: int, pinned: Sequence[str] = (),
 
 # -- evaluate -------------------------------------------------------------------------------------
 
-def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, cfg: EvaluateConfig
-             ) -> EvaluateResult:
+def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, cfg: EvaluateConfig, *,
+             device: str) -> EvaluateResult:
     """FVE, L0, dead latents and spliced ΔCE / CE recovered on `held_out_NS`, the sequences after the
     training ones: `delta_ce/<rev>` with position 0 left real (the training convention),
     `delta_ce_pos0/<rev>` with it spliced too (the paper's evaluation). The checkpoints run with
-    `cfg.dtype` weights (fp32 by default, under bf16 autocast on a GPU, as the paper evaluated),
-    whatever the extraction ran in."""
+    `cfg.dtype` weights (fp32 by default; the FVE rows are extracted under bf16 autocast on a GPU, as
+    the paper's extraction ran), whatever the extraction ran in; checkpoints and crosscoder on `device`."""
     from crossray.extract import CheckpointSetExtractor
     from crossray.metrics import evaluate as evaluate_rows
     from crossray.metrics import spliced_ce_policies
@@ -228,9 +234,9 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, 
         raise ValueError(f"corpus {ecfg.corpus.label} has no sequence left after the training ones for "
                          f"evaluation (evaluate.eval_sequences {cfg.eval_sequences})")
     held_out = torch.from_numpy(np.asarray(held_out_NS)).long()
-    extractor = CheckpointSetExtractor(dataclasses.replace(ecfg, compute_dtype=cfg.dtype))
+    extractor = CheckpointSetExtractor(dataclasses.replace(ecfg, compute_dtype=cfg.dtype), device)
     start = 1 if ecfg.corpus.drop_first_position else 0
-    cc = load_crosscoder(crosscoder_dir)
+    cc = load_crosscoder(crosscoder_dir, device)
 
     def rows():  # a few sequences at a time: 240 x 1024 x C x D floats would not fit in memory
         for chunk in held_out.split(ecfg.batch_sequences):
@@ -291,20 +297,21 @@ def analyse(layout: RunLayout, screen: ScreenResult, select: SelectResult, train
 
 
 def top_contexts(crosscoder_dir: str, extract: ExtractResult, ecfg: ExtractConfig, cfg: AnalysisConfig,
-                 tokens_NS: np.ndarray, columns: Sequence[int] | None = None) -> list[dict]:
+                 tokens_NS: np.ndarray, columns: Sequence[int] | None = None, *, device: str) -> list[dict]:
     """Top-activating contexts per feature (joint and per checkpoint) over the first extracted
-    sequences (`tokens_NS`), with each window's tokens and scores."""
+    sequences (`tokens_NS`), with each window's tokens and scores; the crosscoder (and, in stream mode,
+    the checkpoints extracting the sequences again) on `device`."""
     from crossray.analysis import contexts_table, extracted_batches, shard_batches
     from crossray.extract import CheckpointSetExtractor, Manifest, extract_family
     from crossray.models.layer import load_tokenizer
     from crossray.store import load_crosscoder
 
-    cc = load_crosscoder(crosscoder_dir)
+    cc = load_crosscoder(crosscoder_dir, device)
     tokens = torch.from_numpy(np.asarray(tokens_NS)).long()
     n_seq = len(tokens)
     tokenizer = load_tokenizer(extract_family(ecfg), ecfg.revisions[0])
     if extract.mode == "stream":  # nothing stored: extract the scanned sequences again (twice: 2 passes)
-        extractor = CheckpointSetExtractor(ecfg)
+        extractor = CheckpointSetExtractor(ecfg, device)
         batches = functools.partial(extracted_batches, extractor, tokens, ecfg.corpus.drop_first_position)
     else:
         manifest = Manifest.read(extract.acts)

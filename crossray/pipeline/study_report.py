@@ -131,8 +131,9 @@ def _fmt(x) -> str:
 
 
 def study_summary(o: StudyOutcome) -> dict:
-    """{"study", "mlflow_run_id", "revisions", "stages": {shared stage: status}, "sets": {set:
-    {"revisions", "status", "stages", "fve", "delta_ce", "tasks": {task: {"ablation_rho", ...}}}}}."""
+    """{"study", "mlflow_run_id", "revisions", "stages": {shared stage: status}, "devices": {shared stage:
+    device}, "sets": {set: {"revisions", "status", "stages", "devices", "fve", "delta_ce", "tasks": {task:
+    {"ablation_rho", ...}}}}}."""
     sets: dict[str, Any] = {}
     for name, revisions in o.set_revisions.items():
         if name in o.failed:
@@ -142,12 +143,14 @@ def study_summary(o: StudyOutcome) -> dict:
         sets[name] = {"revisions": revisions, "status": "done", "mlflow_run_id": s["mlflow_run_id"],
                       "registered": s["registered"],
                       "stages": {k: v for k, v in s["stages"].items() if v != "shared"},
+                      "devices": {k: v for k, v in s["devices"].items() if s["stages"][k] != "shared"},
                       "fve": {ck["revision"]: ck["fve"] for ck in s["checkpoints"]},
                       "delta_ce": {ck["revision"]: ck["delta_ce"] for ck in s["checkpoints"]},
                       "l0": s["l0"], "dead_latents": s["dead_latents"], "tasks": s["tasks"]}
     return {"study": o.name, "method": o.shared.method, "mlflow_run_id": o.mlflow_run_id,
             "revisions": o.revisions,
             "stages": {k: o.shared.status.get(k, "not run") for k in ("screen", "select", "extract")},
+            "devices": {k: v for k, v in o.shared.devices.items() if k in ("screen", "select", "extract")},
             "sets": sets, "failed": sorted(o.failed)}
 
 

@@ -39,8 +39,9 @@ def _checkpoint(o: RunOutcome, metrics: dict, rev: str) -> dict:
 
 
 def summary_json(o: RunOutcome) -> dict:
-    """{"run", "method", "mlflow_run_id", "registered", "revisions", "stages", "screen", "checkpoints",
-    "l0", "dead_latents", "tasks"} (the pipeline issue's schema). A checkpoint's `delta_ce` and a
+    """{"run", "method", "mlflow_run_id", "registered", "revisions", "stages", "devices", "screen",
+    "checkpoints", "l0", "dead_latents", "tasks"} (the pipeline issue's schema; `devices`: each stage's
+    device, beside `stages` so that their statuses stay plain strings). A checkpoint's `delta_ce` and a
     task's `ablation_rho` are the method's headline form (`HEADLINE`); both forms sit beside them."""
     assert o.select and o.evaluate and o.screen and o.attribute, "a finished run"
     revisions = o.select.revisions
@@ -53,6 +54,7 @@ def summary_json(o: RunOutcome) -> dict:
         "registered": o.registered["uri"] if o.registered else None,
         "revisions": revisions,
         "stages": {s: o.status.get(s, "not run") for s in STAGES},
+        "devices": {s: o.devices[s] for s in STAGES if s in o.devices},
         "screen": {task: dict(zip(screen.revisions, map(_num, acc), strict=True))
                    for task, acc in screen.accuracy.items()},
         "checkpoints": [_checkpoint(o, metrics, rev) for rev in revisions],
@@ -66,6 +68,7 @@ def summary_json(o: RunOutcome) -> dict:
 def summary_text(o: RunOutcome) -> str:
     s = summary_json(o)
     lines = [f"method: {s['method']}", "stages: " + ", ".join(f"{k} {v}" for k, v in s["stages"].items()),
+             "devices: " + ", ".join(f"{k} {v}" for k, v in s["devices"].items()),
              "checkpoint      FVE     ΔCE"]
     for ck in s["checkpoints"]:
         fve, dce = (math.nan if ck[m] is None else ck[m] for m in ("fve", "delta_ce"))

@@ -52,7 +52,7 @@ def test_distributed_attribution_equals_one_process(ray_cluster, crosscoder_dir,
     from crossray.store import load_crosscoder
 
     cc = load_crosscoder(crosscoder_dir)
-    models = [load_layer_model(toy_family, r, 2) for r in cc.cfg.revisions]
+    models = [load_layer_model(toy_family, r, 2, device="cpu") for r in cc.cfg.revisions]
     task = load_task(tasks[0], toy_tokenizer)
     ie_CL = task_effects(cc, models, toy_tokenizer, task.examples, cfg).means()[0]
     got = df[df.task == "simple_agreement"].pivot(index="checkpoint_index", columns="feature", values="ie")

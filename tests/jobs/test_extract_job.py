@@ -63,7 +63,7 @@ def test_parquet_extraction(toy_acts, toy_extract_cfg):
     family = extract_family(toy_extract_cfg)
     tokens, corpus_hash = load_sequences(toy_extract_cfg.corpus, load_tokenizer(family, "step0"))
     assert m.corpus_hash == corpus_hash  # Ray Data's tokenisation = one process's
-    direct = CheckpointSetExtractor(toy_extract_cfg)(tokens[5:6])[0, 1:]  # (63, C, D)
+    direct = CheckpointSetExtractor(toy_extract_cfg, "cpu")(tokens[5:6])[0, 1:]  # (63, C, D)
     got = acts[seq == 5][np.argsort(pos[seq == 5])]
     torch.testing.assert_close(got, direct, rtol=1e-2, atol=1e-2)
 

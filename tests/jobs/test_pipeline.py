@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from crossray.config import load_config
 from crossray.pipeline.runner import Pipeline
 from crossray.pipeline.summary import summary_text
+from crossray.store import STAGES
 from crossray.tracking import check_tracking
 from jobs.pipeline import run
 from tests.helpers import free_port, light_pipeline_config
@@ -40,6 +41,9 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["crossray.stage"]: r for r in children}
     assert set(by_stage) == {"screen", "select", "extract", "train", "evaluate", "attribute", "analyse"}
+    # where each stage ran: its MLflow run and the --json summary say so (no GPU here: the CPU)
+    assert {s: r.data.tags["crossray.device"] for s, r in by_stage.items()} == dict.fromkeys(by_stage, "cpu")
+    assert tracked_run[2]["devices"] == dict.fromkeys(STAGES, "cpu") and "devices: screen cpu" in text
     train = by_stage["train"]
     params = train.data.params
     assert params["train.n_steps"] == "1000" and params["train.crosscoder.n_latents"] == "512"

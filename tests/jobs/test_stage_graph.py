@@ -53,6 +53,7 @@ def test_attribution_change_reruns_attribution_and_analysis(light_chain):
 def test_held_out_change_reruns_evaluation_only(light_chain):
     summary, _ = light_chain.run_it(evaluate__eval_sequences=6)
     assert summary["stages"] == _ran("evaluate")
+    assert summary["devices"] == dict.fromkeys(summary["stages"], "cpu")  # the reused ones: where they ran
 
 
 def test_added_task_reruns_screen_attribution_analysis(light_chain, toy_dir):

@@ -91,6 +91,9 @@ def test_a_failed_set_is_reported_and_the_others_finish(study):
         assert s["status"] == "done" and set(s["stages"].values()) == {"ran"}
         assert all(0 < v <= 1 for v in s["fve"].values()) and list(s["fve"]) == s["revisions"]
     assert summary["stages"] == {"screen": "reused", "select": "reused", "extract": "reused"}  # killed run's
+    assert summary["devices"] == dict.fromkeys(summary["stages"], "cpu")  # recorded when they ran
+    assert summary["sets"][SETS[0]]["devices"] == dict.fromkeys(("train", "evaluate", "attribute", "analyse"),
+                                                                "cpu")
 
 
 def test_the_killed_study_resumed_every_set_from_the_joint_checkpoint(study):

@@ -43,7 +43,7 @@ def heldout(toy_extract_cfg, toy_dir):
 
     corpus = CorpusConfig(source=str(toy_dir / "corpus" / "validation.jsonl"), seq_len=64, n_sequences=48)
     tokens, _ = load_sequences(corpus, load_tokenizer(extract_family(toy_extract_cfg), "step0"))
-    return CheckpointSetExtractor(toy_extract_cfg)(tokens)[:, 1:].reshape(-1, 3, 64)
+    return CheckpointSetExtractor(toy_extract_cfg, "cpu")(tokens)[:, 1:].reshape(-1, 3, 64)
 
 
 @pytest.fixture(scope="module")
