@@ -145,6 +145,17 @@ class Service:
         run_id = self.state.index(run).run.id
         return Response(self.encoded(run_id, kind, *args), media_type="application/json")
 
+    async def live_info(self) -> dict | None:
+        """Where live queries compute ({"device", "gpus"} of the model deployment; both None while it
+        does not answer yet), or None when the service runs without it."""
+        if self.live is None:
+            return None
+        info = getattr(self.live, "info", None)
+        try:
+            return await asyncio.wait_for(info(), 2.0) if info else {"device": None, "gpus": None}
+        except Exception:  # noqa: BLE001 (still starting, or restarting: health says so, never a 500)
+            return {"device": None, "gpus": None}
+
     def ready_index(self) -> list[RunIndex]:
         if not self.state.ready:
             raise Unavailable(self.state.error or "runs are still loading")
@@ -238,9 +249,10 @@ async def page() -> HTMLResponse:
 
 @pages.get("/health", response_model=S.Health, responses={503: {"model": S.Error}})
 async def health(svc: Svc):
-    """200 once every run is loaded; 503 while loading or when loading failed."""
+    """200 once every run is loaded; 503 while loading or when loading failed. `live`: where the live
+    queries compute (the model deployment's device and GPUs), null without the model deployment."""
     svc.ready_index()
-    return {"status": "ok", "runs": sorted(svc.state.indexes)}
+    return {"status": "ok", "runs": sorted(svc.state.indexes), "live": await svc.live_info()}
 
 
 @tables.get("", response_model=list[S.RunInfo])

@@ -85,7 +85,9 @@ class LiveModel:
             import mlflow
 
             mlflow.set_tracking_uri(tracking_uri)
-        device = compute_device(len(ray.get_gpu_ids()))
+        gpus = len(ray.get_gpu_ids())
+        device = compute_device(gpus)  # the replica's GPU when its ray_actor_options ask for one
+        self.where = {"device": device, "gpus": float(gpus)}
         self.runs, self.problems = {}, {}
         for source in runs:
             try:
@@ -95,6 +97,10 @@ class LiveModel:
                 logger.exception("no live model for %s", source)
                 self.problems[source] = f"{type(e).__name__}: {e}"
         self.merged.set_max_batch_size(max_batch_size)
+
+    def info(self) -> dict:
+        """Where this replica computes: {"device": "cuda" or "cpu", "gpus": the GPUs Ray gave it}."""
+        return self.where
 
     async def query(self, kind: str, run_id: str, body: dict) -> dict:
         """One query (for callers with a handle of their own)."""
@@ -129,6 +135,7 @@ class HandleClient:
 
     def __init__(self, handle, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.02):
         self.handle, self.batching = handle, max_batch_size > 1
+        self.where: dict | None = None
         self.send.set_max_batch_size(max_batch_size)
         self.send.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -137,6 +144,12 @@ class HandleClient:
             [answer] = await self.handle.query_many.remote([(kind, run_id, body)])
             return answer
         return await self.send((kind, run_id, body))
+
+    async def info(self) -> dict:
+        """`LiveModel.info` of a model replica (asked once: every replica gets the same resources)."""
+        if self.where is None:
+            self.where = await self.handle.info.remote()
+        return self.where
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
     async def send(self, items: list[tuple[str, str, dict]]) -> list[dict]:

@@ -9,9 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from crossray.tasks import MAX_FIELD_CHARS, MAX_REQUEST_TOKENS
 
 
+class LiveDevice(BaseModel):
+    device: str | None = Field(description="cuda or cpu: where the model deployment computes (null while "
+                                           "it does not answer yet)")
+    gpus: float | None = Field(description="the GPUs Ray gave a model replica")
+
+
 class Health(BaseModel):
     status: str
     runs: list[str]
+    live: LiveDevice | None = Field(None, description="the live queries' model deployment (null: none)")
 
 
 class StudySet(BaseModel):

@@ -223,8 +223,8 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, 
     """FVE, L0, dead latents and spliced ΔCE / CE recovered on `held_out_NS`, the sequences after the
     training ones: `delta_ce/<rev>` with position 0 left real (the training convention),
     `delta_ce_pos0/<rev>` with it spliced too (the paper's evaluation). The checkpoints run with
-    `cfg.dtype` weights (fp32 by default; the FVE rows are extracted under bf16 autocast on a GPU, as
-    the paper's extraction ran), whatever the extraction ran in; checkpoints and crosscoder on `device`."""
+    `cfg.dtype` weights (fp32 by default, under bf16 autocast on a GPU, as the paper's forward passes
+    ran), whatever the extraction ran in; checkpoints and crosscoder on `device`."""
     from crossray.extract import CheckpointSetExtractor
     from crossray.metrics import evaluate as evaluate_rows
     from crossray.metrics import spliced_ce_policies
@@ -244,7 +244,11 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, 
             yield acts[:, start:].reshape(-1, *acts.shape[2:])
 
     metrics = evaluate_rows(cc, rows())
-    skipped, kept = spliced_ce_policies(cc, extractor.models, held_out, (True, False), ecfg.batch_sequences)
+    # fp32 weights run under bf16 autocast on a GPU (the extractor does the same for the rows above)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=extractor.device.type == "cuda"
+                        and cfg.dtype == "float32"):
+        skipped, kept = spliced_ce_policies(cc, extractor.models, held_out, (True, False),
+                                            ecfg.batch_sequences)
     for c, rev in enumerate(ecfg.revisions):  # position 0 left real (training's view), and spliced too
         for suffix, ce in (("", skipped), ("_pos0", kept)):
             metrics[column(f"delta_ce{suffix}", rev)] = float(ce.delta_ce_C[c])

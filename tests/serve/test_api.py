@@ -28,7 +28,29 @@ def test_not_ready_until_loaded(fake_run, tmp_path):
     assert client.get("/health").status_code == 503
     assert client.get("/runs/fake").json() == {"detail": "runs are still loading"}
     state.load()
-    assert client.get("/health").json() == {"status": "ok", "runs": ["fake"]}
+    assert client.get("/health").json() == {"status": "ok", "runs": ["fake"], "live": None}
+
+
+def test_health_says_where_live_queries_compute(state):
+    """The model deployment's device and GPUs (a GPU replica here); while it does not answer, nulls
+    and still 200: the tables are served."""
+
+    class Live:
+        def __init__(self, where):
+            self.where = where
+
+        async def __call__(self, kind, run_id, body):
+            return {}
+
+        async def info(self):
+            if self.where is None:
+                raise RuntimeError("the model replica is still loading")
+            return self.where
+
+    on_gpu = TestClient(build_api(state, live=Live({"device": "cuda", "gpus": 1.0}))).get("/health")
+    assert on_gpu.json()["live"] == {"device": "cuda", "gpus": 1.0}
+    starting = TestClient(build_api(state, live=Live(None))).get("/health")
+    assert starting.status_code == 200 and starting.json()["live"] == {"device": None, "gpus": None}
 
 
 def test_failed_load_stays_unavailable(tmp_path):
