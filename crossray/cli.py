@@ -90,10 +90,11 @@ def cmd_tasks_accuracy(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from crossray.config import load_config
-    from crossray.plan import plan_for, plan_text
+    from crossray.plan import load_throughput, plan_for, plan_text
     from crossray.schema import overrides_from
 
-    plan = plan_for(load_config(args.config, overrides_from(args)))
+    throughput = load_throughput(args.throughput) if args.throughput else None
+    plan = plan_for(load_config(args.config, overrides_from(args)), throughput)
     print(json.dumps(plan) if args.json else plan_text(plan))
     return 0
 
@@ -144,6 +145,8 @@ def build_parser(more: Callable[[argparse._SubParsersAction], None] | None = Non
 
     plan = sub.add_parser("plan", help="tokens, bytes, memory and GPU hours of a config, before running it")
     plan.add_argument("config", help="run config (YAML)")
+    plan.add_argument("--throughput", metavar="FILE", help="measured throughputs (JSON: bench/gpu.sh writes "
+                      "$OUT/throughput.json) to plan the GPU hours from, instead of the assumed H100 figures")
     plan.add_argument("--json", action="store_true", help="one JSON object (tokens, activation_bytes, "
                       "disk_bytes, mode, gpu_hours, ...)")
     add_flags(plan, Config)

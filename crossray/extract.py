@@ -81,6 +81,17 @@ class CheckpointSetExtractor:
         self.sequences_run = dict.fromkeys(cfg.revisions, 0)
         """Sequences each checkpoint has run forward (what an extraction costs, counted)."""
 
+    @classmethod
+    def of_models(cls, cfg: ExtractConfig, models: Sequence[LayerModel], device: str | torch.device
+                  ) -> CheckpointSetExtractor:
+        """The extractor over models already on `device` (one per revision of `cfg`): the benchmarks
+        time extraction of random weights of a given shape through this same code."""
+        self = cls.__new__(cls)
+        self.cfg, self.device, self.models = cfg, torch.device(device), list(models)
+        self.d_model = int(self.models[0].model.config.hidden_size)
+        self.sequences_run = dict.fromkeys(cfg.revisions, 0)
+        return self
+
     @torch.inference_mode()
     def __call__(self, tokens_NS: torch.Tensor) -> torch.Tensor:
         out = []

@@ -24,6 +24,10 @@ downloads weights. Formulas (C checkpoints, D = d_model, L latents, N training r
   it for the fp32 (TF32) crosscoder; MFU 0.4 for extraction and evaluation, 0.3 for training (the
   B1/B3 GPU targets). Attribution is left out (minutes at the paper's size). Wall hours divide each
   stage's GPU hours by its GPU count (actors, Train workers).
+- Measured throughputs (`crossray plan --throughput FILE`, the file `bench/gpu.sh` writes, or the
+  user's own) replace rate x MFU: the model FLOP/s one GPU achieved extracting (per compute dtype;
+  evaluation's forward passes use the figure of `evaluate.dtype`) and training (B3 and B1 at the
+  paper's width), counted with the same FLOP formulas, so the hours are those of the measuring GPU.
 
 A study (`study_plan`): the union of its sets' revisions extracted once; every set's crosscoder
 trained by one Train job (its GPU hours the sum of the sets', each worker holding every set's
@@ -104,8 +108,50 @@ def free_bytes(out: str | Path) -> int:
     return shutil.disk_usage(existing).free
 
 
-def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int | None = None) -> dict:
-    """The plan of a configuration (see the module docstring for every formula)."""
+ASSUMED = {"source": "assumed", "device": "H100",
+           "flops_per_s": {"extract": H100_BF16 * MFU["extract"], "train": H100_BF16 / 2 * MFU["train"],
+                           "evaluate": H100_BF16 * MFU["evaluate"]}}
+
+
+def load_throughput(path: str | Path) -> dict:
+    """Measured throughputs from a JSON file: {"device": ..., "extract_flops_per_s": {"bfloat16": ...,
+    "float32": ...}, "train_flops_per_s": ...} (model FLOP/s of one GPU; other fields are kept). A
+    ValueError names the file and what is missing or wrong."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"throughput file {path}: {e}") from None
+    extract = data.get("extract_flops_per_s") if isinstance(data, dict) else None
+    problems = [f"extract_flops_per_s.{k}" for k in ("bfloat16", "float32")
+                if not isinstance(extract, dict) or not _positive(extract.get(k))]
+    if not _positive(data.get("train_flops_per_s") if isinstance(data, dict) else None):
+        problems.append("train_flops_per_s")
+    if problems:
+        raise ValueError(f"throughput file {path} needs positive model FLOP/s in {', '.join(problems)} "
+                         f"(bench/gpu.sh writes them to $OUT/throughput.json)")
+    return {**data, "path": str(path)}
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and x > 0
+
+
+def rates(cfg: Config, throughput: dict | None) -> dict:
+    """Model FLOP/s per GPU of each stage, and where the figures come from."""
+    if throughput is None:
+        return ASSUMED
+    extract = throughput["extract_flops_per_s"]
+    return {"source": throughput["path"], "device": throughput.get("device", "unnamed"),
+            "flops_per_s": {"extract": extract[cfg.extract.compute_dtype],
+                            "train": throughput["train_flops_per_s"],
+                            "evaluate": extract[cfg.evaluate.dtype]}}
+
+
+def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int | None = None,
+              throughput: dict | None = None) -> dict:
+    """The plan of a configuration (see the module docstring for every formula); `throughput`: measured
+    figures (`load_throughput`) instead of the assumed ones."""
     p, e, t = cfg.pipeline, cfg.extract, cfg.train
     C, D, L = len(p.revisions) or p.n_checkpoints, shape.d_model, t.crosscoder.n_latents
     n_seq, seq_len = e.corpus.n_sequences or 0, e.corpus.seq_len
@@ -130,8 +176,8 @@ def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int |
     model_params = shape.n_layers * shape.block_params() + 2 * shape.vocab * D
     flops = {"extract": 2 * prefix * tokens * C, "train": 6 * cc_params * t.n_steps * t.batch_size,
              "evaluate": 4 * model_params * C * cfg.evaluate.eval_sequences * seq_len}
-    rate = {"extract": H100_BF16, "train": H100_BF16 / 2, "evaluate": H100_BF16}
-    gpu_hours = {s: f / (rate[s] * MFU[s]) / 3600 for s, f in flops.items()}
+    rate = rates(cfg, throughput)
+    gpu_hours = {s: f / rate["flops_per_s"][s] / 3600 for s, f in flops.items()}
     gpus = {"extract": max(1, cfg.launch.actors), "train": max(1, cfg.launch.workers),
             "evaluate": 1}
     plan = {"tokens": tokens, "n_checkpoints": C, "d_model": D, "n_latents": L,
@@ -139,20 +185,23 @@ def make_plan(cfg: Config, shape: Shape, free: int | None = None, n_tasks: int |
             "corpus_bytes": (n_seq + cfg.evaluate.eval_sequences) * seq_len * 4,
             "disk": disk, "crosscoder_params": cc_params, "peak_bytes_per_actor": peak_actor,
             "peak_bytes_per_worker": peak_worker, "buffer_bytes_per_worker": buffer, "flops": flops,
-            "gpu_hours": sum(gpu_hours.values()), "gpu_hours_by_stage": gpu_hours,
+            "gpu_hours": sum(gpu_hours.values()), "gpu_hours_by_stage": gpu_hours, "throughput": rate,
             "wall_hours": sum(h / gpus[s] for s, h in gpu_hours.items()),
             "free_bytes": free, "fits": free is None or sum(disk.values()) <= free}
     return plan
 
 
-def plan_for(cfg: Config) -> dict:
-    """The plan of a configuration (a study's: `study_plan`), with the free space at its output folder."""
+def plan_for(cfg: Config, throughput: dict | None = None) -> dict:
+    """The plan of a configuration (a study's: `study_plan`), with the free space at its output folder;
+    `throughput`: measured figures (`load_throughput`) instead of the assumed ones."""
     from crossray.store import run_folder  # (torch: not for the rest of the plan)
 
     p = cfg.pipeline
     shape = model_shape(p.family, (list(p.revisions) or list(p.screen_revisions) or [None])[0])
     free = free_bytes(run_folder(p.out, p.name))
-    return study_plan(cfg, shape, free) if cfg.study.sets else make_plan(cfg, shape, free)
+    if cfg.study.sets:
+        return study_plan(cfg, shape, free, throughput)
+    return make_plan(cfg, shape, free, throughput=throughput)
 
 
 def check_fits(plan: dict, out: str | Path) -> None:
@@ -187,21 +236,30 @@ def plan_text(plan: dict) -> str:
         f"  peak memory: {human(plan['peak_bytes_per_actor'])} per extraction actor, "
         f"{human(plan['peak_bytes_per_worker'])} per Train worker; the corpus's tokens "
         f"{human(plan['corpus_bytes'])} in Ray's object store",
-        f"  compute: {plan['gpu_hours']:.3g} GPU hours on H100s (extract "
+        f"  compute: {plan['gpu_hours']:.3g} GPU hours {_on(plan)} (extract "
         f"{plan['gpu_hours_by_stage']['extract']:.3g}, train {plan['gpu_hours_by_stage']['train']:.3g}), "
         f"about {plan['wall_hours']:.3g} h on the configured GPUs"])
 
 
-def study_plan(cfg: Config, shape: Shape, free: int | None = None) -> dict:
+def _on(plan: dict) -> str:
+    """Where a plan's GPU hours come from, in words."""
+    t = plan["throughput"]
+    if t["source"] == "assumed":
+        return (f"on H100s (assumed: {H100_BF16 / 1e12:.0f} TFLOP/s bf16 at MFU {MFU['extract']} for "
+                f"extraction, {MFU['train']} of half that for training)")
+    return f"on {t['device']} (measured throughputs from {t['source']})"
+
+
+def study_plan(cfg: Config, shape: Shape, free: int | None = None, throughput: dict | None = None) -> dict:
     """A study's plan: the union extraction once, then every set's training and evaluation; beside it
     what the sets would cost run apart (each extracting its own revisions)."""
     from crossray.study import planned_sets, union_config
 
-    union = make_plan(union_config(cfg), shape, free)
+    union = make_plan(union_config(cfg), shape, free, throughput=throughput)
     sets = {}
     for name, revisions in planned_sets(cfg):
         p = dataclasses.replace(cfg.pipeline, revisions=(), n_checkpoints=len(revisions))
-        sets[name] = make_plan(dataclasses.replace(cfg, pipeline=p), shape)
+        sets[name] = make_plan(dataclasses.replace(cfg, pipeline=p), shape, throughput=throughput)
         sets[name]["revisions"] = list(revisions)
     hours = {"extract": union["gpu_hours_by_stage"]["extract"],
              "train": sum(s["gpu_hours_by_stage"]["train"] for s in sets.values()),
@@ -222,7 +280,8 @@ def study_plan(cfg: Config, shape: Shape, free: int | None = None) -> dict:
             "peak_bytes_per_worker": sum(s["peak_bytes_per_worker"] - s["buffer_bytes_per_worker"]
                                          for s in sets.values()) + union["buffer_bytes_per_worker"],
             "gpu_hours": sum(hours.values()), "gpu_hours_by_stage": hours, "gpu_hours_apart": apart,
-            "wall_hours": sum(h / gpus[s] for s, h in hours.items()), "union": union, "sets": sets}
+            "wall_hours": sum(h / gpus[s] for s, h in hours.items()), "throughput": union["throughput"],
+            "union": union, "sets": sets}
 
 
 def study_plan_text(plan: dict) -> str:
@@ -232,7 +291,7 @@ def study_plan_text(plan: dict) -> str:
              f"  disk: {human(plan['disk_bytes'])}; free at the output: {human(plan['free_bytes'])}",
              f"  peak memory: {human(plan['peak_bytes_per_actor'])} per extraction actor, "
              f"{human(plan['peak_bytes_per_worker'])} per Train worker",
-             f"  compute: {plan['gpu_hours']:.3g} GPU hours on H100s (the sets apart: "
+             f"  compute: {plan['gpu_hours']:.3g} GPU hours {_on(plan)} (the sets apart: "
              f"{plan['gpu_hours_apart']:.3g}), about {plan['wall_hours']:.3g} h on the configured GPUs"]
     for name, s in plan["sets"].items():
         lines.append(f"  set {name}: {s['n_checkpoints']} checkpoints, train "

@@ -68,3 +68,25 @@ def test_parquet_run_that_does_not_fit_is_refused_before_any_compute(tmp_path):
     assert last.startswith("crossray: error: this configuration writes") and "free" in last, last
     assert "extract.mode: stream" in last
     assert not (tmp_path / "runs" / "tiny").exists() and "Started a local Ray" not in proc.stderr
+
+
+def test_plan_from_measured_throughputs(tmp_path):
+    """`--throughput FILE`: the GPU hours at the measured model FLOP/s (here half the assumed rates:
+    twice the hours), and the plan says where its figures came from; without it, the assumption."""
+    from crossray.plan import ASSUMED
+
+    rates = ASSUMED["flops_per_s"]
+    path = tmp_path / "throughput.json"
+    path.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3",
+                                "extract_flops_per_s": {"bfloat16": rates["extract"] / 2,
+                                                        "float32": rates["extract"] / 2},
+                                "train_flops_per_s": rates["train"] / 2}))
+    assumed = crossray("plan", "configs/pythia-1b-study.yaml")
+    measured = crossray("plan", "configs/pythia-1b-study.yaml", "--throughput", str(path))
+    assert assumed.returncode == measured.returncode == 0, measured.stderr
+    assert "on H100s (assumed: 790 TFLOP/s bf16" in assumed.stdout
+    assert f"on NVIDIA H100 80GB HBM3 (measured throughputs from {path})" in measured.stdout
+    hours = [float(p.stdout.split("compute: ")[1].split()[0]) for p in (assumed, measured)]
+    assert hours[1] == pytest.approx(2 * hours[0], rel=0.01)
+    missing = crossray("plan", "configs/pythia-1b.yaml", "--throughput", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and "crossray: error: throughput file" in missing.stderr
