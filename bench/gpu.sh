@@ -54,7 +54,8 @@ if [ $tiny = 1 ]; then  # the pipeline only, as small as a whole run gets: one t
             --analysis.context_sequences 8)
 else
     runs=(tiny tiny-study)
-    launch=(--launch.gpus_per_actor 0.25 --launch.gpus_per_worker 0.25)  # 2 actors + 2 workers on one GPU
+    # one GPU: 2 actors of a quarter each and one Train worker of half (two NCCL ranks cannot share a GPU)
+    launch=(--launch.actors 2 --launch.gpus_per_actor 0.25 --launch.workers 1 --launch.gpus_per_worker 0.5)
 fi
 for name in "${runs[@]}"; do
     step "run-$name" 300 "${offline[@]}" "$PY" -m jobs.cli run "configs/$name.yaml" --json \
