@@ -108,7 +108,10 @@ def _json(obj) -> bytes:
 
 def _short_input(value):
     """What a 422 may echo of the input: a prefix of strings, the start and size of lists."""
+    if isinstance(value, bytes):  # (a body FastAPI could not read as JSON)
+        value = value.decode("utf-8", "replace")
     if isinstance(value, str):
+        value = value.encode("utf-8", "replace").decode("utf-8")  # (lone surrogates cannot go out as JSON)
         return value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + f"... ({len(value)} characters)"
     if isinstance(value, list | tuple):
         text = json.dumps(list(value[:8]), default=str)[:ECHO_CHARS]
@@ -204,8 +207,15 @@ def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int
 # -- bodies and errors ------------------------------------------------------------------------------
 
 async def bounded_body(max_body_bytes: int, request: Request, call_next):
-    """Refuse a body over the limit (413) before reading it whole: by its Content-Length, or while a
-    chunked body streams in."""
+    """Refuse a body that is not JSON (415, naming the content type sent: every body here is JSON), and
+    one over the limit (413) before reading it whole: by its Content-Length, or while a chunked body
+    streams in."""
+    if request.method in ("POST", "PUT", "PATCH"):
+        sent = request.headers.get("content-type", "")
+        kind = sent.split(";")[0].strip().lower()
+        if kind != "application/json" and not kind.endswith("+json"):
+            return _error(415, f"the request body must be JSON (content-type application/json), not "
+                               f"{_short_input(sent) if sent else 'a body without a content type'}")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
         return _error(413, f"request body over the limit of {max_body_bytes} bytes")
@@ -225,6 +235,15 @@ def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"detail": errors}, status_code=422)
 
 
+def _not_unicode(request: Request, exc: UnicodeError) -> JSONResponse:
+    """Text holding a lone surrogate (JSON allows the escape, Unicode text does not): 422, the details
+    in the log."""
+    logger.info("refused text on %s: %s", request.url.path, exc)
+    msg = "the text holds a lone surrogate (an unpaired \\ud800-\\udfff escape): not Unicode text"
+    return JSONResponse({"detail": [{"type": "string_unicode", "loc": ["body"], "msg": msg, "input": None}]},
+                        status_code=422)
+
+
 def _internal(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s", request.url.path)
     return _error(500, f"internal error ({type(exc).__name__}); see the service log")
@@ -235,6 +254,7 @@ ERROR_HANDLERS = {
     NotFound: lambda _, exc: _error(404, str(exc.args[0])),
     Unavailable: lambda _, exc: _error(503, str(exc)),
     Unauthorized: lambda _, exc: _error(401, str(exc), {"WWW-Authenticate": "Bearer"}),
+    UnicodeError: _not_unicode,
     ValueError: lambda _, exc: _error(400, str(exc)),
     Exception: _internal,
 }

@@ -195,6 +195,26 @@ def test_bodies_are_bounded(state):
     assert "1500000 items" in r.text
 
 
+def test_every_body_that_is_not_json_text_gets_a_4xx(state, caplog):
+    """A form body (curl -d's default), plain text, or no content type: 415 naming what was sent; a
+    lone surrogate (JSON may escape one, Unicode text may not): 422 with no internal message."""
+    client = TestClient(build_api(state), raise_server_exceptions=False)
+    sent = [("application/x-www-form-urlencoded", b"ids=1"), ("text/plain", b'{"ids": [1]}'),
+            (None, b'{"ids":[1]}')]
+    for kind, body in sent:
+        r = client.post("/runs/fake/features", content=body, headers={"content-type": kind} if kind else {})
+        assert r.status_code == 415, (kind, r.text)
+        assert r.json()["detail"].startswith("the request body must be JSON (content-type application/json)")
+        assert (kind or "without a content type") in r.json()["detail"]
+    assert client.post("/runs/fake/features", content=b'{"ids": [1]}',
+                       headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
+    json_type = {"content-type": "application/json"}
+    surrogates = (("activations", '{"text": "a\\ud800b"}'), ("features", '{"ids": [1], "x": "\\udc00"}'))
+    for path, body in surrogates:
+        r = client.post(f"/runs/fake/{path}", content=body.encode(), headers=json_type)
+        assert r.status_code == 422 and "codec" not in r.text, r.text  # no internal message
+
+
 PAIR = {"clean_prefix": "The dog", "clean_answer": " runs", "patch_answer": " run"}
 
 
