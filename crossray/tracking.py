@@ -337,3 +337,15 @@ def progress_logger(run_id: str, tracking_uri: str | None = None) -> Callable[[d
                                           for k, v in snapshot.items()
                                           if isinstance(v, int | float) and math.isfinite(v)])
     return log
+
+
+def metric_key_problem(key: str) -> str | None:
+    """Why MLflow would refuse `key` as a metric name (its own check), or None."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_metric_name  # (MLflow's rule: no copy of it to drift)
+
+    try:
+        _validate_metric_name(key)
+    except MlflowException as e:
+        return e.message
+    return None

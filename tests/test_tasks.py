@@ -167,3 +167,31 @@ def test_task_file_encoding(tmp_path, toy_tokenizer):
     bad.write_bytes("\n".join(rows[:2]).encode() + b'\n{"sentence_good": "caf\xe9", "sentence_bad": "x"}\n')
     with pytest.raises(TaskError, match=r"latin1.jsonl:3: not valid UTF-8 \(byte 0xe9 at column 23\)"):
         load_task(bad, toy_tokenizer)
+
+
+def test_task_names_are_checked_before_any_compute(toy_dir, tmp_path):
+    """Two task files of one name (in two folders) would merge their rows in every table and share a
+    stage key: refused at validation, naming both; so is a name MLflow cannot use in a metric key."""
+    import shutil
+
+    from crossray.config import load_config
+    from crossray.pipeline.runner import Pipeline
+    from crossray.tasks import TaskError
+    from tests.helpers import light_pipeline_config
+
+    source = toy_dir / "tasks" / "simple_agreement.jsonl"
+    for folder, name in (("dup1", "agree"), ("dup2", "agree"), ("odd", "subj+verb (v2)")):
+        (tmp_path / folder).mkdir()
+        shutil.copy(source, tmp_path / folder / f"{name}.jsonl")
+
+    def validate(*tasks):
+        config = light_pipeline_config(tmp_path, toy_dir, changes={"pipeline.tasks": [str(t) for t in tasks]})
+        Pipeline(load_config(config), backend=None).validate()
+
+    with pytest.raises(TaskError, match=rf"two tasks are named agree: {tmp_path}/dup1/agree.jsonl and "
+                                        rf"{tmp_path}/dup2/agree.jsonl"):
+        validate(tmp_path / "dup1", tmp_path / "dup2")
+    with pytest.raises(TaskError, match=r"task subj\+verb \(v2\) .*cannot name MLflow metrics .*rename"):
+        validate(tmp_path / "odd")
+    validate(tmp_path / "dup1", source)  # distinct names pass
+    assert not (tmp_path / "runs" / "tiny").exists()

@@ -65,7 +65,10 @@ def task_contents(specs: Sequence[str]) -> dict[str, str]:
         if not files:
             out[spec] = f"hub:{spec}"
         for f in files:
-            out[f.name if p.is_dir() else spec] = file_sha256(f)
+            key = f.name if p.is_dir() else spec
+            if key in out:  # two folders' files of one name: never one key for two contents
+                raise ValueError(f"two task files are named {key} ({spec} and an earlier folder): rename one")
+            out[key] = file_sha256(f)
     return out
 
 

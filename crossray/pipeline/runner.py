@@ -128,7 +128,9 @@ class Pipeline:
         from crossray.checkpoints import CheckpointError
         from crossray.extract import check_same_width
         from crossray.models.layer import load_tokenizer
+        from crossray.store import column
         from crossray.tasks import TaskError, load_tasks
+        from crossray.tracking import metric_key_problem
 
         p = self.p
         screened = list(p.screen_revisions) or self.family.available_revisions()
@@ -140,7 +142,15 @@ class Pipeline:
             raise CheckpointError(f"pipeline.n_checkpoints is {p.n_checkpoints} but only {len(screened)} "
                                   f"revisions are screened ({', '.join(screened)})")
         check_same_width(self.family, screened, p.layer)
+        sources: dict[str, str] = {}
         for task in load_tasks(I.task_files(p.tasks, self.family), load_tokenizer(self.family, screened[0])):
+            if task.name in sources:  # its rows would merge with the other's in every table
+                raise TaskError(f"two tasks are named {task.name}: {sources[task.name]} and {task.source} "
+                                f"(a task is named by its file): rename one")
+            sources[task.name] = task.source
+            if problem := metric_key_problem(column("accuracy", task.name)):
+                raise TaskError(f"task {task.name} ({task.source}): its name cannot name MLflow metrics "
+                                f"({problem}): rename the file")
             if not task.examples:
                 raise TaskError(f"task {task.name} ({task.source}): no example with single-token answers "
                                 f"is left (skipped {dict(task.skipped)})")
