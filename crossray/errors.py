@@ -2,8 +2,9 @@
 
 `explain(exc, stage, uri)` walks an exception's causes (Ray wraps remote errors, MLflow wraps HTTP
 ones) to the root and says what failed, where, and what to do; `write_failure_log` keeps the whole
-traceback under the run folder. Bad input is a ValueError caught earlier (exit code 2); what reaches
-here is a failure (exit code 1).
+traceback under the run folder. Bad input is a ValueError caught before any compute, or one of
+`INPUT_ERRORS` found later (exit code 2); everything else, a plain ValueError raised during compute
+among it, is a failure (exit code 1) and reaches here.
 """
 
 from __future__ import annotations
@@ -18,10 +19,33 @@ from typing import Literal
 RESUME = "re-run the same command to resume"
 TEMPORARY = re.compile(r"\.tmp\d*$")
 """Names of crossray's atomic-write temporaries (`store`, `extract.write_shard`)."""
-TRACKING_ERRORS = {"MlflowException", "ConnectionError", "MaxRetryError", "NewConnectionError",
-                   "RestException", "ConnectTimeout", "ReadTimeout"}
+TRACKING_ERRORS = {"ConnectionError", "MaxRetryError", "NewConnectionError", "ConnectTimeout", "ReadTimeout"}
+SERVER_TROUBLE = {"TEMPORARILY_UNAVAILABLE"}
+"""The error code of an MLflow exception that says its server is in trouble (the others, such as
+INVALID_PARAMETER_VALUE, say what it refused; INTERNAL_ERROR is also every client-side default)."""
 RAY_DEATHS = {"ActorDiedError", "WorkerCrashedError", "TrainingFailedError", "ActorUnavailableError",
               "RayActorError", "NodeDiedError", "ControllerError", "WorkerGroupError"}
+
+
+class InputError(ValueError):
+    """Bad input found only once compute has started: exit code 2 (a plain ValueError raised during
+    compute is a failure, with its stage named and its log)."""
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """What counts as bad input when it is raised during compute."""
+    from crossray.checkpoints import CheckpointError
+    from crossray.lock import LockBusy
+    from crossray.tasks import TaskError
+
+    return InputError, CheckpointError, TaskError, LockBusy
+
+
+def _tracking_lost(c: BaseException) -> bool:
+    if type(c).__name__ in TRACKING_ERRORS or "Max retries exceeded" in str(c):
+        return True
+    return type(c).__name__ in ("MlflowException", "RestException") and \
+        getattr(c, "error_code", None) in SERVER_TROUBLE
 
 
 def causes(exc: BaseException) -> list[BaseException]:
@@ -49,9 +73,13 @@ def explain(exc: BaseException, stage: str | None, tracking_uri: str | None = No
             path = m.group(1) or "the output folder"
             return f"no space left on device writing {path}{where}: free space there, then {RESUME}"
     names = {type(c).__name__ for c in chain}
-    if names & TRACKING_ERRORS or any("Max retries exceeded" in str(c) for c in chain):
+    if any(_tracking_lost(c) for c in chain):
         return (f"the MLflow tracking server {tracking_uri or ''} stopped answering{where}: restart it, "
                 f"then {RESUME}")
+    mlflow = [c for c in chain if type(c).__name__ in ("MlflowException", "RestException")]
+    if refused := next(iter(mlflow), None):
+        return (f"MLflow refused what the run sent{where} ({_short(refused)}); {RESUME} once the cause is "
+                f"fixed")
     if names & RAY_DEATHS:
         return f"Ray workers died beyond their retries{where} ({_short(chain[-1])}): {RESUME}"
     return f"{_short(chain[-1])}{where}; {RESUME} once the cause is fixed"

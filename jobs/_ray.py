@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from crossray.cli import error_line
 from crossray.config import add_config_flags, load_config
-from crossray.errors import explain, remove_temporaries, write_failure_log
+from crossray.errors import explain, input_errors, remove_temporaries, write_failure_log
 from crossray.schema import overrides_from
 from rayenv import init_ray
 
@@ -56,11 +56,12 @@ def run_job(parser: argparse.ArgumentParser, argv: list[str] | None, stage: str,
 
 def guarded(work: Callable[[], T], folder: Path, stage: str | Callable[[], str | None],
             tracking_uri: str | None = None) -> tuple[int, T | None]:
-    """(0, work()), or the exit code: 2 with one line for bad input found late (a ValueError, a busy
-    run folder), 1 for a failure (`report_failure`; `stage` may be read at failure time)."""
+    """(0, work()), or the exit code: 2 with one line for bad input found late (`input_errors`: a
+    missing revision, a bad task, a busy folder), 1 for a failure, any other ValueError among them
+    (`report_failure`: the stage named, the traceback logged; `stage` may be read at failure time)."""
     try:
         return 0, work()
-    except ValueError as e:
+    except input_errors() as e:
         error_line(e)
         return 2, None
     except BaseException as e:  # noqa: BLE001 (every failure ends as one line plus a log file)

@@ -40,6 +40,7 @@ from crossray.config import (
     TrainSettings,
     resolve_train,
 )
+from crossray.errors import InputError
 from crossray.extract import Manifest, shuffled_batches
 from crossray.models.crosscoder import Crosscoder
 from crossray.position import RowMarks, StreamPlan, StreamPosition
@@ -237,7 +238,7 @@ def run_train_together(sets: dict[str, SetToTrain], launch: LaunchConfig, storag
         manifest = Manifest.read(data)
         manifest.verify(data)  # a corrupted shard is an error before any worker starts
         if len(manifest.shards) < launch.workers:
-            raise ValueError(f"{data} has {len(manifest.shards)} shards for {launch.workers} workers")
+            raise InputError(f"{data} has {len(manifest.shards)} shards for {launch.workers} workers")
     check_together(sets, launch.workers)
     resources = {"CPU": launch.cpus_per_worker}
     if launch.gpus_per_worker:
@@ -285,7 +286,7 @@ def check_together(sets: dict[str, SetToTrain], workers: int) -> None:
             raise ValueError(f"{len(s.norm_factors)} normalisation factors for "
                              f"{s.cfg.crosscoder.n_checkpoints} checkpoints")
     if lead.batch_size % workers:
-        raise ValueError(f"batch_size {lead.batch_size} is not divisible by {workers} workers")
+        raise InputError(f"batch_size {lead.batch_size} is not divisible by {workers} workers")
 
 
 def _relay_progress(queue, stop: threading.Event, workers: int, on_progress) -> None:

@@ -36,3 +36,43 @@ def test_temporaries_are_removed(tmp_path):
     (tmp_path / "keep.parquet").write_text("whole")
     assert remove_temporaries(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "keep.parquet"]
+
+
+def test_only_a_lost_tracking_server_is_called_one():
+    """MLflow refusing a value (a bad metric name) is said as such; the tracking-server message is kept
+    for a server that stopped answering (its connection errors, or MLflow's own server-trouble codes)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    uri = "http://127.0.0.1:5000"
+    refused = MlflowException("Invalid metric name: 'accuracy/subj+verb (v2)'", INVALID_PARAMETER_VALUE)
+    line = explain(refused, "screen", uri)
+    assert "stopped answering" not in line and "Invalid metric name" in line
+    assert line.startswith("MLflow refused what the run sent in stage screen")
+    lost = MlflowException("API request to /api/2.0/mlflow/runs/log-batch failed with error code 503",
+                           TEMPORARILY_UNAVAILABLE)
+    assert f"tracking server {uri} stopped answering" in explain(lost, "screen", uri)
+
+
+def test_a_failure_during_compute_names_its_stage_and_keeps_its_log(tmp_path, capsys):
+    """Only bad input exits 2 (found before compute, or a late `InputError`, missing revision, bad task
+    or busy folder); a plain ValueError raised while a stage computes is a failure: exit 1, the stage
+    named, the traceback in the run folder's logs."""
+    from crossray.errors import InputError
+    from crossray.tasks import TaskError
+    from jobs._ray import guarded
+
+    def broken():
+        raise ValueError("x and y must have same first dimension")
+
+    code, result = guarded(broken, tmp_path, lambda: "analyse")
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("crossray: error:")]
+    assert (code, result) == (1, None) and "in stage analyse" in line and "x and y must have" in line
+    [log] = (tmp_path / "logs").glob("failure-*.log")
+    assert "ValueError: x and y must have same first dimension" in log.read_text()
+    for late in (InputError("batch_size 255 is not divisible by 2 workers"), TaskError("task t: no example")):
+        def bad_input(late=late):
+            raise late
+
+        assert guarded(bad_input, tmp_path / "other", "train") == (2, None)
+        assert not (tmp_path / "other").exists()  # no failure log for bad input

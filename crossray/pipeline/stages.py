@@ -23,6 +23,7 @@ import torch
 from crossray.attribution import TaskSummary
 from crossray.checkpoints import Family
 from crossray.config import AnalysisConfig, EvaluateConfig, ExtractConfig
+from crossray.errors import InputError
 from crossray.store import CONTEXTS, FEATURES, STAGES, RunLayout, column
 
 logger = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def evaluate(ecfg: ExtractConfig, crosscoder_dir: str, held_out_NS: np.ndarray, 
     from crossray.store import load_crosscoder
 
     if len(held_out_NS) == 0:
-        raise ValueError(f"corpus {ecfg.corpus.label} has no sequence left after the training ones for "
+        raise InputError(f"corpus {ecfg.corpus.label} has no sequence left after the training ones for "
                          f"evaluation (evaluate.eval_sequences {cfg.eval_sequences})")
     held_out = torch.from_numpy(np.asarray(held_out_NS)).long()
     extractor = CheckpointSetExtractor(dataclasses.replace(ecfg, compute_dtype=cfg.dtype), device)
