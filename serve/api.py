@@ -16,7 +16,9 @@ import functools
 import hmac
 import json
 import logging
+import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -34,6 +36,9 @@ from serve import schemas as S
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_PAGE = 500
+CACHE_ENTRIES = 16384
+CACHE_BYTES = 64 * 2**20
+"""The answer cache's bounds per replica: answers, and their encoded bytes."""
 MAX_BODY_BYTES = 1_000_000
 """Default request body limit (413 above it); `build_api(max_body_bytes=...)` changes it."""
 ECHO_CHARS = 80
@@ -126,13 +131,27 @@ class Service:
     """What the routes read, held by the application (`app.state.service`): the loaded runs, the
     bearer token, the live model client and its limits, and the encoded answers of the tables.
 
-    Answers are pure functions of the loaded tables: each is encoded once and its bytes kept
-    (bounded), returned as they are (the response models still document them). Errors are not
-    cached."""
+    Answers are pure functions of the loaded tables: each is encoded once and its bytes kept (at most
+    `CACHE_ENTRIES` answers and `CACHE_BYTES` bytes, least recently used first out), returned as
+    they are (the response models still document them). Errors are not cached."""
 
     def __init__(self, state: ServiceState, token: str | None, live, limits: S.LiveLimits):
         self.state, self.token, self.live, self.limits = state, token, live, limits
-        self.encoded = functools.lru_cache(maxsize=16384)(self._encode)
+        self.cache: OrderedDict[tuple, bytes] = OrderedDict()
+        self.cached_bytes = 0
+
+    def encoded(self, *key) -> bytes:
+        """The answer's bytes, from the bounded cache or encoded now."""
+        if (hit := self.cache.get(key)) is not None:
+            self.cache.move_to_end(key)
+            return hit
+        data = self._encode(*key)
+        self.cache[key] = data
+        self.cached_bytes += len(data)
+        while len(self.cache) > CACHE_ENTRIES or self.cached_bytes > CACHE_BYTES:
+            _, old = self.cache.popitem(last=False)
+            self.cached_bytes -= len(old)
+        return data
 
     def _encode(self, run_id: str, kind: str, *args) -> bytes:
         index = self.state.indexes[run_id]
@@ -190,13 +209,20 @@ studies = APIRouter(prefix="/studies", dependencies=[Depends(authorise)], respon
 
 
 def build_api(state: ServiceState, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-              live=None, limits: S.LiveLimits | None = None) -> FastAPI:
+              live=None, limits: S.LiveLimits | None = None, allowed_hosts: list[str] | None = None
+              ) -> FastAPI:
     """The application: JSON routes under /runs, `/health`, and the page at `/`. `live` (a
-    `serve.model.LiveClient`) answers the live routes; without it they answer 503."""
+    `serve.model.LiveClient`) answers the live routes; without it they answer 503. `allowed_hosts`:
+    the Host headers answered (others get a 400), against DNS rebinding of a workstation's service
+    without a token."""
     api = FastAPI(title="crossray", version="1", summary="Crosscoders across checkpoints: features, "
                   "indirect effects (IE), RelIE and accuracy curves of finished pipeline runs.")
     api.state.service = Service(state, token, live, limits or S.LiveLimits())
     api.middleware("http")(functools.partial(bounded_body, max_body_bytes))
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        api.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     for exc, handler in ERROR_HANDLERS.items():
         api.add_exception_handler(exc, handler)
     for router in (pages, tables, live_routes, studies):
@@ -269,10 +295,12 @@ async def page() -> HTMLResponse:
 
 @pages.get("/health", response_model=S.Health, responses={503: {"model": S.Error}})
 async def health(svc: Svc):
-    """200 once every run is loaded; 503 while loading or when loading failed. `live`: where the live
-    queries compute (the model deployment's device and GPUs), null without the model deployment."""
+    """200 once every run is loaded; 503 while loading or when loading failed. `runs`: the loaded runs
+    (null when the service has a token: /health is open, and run names are data). `live`: where the
+    live queries compute (the model deployment's device and GPUs), null without the model deployment."""
     svc.ready_index()
-    return {"status": "ok", "runs": sorted(svc.state.indexes), "live": await svc.live_info()}
+    runs = None if svc.token else sorted(svc.state.indexes)
+    return {"status": "ok", "runs": runs, "live": await svc.live_info()}
 
 
 @tables.get("", response_model=list[S.RunInfo])
@@ -313,9 +341,21 @@ async def ranking(svc: Svc, run: Run, task: Annotated[str, PathParam(max_length=
                   min_relie: float | None = None, min_abs_ie: float | None = None, selected: bool = False,
                   offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
                   limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50):
-    """Features for a task ranked by RelIE (or |IE|) at a checkpoint, filtered and paginated."""
-    return svc.answer(run, "ranking", task, checkpoint, by, trajectory, group, min_relie, min_abs_ie,
-                      selected, offset, limit)
+    """Features for a task ranked by RelIE (or |IE|) at a checkpoint, filtered and paginated (the
+    minimums to 4 significant digits; NaN is a 422)."""
+    minimums = _minimum("min_relie", min_relie), _minimum("min_abs_ie", min_abs_ie)
+    return svc.answer(run, "ranking", task, checkpoint, by, trajectory, group, *minimums, selected, offset,
+                      limit)
+
+
+def _minimum(name: str, value: float | None) -> float | None:
+    """A float filter as the answer cache keys it: rounded to 4 significant digits; NaN refused."""
+    if value is None:
+        return None
+    if math.isnan(value):
+        raise RequestValidationError([{"type": "finite_number", "loc": ("query", name), "input": None,
+                                       "msg": "a number is needed, not NaN"}])
+    return float(f"{value:.4g}")
 
 
 @tables.get("/{run}/accuracy", response_model=S.Accuracy)

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 class CrosscoderService:
     def __init__(self, runs: list[str], token: str | None = None, cache_dir: str | None = None,
                  tracking_uri: str | None = None, live=None, limits: dict | None = None,
-                 batch_size: int = 16, batch_wait_s: float = 0.02):
+                 batch_size: int = 16, batch_wait_s: float = 0.02, allowed_hosts: list[str] | None = None):
         logging.basicConfig(level=logging.INFO)
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
@@ -59,9 +59,11 @@ class CrosscoderService:
         self.token = token
         self.live = HandleClient(live, batch_size, batch_wait_s) if live is not None else None
         self.limits = LiveLimits(**(limits or {}))
+        self.allowed_hosts = allowed_hosts
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.state, self.token, live=self.live, limits=self.limits)
+        return build_api(self.state, self.token, live=self.live, limits=self.limits,
+                         allowed_hosts=self.allowed_hosts)
 
 
 def build_app(args: dict) -> serve.Application:
@@ -71,10 +73,11 @@ def build_app(args: dict) -> serve.Application:
 
 def make_app(args: dict, live_options: dict | None = None, **options) -> serve.Application:
     """The application from `args`: runs (required), token_env, cache_dir, tracking_uri, live (default
-    true), batch_size, batch_wait_s, limits (`serve.schemas.LiveLimits` fields); `options` are the
-    table deployment's options (num_replicas, ...), `live_options` the model deployment's."""
+    true), batch_size, batch_wait_s, limits (`serve.schemas.LiveLimits` fields), allowed_hosts (the Host
+    headers answered: a workstation's service without a token, safe from DNS rebinding); `options` are
+    the table deployment's options (num_replicas, ...), `live_options` the model deployment's."""
     allowed = {"runs", "token_env", "cache_dir", "tracking_uri", "live", "batch_size", "batch_wait_s",
-               "limits"}
+               "limits", "allowed_hosts"}
     unknown = sorted(set(args) - allowed)
     if unknown:
         raise ValueError(f"unknown serve argument(s) {unknown}; allowed: {sorted(allowed)}")
@@ -104,8 +107,12 @@ def make_app(args: dict, live_options: dict | None = None, **options) -> serve.A
     if args.get("live", True):
         model = LiveModel.options(**live_options) if live_options else LiveModel
         live = model.bind(runs, args.get("cache_dir"), tracking_uri, batch_size)
+    hosts = args.get("allowed_hosts")
+    if hosts is not None and not (isinstance(hosts, list) and all(isinstance(h, str) and h for h in hosts)):
+        raise ValueError("serve argument 'allowed_hosts' must be a list of host names (e.g. [127.0.0.1, "
+                         "localhost])")
     return deployment.bind(runs, token, args.get("cache_dir"), tracking_uri, live, limits, batch_size,
-                           batch_wait_s)
+                           batch_wait_s, hosts)
 
 
 def check_sources(runs: list[str], cache_dir: Path) -> None:
@@ -127,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--token-env", help="environment variable holding a bearer token to require")
+    p.add_argument("--allowed-host", action="append", dest="allowed_hosts",
+                   help="a Host header to answer (repeatable; others get 400): protects a service without "
+                   "a token from DNS rebinding, e.g. --allowed-host 127.0.0.1 --allowed-host localhost")
     default_uri = f"sqlite:///runs/{TRACKING_DB}"  # pipeline.out's default
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", default_uri),
                    help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the pipeline's "
@@ -154,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     mlflow.set_tracking_uri(uri)  # the sources are checked here; the replicas get `uri` passed
     try:
         app = make_app({"runs": args.run, "token_env": args.token_env, "cache_dir": cache,
-                        "tracking_uri": uri, "live": not args.no_live, "batch_size": args.batch_size},
+                        "tracking_uri": uri, "live": not args.no_live, "batch_size": args.batch_size,
+                        "allowed_hosts": args.allowed_hosts},
                        {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": args.live_gpus}},
                        num_replicas=args.replicas)
         check_sources(args.run, Path(cache))

@@ -17,7 +17,7 @@ class LiveDevice(BaseModel):
 
 class Health(BaseModel):
     status: str
-    runs: list[str]
+    runs: list[str] | None = Field(description="the loaded runs (null when the service has a token)")
     live: LiveDevice | None = Field(None, description="the live queries' model deployment (null: none)")
 
 

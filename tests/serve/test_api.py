@@ -97,7 +97,7 @@ def test_routes_answer_from_the_tables(client):
     r = client.get("/runs/fake/tasks/t1/ranking", params={"checkpoint": "step3", "min_relie": 0.5}).json()
     assert [i["feature"] for i in r["items"]] == [0, 2]
     nan = client.get("/runs/fake/tasks/t1/ranking", params={"checkpoint": "step3", "min_relie": "nan"})
-    assert nan.status_code == 200 and nan.json()["total"] == 0
+    assert nan.status_code == 422 and nan.json()["detail"][0]["loc"] == ["query", "min_relie"]  # (was 200)
 
 
 def test_bearer_token(state):
@@ -150,6 +150,8 @@ def test_serve_config_and_builder(fake_run, monkeypatch):
         build_app({"runs": "x"})
     with pytest.raises(ValueError, match=r"batch_size \(got 0\) must be >= 1"):
         build_app({"runs": [str(fake_run)], "batch_size": 0})
+    with pytest.raises(ValueError, match="'allowed_hosts' must be a list of host names"):
+        build_app({"runs": [str(fake_run)], "allowed_hosts": "localhost"})
     monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
     with pytest.raises(ValueError, match="token_env 'NO_SUCH_TOKEN'"):
         build_app({"runs": [str(fake_run)], "token_env": "NO_SUCH_TOKEN"})
@@ -330,3 +332,34 @@ def test_a_query_that_fails_inside_the_model_fails_alone():
     assert out[0] == {"n": 1} and out[4] == {"n": 3} and out[3] == {"tokens": []}
     assert out[1]["error"] == "failed" and "Expected tensor" in out[1]["detail"]
     assert out[2]["error"] == "failed" and out[5]["error"] == "unavailable"
+
+
+def test_the_answer_cache_is_bounded_and_its_keys_normalised(state, monkeypatch):
+    """Each distinct float filter used to add an answer to the cache: they are rounded to 4 significant
+    digits, and the cache holds at most CACHE_ENTRIES answers and CACHE_BYTES bytes."""
+    import serve.api as api
+
+    client = TestClient(build_api(state))
+    service = client.app.state.service
+
+    def ask(x):
+        r = client.get("/runs/fake/tasks/t1/ranking", params={"checkpoint": "step3", "min_relie": x})
+        assert r.status_code == 200
+        return r.json()
+
+    assert ask(0.5) == ask(0.50000001) == ask(0.5000004) and len(service.cache) == 1
+    monkeypatch.setattr(api, "CACHE_BYTES", 3 * service.cached_bytes)
+    for i in range(40):
+        ask(i / 1000)
+    assert 0 < service.cached_bytes <= api.CACHE_BYTES and len(service.cache) <= 3
+
+
+def test_health_keeps_run_names_behind_the_token_and_hosts_can_be_pinned(state):
+    """/health is open: with a token it says ok without the run names. `allowed_hosts` answers only
+    those Host headers (DNS rebinding of a workstation's service without a token)."""
+    guarded = TestClient(build_api(state, token="s3cret")).get("/health")
+    assert guarded.status_code == 200 and guarded.json()["runs"] is None and guarded.json()["status"] == "ok"
+    pinned = TestClient(build_api(state, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1")
+    assert pinned.get("/health").status_code == 200
+    assert pinned.get("/health", headers={"host": "evil.example"}).status_code == 400
+    assert pinned.get("/runs", headers={"host": "evil.example"}).status_code == 400
