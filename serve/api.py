@@ -64,6 +64,8 @@ class ServiceState:
         self.sources, self.cache_dir = list(sources), Path(cache_dir)
         self.indexes: dict[str, RunIndex] = {}
         self.names: dict[str, str] = {}
+        self.origin: dict[str, str] = {}
+        """Each run id's source."""
         self.studies: dict[str, StudyResults] = {}
         self.ready = False
         self.error: str | None = None
@@ -77,6 +79,10 @@ class ServiceState:
                 else:
                     runs = [load_run(source, self.cache_dir)]
                 for run in runs:
+                    if run.id in self.origin:  # two sources, one id: one would silently replace the other
+                        raise ValueError(f"two runs are named {run.id}: {self.origin[run.id]} and {source}; "
+                                         f"serve them from folders of different names")
+                    self.origin[run.id] = source
                     index = RunIndex(run)
                     self.indexes[index.run.id] = index
                     self.names.setdefault(index.run.name, index.run.id)

@@ -119,8 +119,14 @@ def check_sources(runs: list[str], cache_dir: Path) -> None:
     """Resolve every run before deploying, so a wrong id is one error line, not a failing replica."""
     from crossray.results import is_study_folder, load_run, load_study
 
+    origin: dict[str, str] = {}
     for source in runs:
-        load_study(source) if is_study_folder(source) else load_run(source, cache_dir)
+        found = load_study(source)[1] if is_study_folder(source) else [load_run(source, cache_dir)]
+        for run in found:
+            if run.id in origin:
+                raise ValueError(f"two runs are named {run.id}: {origin[run.id]} and {source}; serve them "
+                                 f"from folders of different names")
+            origin[run.id] = source
 
 
 def main(argv: list[str] | None = None) -> int:

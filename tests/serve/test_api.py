@@ -363,3 +363,22 @@ def test_health_keeps_run_names_behind_the_token_and_hosts_can_be_pinned(state):
     assert pinned.get("/health").status_code == 200
     assert pinned.get("/health", headers={"host": "evil.example"}).status_code == 400
     assert pinned.get("/runs", headers={"host": "evil.example"}).status_code == 400
+
+
+def test_two_runs_of_one_name_are_refused_naming_both(tmp_path, capsys):
+    """`--run keep/mini --run other/mini`: one used to replace the other silently."""
+    import shutil
+
+    from jobs.cli import main
+    from tests.serve.conftest import write_fake_run
+
+    first = write_fake_run(tmp_path / "keep" / "mini")
+    second = tmp_path / "other" / "mini"
+    shutil.copytree(first, second)
+    state = ServiceState([str(first), str(second)], tmp_path / "cache")
+    state.load()
+    assert not state.ready and f"two runs are named mini: {first} and {second}" in state.error
+    code = main(["serve", "--run", str(first), "--run", str(second), "--tracking-uri",
+                 f"sqlite:///{tmp_path}/m.db", "--cache-dir", str(tmp_path / "cache")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("crossray: error")]
+    assert code == 2 and f"two runs are named mini: {first} and {second}" in err[0], err
