@@ -44,7 +44,7 @@ def configs(folder: Path, steps: int, sequences: int) -> tuple[Path, list[tuple[
     from crossray.study import planned_sets
 
     sets = []
-    for name, revisions in planned_sets(load_config(study)):
+    for name, revisions in ((s.name, s.revisions) for s in planned_sets(load_config(study))):
         one = {**cfg, "study": {"sets": []}}
         one["pipeline"] = {**cfg["pipeline"], "name": name, "revisions": list(revisions),
                            "n_checkpoints": len(revisions), "out": str(folder / "serial" / name)}

@@ -257,10 +257,10 @@ def study_plan(cfg: Config, shape: Shape, free: int | None = None, throughput: d
 
     union = make_plan(union_config(cfg), shape, free, throughput=throughput)
     sets = {}
-    for name, revisions in planned_sets(cfg):
-        p = dataclasses.replace(cfg.pipeline, revisions=(), n_checkpoints=len(revisions))
-        sets[name] = make_plan(dataclasses.replace(cfg, pipeline=p), shape, throughput=throughput)
-        sets[name]["revisions"] = list(revisions)
+    for s in planned_sets(cfg):  # each set's own config: its overrides (n_latents, ...) counted
+        p = dataclasses.replace(s.config.pipeline, revisions=(), n_checkpoints=len(s.revisions))
+        sets[s.name] = make_plan(dataclasses.replace(s.config, pipeline=p), shape, throughput=throughput)
+        sets[s.name]["revisions"] = list(s.revisions)
     hours = {"extract": union["gpu_hours_by_stage"]["extract"],
              "train": sum(s["gpu_hours_by_stage"]["train"] for s in sets.values()),
              "evaluate": sum(s["gpu_hours_by_stage"]["evaluate"] for s in sets.values())}

@@ -71,6 +71,7 @@ def load_folder(folder: str | Path, run_id: str | None = None, name: str | None 
     folder = Path(folder)
     if not folder.is_dir():
         raise ResultsError(f"{folder} is not a folder")
+    check_finished(folder)
     layout = RunLayout(folder)
     cfg_path = layout.crosscoder / CONFIG
     if not cfg_path.exists():
@@ -95,6 +96,30 @@ def load_folder(folder: str | Path, run_id: str | None = None, name: str | None 
         metrics=json.loads(metrics_path.read_text()) if metrics_path.exists() else {},
         features=_read(layout.features), effects=_read(layout.effects),
         accuracy=accuracy, contexts=contexts, tasks=summary.get("tasks", {}), registered=registered)
+
+
+def check_finished(folder: str | Path) -> None:
+    """Refuse a pipeline folder that is not one finished run: a stage left unfinished (a re-run under
+    way, or interrupted), or one made from another crosscoder or extraction than the one there now (the
+    `after` keys its done file recorded). A folder without done files (tables alone) is not checked."""
+    from crossray.store import DONE, STAGES
+
+    layout = RunLayout(Path(folder))
+    done = {s: json.loads(layout.done(s).read_text()) for s in STAGES if layout.done(s).exists()}
+    if not done:
+        return
+    for stage in ("train", "evaluate", "attribute", "analyse"):
+        if stage not in done:
+            raise ResultsError(f"{folder}: stage {stage} is not finished (no {stage}/{DONE}: a re-run is "
+                               f"under way or was interrupted): serve it once the run has finished")
+    for stage, record in done.items():
+        for up, key in record.get("after", {}).items():
+            if up not in done:
+                continue
+            now = done[up]["result"].get("manifest_key") if up == "extract" else done[up]["key"]
+            if now != key:
+                raise ResultsError(f"{folder}: stage {stage} was made from another {up} (key {key}) than the "
+                                   f"one there now ({now}): re-run the pipeline to finish it before serving")
 
 
 def parent_run_id(ref: str) -> str:

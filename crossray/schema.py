@@ -228,9 +228,14 @@ def _set(data: dict, dotted: str, value: Any) -> None:
 
 
 def _leaf_type(cls: type, dotted: str) -> Any:
+    """The type of field `dotted` of `cls`; a KeyError names an unknown part and the fields allowed there."""
     tp: Any = cls
-    for part in dotted.split("."):
-        tp = typing.get_type_hints(tp)[part]
+    for i, part in enumerate(dotted.split(".")):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            where = ".".join(dotted.split(".")[:i]) or "the config"
+            raise KeyError(f"unknown field {dotted!r}: {where} has {', '.join(sorted(hints)) or 'no fields'}")
+        tp = hints[part]
     return tp
 
 

@@ -82,7 +82,7 @@ def set_config(cfg: Config, name: str, revisions: Sequence[str], overrides: Sequ
         data = apply_overrides(Config, data, pairs)
         return from_dict(Config, data, f"study set {name}:")
     except (ValueError, KeyError) as e:
-        raise ValueError(f"study set {name}: {e}") from None
+        raise ValueError(f"study set {name}: {e.args[0] if isinstance(e, KeyError) else e}") from None
 
 
 def resolve_sets(cfg: Config, selected: Sequence[str], screened: Sequence[str]) -> list[StudySet]:
@@ -101,13 +101,18 @@ def columns(revisions: Sequence[str], union_revisions: Sequence[str]) -> tuple[i
     return tuple(union_revisions.index(r) for r in revisions)
 
 
-def planned_sets(cfg: Config) -> list[tuple[str, tuple[str, ...]]]:
-    """The sets as far as a plan can tell without screening: `adjacent` and `all` expand over
+def planned_sets(cfg: Config) -> list[StudySet]:
+    """The sets as far as a plan can tell without screening, with the checks a run applies to them
+    (their overrides, duplicates, training settings they must share): `adjacent` and `all` expand over
     `pipeline.revisions` when given (else over n_checkpoints placeholders `c1`, `c2`, ...)."""
+    from crossray.train import check_shared
+
     selected = list(cfg.pipeline.revisions) or [f"c{i + 1}" for i in range(cfg.pipeline.n_checkpoints)]
     screened = list(cfg.pipeline.screen_revisions) or selected
     screened += [r for s in cfg.study.sets for r in s.revisions if r not in screened]
-    return [(n, r) for n, r, _ in expand(cfg.study.sets, selected, screened)]
+    sets = resolve_sets(cfg, selected, screened)
+    check_shared({f"study set {s.name}": s.config.train for s in sets})  # trained together
+    return sets
 
 
 def union_config(cfg: Config) -> Config:
@@ -115,7 +120,7 @@ def union_config(cfg: Config) -> Config:
     every set names its revisions, else as many as the plan can tell)."""
     sets = planned_sets(cfg)
     order = list(cfg.pipeline.screen_revisions) or list(cfg.pipeline.revisions)
-    names = list(dict.fromkeys(r for _, revs in sets for r in revs))
+    names = list(dict.fromkeys(r for s in sets for r in s.revisions))
     pinned = [r for r in order if r in names] if all(r in order for r in names) else []
     p = dataclasses.replace(cfg.pipeline, revisions=tuple(pinned), n_checkpoints=max(2, len(names)))
     return dataclasses.replace(cfg, pipeline=p, study=dataclasses.replace(cfg.study, sets=()))

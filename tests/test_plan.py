@@ -90,3 +90,28 @@ def test_plan_from_measured_throughputs(tmp_path):
     assert hours[1] == pytest.approx(2 * hours[0], rel=0.01)
     missing = crossray("plan", "configs/pythia-1b.yaml", "--throughput", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "crossray: error: throughput file" in missing.stderr
+
+
+def test_plan_refuses_a_study_the_run_would_refuse(tmp_path, capsys):
+    """`crossray plan` applies the run's checks to a study's sets, with the same messages, exit 2: an
+    unknown override key (named, with the fields allowed there), a nan learning rate, zero steps, an
+    override of a setting the sets train together with, and a set given twice."""
+    import yaml
+
+    from crossray.cli import main
+
+    base = yaml.safe_load((ROOT / "configs" / "tiny-study.yaml").read_text())
+    path = tmp_path / "study.yaml"
+
+    def plan(sets) -> str:
+        path.write_text(yaml.safe_dump({**base, "study": {"sets": sets}}))
+        assert main(["plan", str(path)]) == 2
+        return capsys.readouterr().err
+
+    odd = {"name": "odd", "revisions": ["step64", "step1000"]}
+    cases = [(["train.nope=1"], "study set odd: unknown field 'train.nope': train has auxk_alpha"),
+             (["train.lr=.nan"], "study set odd:"), (["train.n_steps=0"], "study set odd:"),
+             (["train.batch_size=128"], "study set odd differs in train.batch_size")]
+    for overrides, message in cases:
+        assert message in plan([*base["study"]["sets"], {**odd, "overrides": overrides}]), overrides
+    assert "is given twice" in plan(["adjacent", ["step64", "step128"]])

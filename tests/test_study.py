@@ -68,7 +68,7 @@ def test_the_plan_sees_the_union(tmp_path):
     union = ST.union_config(cfg)
     assert union.pipeline.revisions == ("step64", "step128", "step256", "step1000") and not union.study.sets
     planned = ST.planned_sets(_config(tmp_path, "[adjacent, all]"))
-    assert [revs for _, revs in planned] == [
+    assert [s.revisions for s in planned] == [
         ("step64", "step128"), ("step128", "step256"), ("step256", "step1000"),
         ("step64", "step128", "step256", "step1000")]
 

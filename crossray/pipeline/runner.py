@@ -114,7 +114,7 @@ class Pipeline:
             self.tracker.set_tags({"crossray.device": device})
             self.tracker.log_folder(folder, name)
         write_json_atomic(done, {"key": key, "result": S.to_json(result), "mlflow_run_id": run_id,
-                                 "device": device})
+                                 "device": device, "after": _after(inputs)})
         o.set(name, result, "ran")
         o.devices[name] = device
         self.current = None
@@ -270,6 +270,18 @@ class Pipeline:
         return {"family": self.family.name, "layer": str(self.p.layer),
                 "revisions": ",".join(select.revisions), "n_latents": str(cc.n_latents),
                 "activation": cc.activation, "method": self.p.method}
+
+
+def _after(inputs: dict[str, Any]) -> dict[str, str]:
+    """The finished stages a stage was made from, as their done files name them (the extraction by its
+    manifest key): what `crossray.results.check_finished` compares before a folder is served."""
+    out = {}
+    for value in inputs.values():
+        if isinstance(value, G.Trained | G.Attributed):
+            out["train" if isinstance(value, G.Trained) else "attribute"] = value.key
+        elif isinstance(value, G.Extracted):
+            out["extract"] = value.result.manifest_key
+    return out
 
 
 def _sparsity(train) -> str:

@@ -93,3 +93,24 @@ def test_unchanged_config_reruns_nothing(light_chain):
     test_faults.py.)"""
     summary, _ = light_chain.run_it()
     assert summary["stages"] == _ran()
+
+
+def test_serve_refuses_a_half_rerun_folder(light_chain, tmp_path):
+    """A retrain killed during evaluation leaves the new crosscoder beside the old effects and feature
+    tables: Serve refuses the folder, naming the stage, until the re-run has finished."""
+    import shutil
+
+    from crossray.results import ResultsError, load_folder
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(light_chain.root / "runs" / "tiny", folder)
+    assert load_folder(folder).revisions  # a finished run loads
+    train = json.loads((folder / "train" / "done.json").read_text())
+    (folder / "train" / "done.json").write_text(json.dumps({**train, "key": "0" * 16}))  # another crosscoder
+    evaluate = (folder / "evaluate" / "done.json").read_text()
+    (folder / "evaluate" / "done.json").unlink()  # killed while evaluating it
+    with pytest.raises(ResultsError, match="stage evaluate is not finished"):
+        load_folder(folder)
+    (folder / "evaluate" / "done.json").write_text(evaluate)
+    with pytest.raises(ResultsError, match=r"stage evaluate was made from another train \(key "):
+        load_folder(folder)
