@@ -13,7 +13,8 @@
 #
 #     bash bench/gpu.sh            on a GPU machine, from the repository root
 #     bash bench/gpu.sh --tiny     the same steps at tiny shapes on the CPU, (a) on the pipeline only and
-#                                  expecting the CPU (the suite runs it: tests/test_gpu_script.py)
+#                                  expecting the CPU, beside (b)-(d) rather than before them (timings at
+#                                  tiny shapes mean nothing; the suite runs it: tests/test_gpu_script.py)
 #
 # Python: $PY, else .venv/bin/python, else python3; (a) needs the project's packages (ray, mlflow,
 # transformers), (b) only torch. A step that fails is reported and the others still run; the exit
@@ -28,13 +29,13 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 if [ $tiny = 1 ]; then device=cpu; else device=cuda; fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no GPU"
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } | tee "$out/device.txt"
-status=0
+rm -f "$out/failed.txt"
 started=$SECONDS
 step() {  # name, seconds, command...: stdout to $out/name.out, stderr to $out/name.log
     local name=$1 limit=$2 t0=$SECONDS; shift 2
     echo "== $name"
     if ! timeout "$limit" "$@" > "$out/$name.out" 2> "$out/$name.log"; then
-        status=1; echo "$name FAILED (see $out/$name.log):"; tail -5 "$out/$name.log"
+        echo "$name" >> "$out/failed.txt"; echo "$name FAILED (see $out/$name.log):"; tail -5 "$out/$name.log"
     fi
     echo "   $name: $((SECONDS - t0)) s"
 }
@@ -57,12 +58,15 @@ else
     # one GPU: 2 actors of a quarter each and one Train worker of half (two NCCL ranks cannot share a GPU)
     launch=(--launch.actors 2 --launch.gpus_per_actor 0.25 --launch.workers 1 --launch.gpus_per_worker 0.5)
 fi
-for name in "${runs[@]}"; do
-    step "run-$name" 300 "${offline[@]}" "$PY" -m jobs.cli run "configs/$name.yaml" --json \
-        --pipeline.out "$out/runs" --launch.register_name "gpu-sh-$name" "${launch[@]}"
-    step "devices-$name" 30 "$PY" bench/gpu_summary.py devices "$out/run-$name.out" "$device"
-    cat "$out/devices-$name.out"
-done
+runs_on_the_device() {
+    for name in "${runs[@]}"; do
+        step "run-$name" 300 "${offline[@]}" "$PY" -m jobs.cli run "configs/$name.yaml" --json \
+            --pipeline.out "$out/runs" --launch.register_name "gpu-sh-$name" "${launch[@]}"
+        step "devices-$name" 30 "$PY" bench/gpu_summary.py devices "$out/run-$name.out" "$device"
+        cat "$out/devices-$name.out"
+    done
+}
+if [ $tiny = 1 ]; then runs_on_the_device & runs_pid=$!; else runs_on_the_device; fi
 
 # (b) B1 and B2 at the paper's width (tiny: small shapes)
 bench() {  # name, seconds, command...: the benchmark's JSON in $out/name.json
@@ -95,6 +99,8 @@ for dtype in bfloat16 float32; do
 done
 bench attribution 180 "$PY" bench/b4_attribution.py "${model[@]}" "${attribution[@]}" --steps 10 --no-reference
 
+[ $tiny = 1 ] && wait $runs_pid
+
 # (e) the measured throughputs, and the paper study's plan from them beside the assumed one
 step throughput 30 "$PY" bench/gpu_summary.py throughput "$out"
 for plan in assumed measured; do
@@ -107,5 +113,7 @@ p = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 print(f'   {sys.argv[2]}: {p[\"gpu_hours\"]:.3g} GPU hours', {k: round(v, 3) for k, v in p['gpu_hours_by_stage'].items()},
       'from', p['throughput']['source'], 'on', p['throughput']['device'])" "$out/plan-$plan.out" "$plan" 2>/dev/null
 done
-echo "gpu.sh: $((SECONDS - started)) s, status $status, everything under $out"
+status=0
+[ -s "$out/failed.txt" ] && status=1
+echo "gpu.sh: $((SECONDS - started)) s, status $status$([ $status = 1 ] && echo ", failed: $(tr '\n' ' ' < "$out/failed.txt")"), everything under $out"
 exit $status

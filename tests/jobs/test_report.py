@@ -41,8 +41,8 @@ def test_tiny_config_finds_the_dip_and_agrees_with_ablation(tracked_run, mlflow_
     every toy task, and the MLflow artifact store stays lean: no activation shard, no training state, a
     few MB in all."""
     results, _, summary = tracked_run
-    assert set(summary) == {"run", "method", "mlflow_run_id", "registered", "revisions", "stages", "screen",
-                            "checkpoints", "l0", "dead_latents", "tasks"}
+    assert set(summary) == {"run", "method", "mlflow_run_id", "registered", "revisions", "stages", "devices",
+                            "screen", "checkpoints", "l0", "dead_latents", "tasks"}
     assert summary["method"] == "crossray"
     assert set(summary["checkpoints"][0]) == {"revision", "tokens_seen", "fve", "delta_ce", "ce_recovered",
                                               "delta_ce_skip_pos0", "delta_ce_pos0"}
