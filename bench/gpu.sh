@@ -13,8 +13,7 @@
 #
 #     bash bench/gpu.sh            on a GPU machine, from the repository root
 #     bash bench/gpu.sh --tiny     the same steps at tiny shapes on the CPU, (a) on the pipeline only and
-#                                  expecting the CPU, beside (b)-(d) rather than before them (timings at
-#                                  tiny shapes mean nothing; the suite runs it: tests/test_gpu_script.py)
+#                                  expecting the CPU (the suite runs it: tests/test_gpu_script.py)
 #
 # Python: $PY, else .venv/bin/python, else python3; (a) needs the project's packages (ray, mlflow,
 # transformers), (b) only torch. A step that fails is reported and the others still run; the exit
@@ -66,7 +65,7 @@ runs_on_the_device() {
         cat "$out/devices-$name.out"
     done
 }
-if [ $tiny = 1 ]; then runs_on_the_device & runs_pid=$!; else runs_on_the_device; fi
+runs_on_the_device
 
 # (b) B1 and B2 at the paper's width (tiny: small shapes)
 bench() {  # name, seconds, command...: the benchmark's JSON in $out/name.json
@@ -98,8 +97,6 @@ for dtype in bfloat16 float32; do
     bench "extract_$dtype" 180 "$PY" bench/b3_extract.py "${model[@]}" "${extract[@]}" --dtype "$dtype" --no-reference
 done
 bench attribution 180 "$PY" bench/b4_attribution.py "${model[@]}" "${attribution[@]}" --steps 10 --no-reference
-
-[ $tiny = 1 ] && wait $runs_pid
 
 # (e) the measured throughputs, and the paper study's plan from them beside the assumed one
 step throughput 30 "$PY" bench/gpu_summary.py throughput "$out"
