@@ -317,8 +317,7 @@ def screen(run: StageRun, *, family: Family, checkpoints: dict[str, str], tasks:
     """Accuracy and activations of every screened revision (one unit of work each)."""
     revisions = list(checkpoints)
     texts = S.screen_texts(family, revisions[0], tasks.specs, examples)
-    parts = run.map(S.screen_revision,
-                            [(family, tasks.specs, r, layer, texts, dtype) for r in revisions])
+    parts = run.map(S.screen_revision, [(family, tasks.specs, r, layer, texts, dtype) for r in revisions])
     result, rows = S.combine_screen(revisions, parts)
     log_tasks(run.tracker, tasks, "screening")
     for task, acc in result.accuracy.items():  # step = position in the screened revision list
@@ -375,7 +374,7 @@ def train(run: StageRun, *, data: Extracted, settings: TrainSettings) -> S.Train
     cfg = train_config(data, settings)
     t.log_params(flat_params({"train": to_dict(cfg)}))
     out = run.on("workers").train(cfg, layout.train_storage, f"train-{run.key}", ex.norm_factors, data,
-                            run.progress())
+                                  run.progress())
     t.log_history(out.history)
     if out.stream_position is not None:  # what a restore re-trained, for the record
         write_json_atomic(layout.stream_position, out.stream_position)
@@ -434,7 +433,7 @@ def analyse(run: StageRun, *, attribute: Attributed, screen: Screened, select: S
     ex, ecfg = trained.data.result, trained.data.config
     tokens = run.backend.sequences(ecfg, 0, min(settings.context_sequences, ex.n_sequences))
     [contexts] = run.map(S.top_contexts, [(trained.result.crosscoder, ex, ecfg, settings, tokens,
-                                                   trained.data.columns)])
+                                           trained.data.columns)])
     return S.analyse(run.layout, screen.result, select.result, trained.result, attribute.result, contexts,
                      title)  # (top contexts next to the models; stream mode extracts the scanned ones again)
 
