@@ -221,6 +221,9 @@ def _locked_run(cfg: Config, args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         error_line(e)
         return 2
+    except KeyboardInterrupt:  # (validating thousands of study sets takes a while): nothing started yet
+        error_line("interrupted while checking the configuration; nothing was started")
+        return 1
 
     def work() -> RunOutcome | StudyOutcome:
         init_ray(args.address)

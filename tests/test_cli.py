@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -93,3 +94,23 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+def test_ctrl_c_while_checking_the_configuration_is_one_line(tmp_path, monkeypatch, capsys):
+    """Validation can take a while (a study's thousands of sets); Ctrl-C there ends with one line and
+    exit 1, the run folder's lock released and nothing started."""
+    from crossray.pipeline.runner import Pipeline
+    from jobs.pipeline import main as run_main
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "validate", interrupted)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    code = run_main(["--config", str(config), "--pipeline.out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert [x for x in err.splitlines() if x.startswith("crossray: error:")] == [
+        "crossray: error: interrupted while checking the configuration; nothing was started"]
+    assert not list((tmp_path / "runs").glob("*.lock")) and not (tmp_path / "runs" / "tiny").exists()
