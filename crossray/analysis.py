@@ -198,13 +198,11 @@ def window_scores(crosscoder: Crosscoder, top: TopContexts, batches: Iterable[tu
             hit = ids_sorted[pos] == keys_VkLW
             if not hit.any():
                 continue
-            dev = crosscoder.norm_factors_C.device
-            x = crosscoder.normalise(x_NCD.to(dev).float())
+            x = crosscoder.normalise(x_NCD.to(crosscoder.norm_factors_C.device).float())
             scores_VNL = torch.cat([crosscoder.encode(x, mode="eval")[None],
-                                    checkpoint_contributions(crosscoder.W_enc_CDL, x)])
-            rows = order[pos[hit]]  # only the scores the windows need leave the device
-            picked = scores_VNL[v_idx[hit].to(dev), rows.to(dev), l_idx[hit].to(dev)]
-            out[hit] = picked.float().cpu()
+                                    checkpoint_contributions(crosscoder.W_enc_CDL, x)]).cpu()
+            rows = order[pos[hit]]
+            out[hit] = scores_VNL[v_idx[hit], rows, l_idx[hit]].float()
     return out
 
 
