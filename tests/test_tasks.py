@@ -5,13 +5,14 @@ import os
 
 import pytest
 
-from crossray.accuracy import accuracy_curves
 from crossray.tasks import (
     TaskError,
     blimp_example,
     load_task,
+    load_tasks,
     reduce_to_single_tokens,
     rows_to_task,
+    score_task,
     word_example,
 )
 from tests.conftest import SHARED_BLIMP
@@ -101,27 +102,36 @@ def test_toy_tasks_keep_everything(toy_dir, toy_tokenizer):
 
 
 def test_real_blimp_files_load_and_score(toy_family, toy_tokenizer):
+    """Every real BLiMP agreement file loads whole, each row kept or skipped with a reason (never
+    silently), and scores on a toy checkpoint: the first 64 rows of each (the scoring is the same
+    code at any count: tests/test_screen.py and the runs score whole tasks)."""
+    import dataclasses
+
+    from crossray.models.layer import load_model
+
     if not SHARED_BLIMP.exists():
         if os.environ.get("CI"):  # CI has ../shared beside the clone: the real files must be scored
             pytest.fail(f"{SHARED_BLIMP} is missing in CI")
         pytest.skip("../shared/data/blimp not present")
     files = sorted(SHARED_BLIMP.glob("*.jsonl"))
     assert len(files) == 15
-    for f in files:
-        t = load_task(f, toy_tokenizer)
+    tasks = load_tasks(files, toy_tokenizer)
+    assert [t.name for t in tasks] == [f.stem for f in files]
+    for t in tasks:
         assert len(t.examples) + sum(t.skipped.values()) == t.n_rows == 1000  # nothing silent
         assert len(t.sentences) == 1000
-        if f.stem.endswith("_2") and "irregular_plural" not in f.stem and "adj_irregular_1" not in f.stem:
+        if t.name.endswith("_2") and "irregular_plural" not in t.name and "adj_irregular_1" not in t.name:
             assert t.skipped.get("two_prefix") == 1000
-    rows, tasks = accuracy_curves(toy_family, files, [toy_family.available_revisions()[-1]],
-                                  batch_size=256, device="cpu")
-    print("\nreal BLiMP on the toy family (kept/skipped, prefix and sentence accuracy):")
-    for t in tasks:
-        print(f"  {t.name:50s} kept {len(t.examples):4d} skipped {dict(t.skipped)}")
-    for r in rows:
-        print(f"  {r['revision']:9s} {r['task']:50s} prefix {r['prefix_accuracy']:.3f} "
-              f"sentence {r['sentence_accuracy']:.3f}")
-    assert len(rows) == 15 and all(0 <= r["sentence_accuracy"] <= 1 for r in rows)
+    model = load_model(toy_family, toy_family.available_revisions()[-1], device="cpu")
+    rows = [score_task(model, toy_tokenizer, dataclasses.replace(t, examples=t.examples[:64],
+                                                                 sentences=t.sentences[:64]))
+            for t in tasks]
+    print("\nreal BLiMP on the toy family (kept/skipped, prefix and sentence accuracy of the first 64):")
+    for t, r in zip(tasks, rows, strict=True):
+        print(f"  {t.name:50s} kept {len(t.examples):4d} skipped {dict(t.skipped)} "
+              f"prefix {r['prefix_accuracy']:.3f} sentence {r['sentence_accuracy']:.3f}")
+    assert len(rows) == 15 and all(0 <= r["sentence_accuracy"] <= 1 and r["n_sentence"] == 64 for r in rows)
+    assert all(r["n_prefix"] == min(64, len(t.examples)) for t, r in zip(tasks, rows, strict=True))
 
 
 def test_sentence_scores_do_not_depend_on_the_batch(tmp_path):
