@@ -1,6 +1,8 @@
 """The pipeline against a real `mlflow server` on 127.0.0.1: runs, params, metrics, artifacts,
 registry, lineage; a second run skips every stage; configs and bad input."""
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -78,35 +80,73 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 7
 
 
-def test_stream_mode_writes_no_activation_and_matches_parquet(light_chain, mlflow_server, toy_dir, tmp_path):
-    """The light run's data and settings with `extract.mode: stream`: the extraction actors feed the
-    Train workers, no activation shard is written anywhere, and the held-out FVE is the Parquet run's."""
+@pytest.fixture(scope="module")
+def paper_stream_run(ray_cluster, light_chain, mlflow_server, toy_dir, tmp_path_factory):
+    """`crossray run CONFIG --pipeline.method paper --extract.mode stream --json` (its `main`, on the
+    session's Ray; a run in a process of its own: test_faults.py) on the light run's extraction and
+    training with every toy task: one run for two things, each checked on its own below. The
+    normalisation keeps training's view of position 0 (set explicitly: the paper's default for it
+    is checked in test_config.py), so the crosscoder is the Parquet run's (`light_chain.first`) but
+    for the stream: (summary, run folder, config)."""
+    import signal
+
+    from jobs.cli import main
+
+    tmp_path = tmp_path_factory.mktemp("paper-stream")
+    config = light_pipeline_config(tmp_path, toy_dir, changes={
+        "pipeline.name": "tiny-stream", "pipeline.tasks": ["toy"], "pipeline.screen_examples": 10,
+        "pipeline.screen_revisions": ["step0", "step128", "step1000"], "extract.mode": "stream",
+        "extract.norm_first_position": False, "launch.register_name": "toy-test-stream"})  # toy-test stays
+    handler, previous = signal.getsignal(signal.SIGTERM), mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        try:
+            code = main(["run", str(config), "--pipeline.method", "paper", "--json"])
+        finally:  # the command's SIGTERM handler and MLflow's global URI are not for the rest of the session
+            signal.signal(signal.SIGTERM, handler)
+            mlflow.set_tracking_uri(previous)
+    assert code == 0
+    summary = json.loads(out.getvalue().strip().splitlines()[-1])
+    return summary, tmp_path / "runs" / "tiny-stream", config
+
+
+def test_stream_mode_writes_no_activation_and_matches_parquet(paper_stream_run, light_chain, mlflow_server):
+    """`extract.mode: stream`: the extraction actors feed the Train worker, no activation shard is
+    written anywhere, the held-out FVE is the Parquet run's, and the stream position marks every
+    trained row once: 100 steps of 256 rows are 4.2 epochs of the 6,048 rows, and every item of the
+    first four was trained, but for a shuffle buffer's worth still held at the end. (Two workers
+    and restores: test_train_job.py.)"""
+    from crossray.position import StreamPosition
+
+    summary, folder, config = paper_stream_run
     _, parquet = light_chain.first
-    config = light_pipeline_config(tmp_path, toy_dir)  # the same extraction and training
-    cfg = load_config(config, {"extract.mode": "stream", "pipeline.name": "tiny-stream",
-                               "launch.register_name": "toy-test-stream"})  # toy-test@champion stays
-    mlflow.set_tracking_uri(mlflow_server)
-    outcome = run(cfg, config.name)
-    ex = outcome.extract
-    assert ex.mode == "stream" and ex.acts is None and ex.token_count == parquet.extract.token_count
-    folder = Path(cfg.pipeline.out) / "tiny-stream"
+    extract = json.loads((folder / "extract" / "done.json").read_text())["result"]
+    assert extract["mode"] == "stream" and extract["acts"] is None
+    assert extract["token_count"] == parquet.extract.token_count
     written = [p.relative_to(folder) for p in folder.rglob("*") if p.is_file()]
     assert not [p for p in written if p.parts[0] == "extract" and p.name not in ("done.json", "started.json")]
     assert {p.parts[0] for p in written if p.suffix == ".parquet"} <= {"screen", "attribute", "analyse"}
-    fve = {r: (outcome.evaluate.metrics[f"fve/{r}"], parquet.evaluate.metrics[f"fve/{r}"])
-           for r in outcome.select.revisions}
+    fve = {c["revision"]: (c["fve"], parquet.evaluate.metrics[f"fve/{c['revision']}"])
+           for c in summary["checkpoints"]}
     print(f"\nheld-out FVE, stream and Parquet: "
           f"{ {r: tuple(round(v, 4) for v in f) for r, f in fve.items()} }")
+    assert list(fve) == parquet.select.revisions
     for streamed, stored in fve.values():
         assert streamed == pytest.approx(stored, abs=0.02)
+    position = StreamPosition.from_json(json.loads((folder / "train" / "stream_position.json").read_text()))
+    assert position.rows == 100 * 256 and position.duplicate_rows == 0 and position.restores == 0
+    epoch_items = position.plan.n_blocks  # (the items of one pass over the corpus)
+    assert set(range(4 * epoch_items)) <= position.done | set(position.partial), "an item never came"
+    buffer = load_config(config).train.shuffle_buffer_rows  # what a worker may still hold at the end:
+    assert position.pending_rows() <= buffer + 256 + 2 * position.plan.item_rows(0)  # + a batch, 2 items
     contexts = pd.read_parquet(folder / "analyse" / "tables" / "top_contexts.parquet")
     assert len(contexts) > 100  # the scanned sequences were extracted again
-    client = MlflowClient()
-    parent = client.get_run(outcome.mlflow_run_id)
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(summary["mlflow_run_id"])
     plan = json.loads(Path(client.download_artifacts(parent.info.run_id, "plan.json")).read_text())
     assert plan["mode"] == "stream" and plan["disk"]["activations"] == 0
     children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{outcome.mlflow_run_id}'")
+                                  f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")
     assert {c.data.tags["crossray.stage"] for c in children} >= {"extract", "train"}
     for child in children:  # no activation table and no optimizer state anywhere in MLflow
         stack = [f for f in client.list_artifacts(child.info.run_id)]
@@ -114,6 +154,26 @@ def test_stream_mode_writes_no_activation_and_matches_parquet(light_chain, mlflo
             f = stack.pop()
             assert "acts" not in Path(f.path).parts and not f.path.endswith("train_state.safetensors"), f.path
             stack += client.list_artifacts(child.info.run_id, f.path) if f.is_dir else []
+
+
+def test_the_papers_method_is_the_headline(paper_stream_run, mlflow_server):
+    """`--pipeline.method paper` (what is checked is the method, not the numbers): the summary says
+    so and takes the paper's forms as its headline (ΔCE with position 0 spliced, the 2-way ablation
+    rho), and the parent run records the method and both forms of each."""
+    summary, _, _ = paper_stream_run
+    assert summary["method"] == "paper"
+    assert all(c["delta_ce"] == c["delta_ce_pos0"] and c["delta_ce_skip_pos0"] is not None
+               for c in summary["checkpoints"])
+    rhos = [t for t in summary["tasks"].values() if t["ablation_rho"] is not None]
+    assert rhos and all(t["ablation_rho"] == t["ablation_rho_2way"] and len(t["ablation_rho_pairs"]) == 3
+                        for t in rhos)
+    run = MlflowClient(mlflow_server).get_run(summary["mlflow_run_id"]).data
+    assert run.params["method"] == "paper"
+    for rev in summary["revisions"]:
+        assert {f"delta_ce/{rev}", f"delta_ce_pos0/{rev}"} <= set(run.metrics)
+    assert any(k.startswith("ablation_rho/") for k in run.metrics)
+    assert {k.replace("ablation_rho/", "ablation_rho_2way/") for k in run.metrics
+            if k.startswith("ablation_rho/")} <= set(run.metrics)
 
 
 def test_configs_parse_and_resolve():

@@ -1,4 +1,5 @@
-"""Ray Train: DDP workers match one process, streaming matches Parquet, killed workers restore."""
+"""Ray Train: DDP workers match one process, killed workers restore, a stream resumes exactly. (Stream
+mode against Parquet: tests/jobs/test_pipeline.py.)"""
 
 import dataclasses
 import os
@@ -100,22 +101,6 @@ def test_train_workers_progress_reaches_the_driver_log(parquet_run):
     assert lines and all("steps/s" in line and "tokens/s" in line and "ETA" in line for line in lines)
     assert any("(100%)" not in line for line in lines), lines  # during the run, not only at its end
     assert seen and seen[-1]["steps_per_s"] > 0 and "fve" in seen[-1] and "loss" in seen[-1]
-
-
-def test_streaming_matches_parquet(ray_cluster, parquet_run, toy_extract_cfg, toy_acts, heldout, tmp_path):
-    """400 steps of 256 rows are 8.5 epochs of the 12,096 rows: every epoch streams through one pool of
-    extraction actors (one pass of the Dataset), and the data position marks every trained row once."""
-    prep = prepare(toy_extract_cfg)
-    cfg = _cfg(Manifest.read(toy_acts))
-    stream = row_stream(prep, stream_plan(prep, cfg.n_steps * cfg.batch_size))
-    result = run_train(cfg, LAUNCH, tmp_path, estimate_norms(prep), stream=stream)
-    stream_eval = evaluate(load_crosscoder(crosscoder_dir(result)), heldout)
-    parquet_eval = evaluate(load_crosscoder(crosscoder_dir(parquet_run[0])), heldout)
-    for r in REVS:
-        assert stream_eval[f"fve/{r}"] == pytest.approx(parquet_eval[f"fve/{r}"], abs=0.03)
-    position = stream_position(result)
-    assert position.rows == 400 * 256 and position.duplicate_rows == 0 and position.restores == 0
-    _assert_nothing_skipped(position, 8 * stream.plan.n_blocks, cfg.shuffle_buffer_rows)
 
 
 def _assert_nothing_skipped(position, n_items: int, buffer_rows: int, workers: int = 2) -> None:
