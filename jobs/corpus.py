@@ -10,6 +10,8 @@ Steps (the rules are `crossray.corpus`'s, so one process gives the same sequence
    in parallel, and `preserve_order` keeps the corpus order;
 3. the driver takes the blocks' refs as they come and stops the reading once it has the sequences
    it needs; each block becomes one int32 array in the object store, digested where it lies.
+A small read (at most `DRIVER_BYTES` of tokens: a toy run, a smoke test) is done in the driver with
+the same rules and put in the object store in the same blocks, without Ray Data's start-up.
 The driver holds only refs, offsets and 32 bytes of digest per sequence: at the paper's 400,240
 sequences x 1,024 tokens that is 13 MB, against 1.6 GB of tokens, which stay spread over the nodes'
 object stores (Ray spills them to disk if they do not fit).
@@ -202,12 +204,27 @@ def _read_mixture(ecfg: ExtractConfig, launch: LaunchConfig, wanted: int) -> tup
     return MixedStore(tuple(stores), schedule, wanted, ecfg.corpus.seq_len), mixed.tobytes()
 
 
+DRIVER_BYTES = 4 << 20
+"""A source whose wanted sequences are at most this many token bytes (1M tokens: a second or two to
+tokenise in one process) is read in the driver and put in the object store in blocks: Ray Data's
+start-up (seconds of task and worker start) would cost more than the reading. Larger ones, and a
+whole corpus (`n_sequences: null`), go through Ray Data."""
+
+
 def _read_source(ecfg: ExtractConfig, launch: LaunchConfig, wanted: int | None) -> tuple[TokenStore, bytes]:
     """One source's first `wanted` sequences (all when None) in the object store, and their digests.
 
     The driver iterates the blocks' refs as Ray Data produces them (in corpus order) and stops once
-    it has enough, which cancels the reading; each block is indexed where it lies."""
+    it has enough, which cancels the reading; each block is indexed where it lies. A small read
+    (`DRIVER_BYTES`) is done here, with the same rules, into the same blocks and digests."""
     corpus = ecfg.corpus
+    if wanted is not None and wanted * corpus.seq_len * 4 <= DRIVER_BYTES:
+        ids = head_sequences(ecfg, wanted)
+        assert ids is not None  # DRIVER_BYTES <= HEAD_BYTES
+        rows = max(BLOCK_BYTES // (corpus.seq_len * 4), 1)
+        starts = tuple(range(0, len(ids), rows))
+        refs = tuple(ray.put(np.ascontiguousarray(ids[i:i + rows])) for i in starts)
+        return TokenStore(refs, starts, len(ids), corpus.seq_len), K.sequence_digests(ids)
     indexed, seen = [], 0
     progress = Progress("corpus", wanted or 0, "sequences")
     try:

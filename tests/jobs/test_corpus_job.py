@@ -60,14 +60,23 @@ def test_ray_data_gives_one_process_sequences_and_hash(ray_cluster, toy_dir, toy
     assert len(pickle.dumps(blocks.store)) < tokens.numel() * 4 / 10
 
 
-def test_first_sequences_and_the_held_out_tail(ray_cluster, toy_dir, toy_tokenizer, corpus_folder):
+@pytest.mark.parametrize("where", ["ray data", "driver"])
+def test_first_sequences_and_the_held_out_tail(ray_cluster, toy_dir, toy_tokenizer, corpus_folder, where,
+                                               monkeypatch):
+    """The first sequences and the held-out ones after them, read by Ray Data or (a small read,
+    `DRIVER_BYTES`) in the driver: the same sequences and hash, in blocks of at most BLOCK_BYTES."""
     ecfg = _ecfg(toy_dir, corpus_folder, n_sequences=200)
     tokens, train_hash = load_sequences(ecfg.corpus, toy_tokenizer)
+    monkeypatch.setattr(corpus_job, "BLOCK_BYTES", 4096)  # 32 sequences a block
+    if where == "ray data":
+        monkeypatch.setattr(corpus_job, "DRIVER_BYTES", 0)
     got = corpus_job.read_corpus(ecfg, LaunchConfig(), extra=16)
     assert (got.n_train, got.store.n) == (200, 216) and got.corpus_hash == train_hash
+    assert len(got.store.refs) > 3 and (where == "ray data" or got.store.starts[:3] == (0, 32, 64))
     assert np.array_equal(got.store.get(0, 200), tokens.numpy())
     everything, _ = load_sequences(CorpusConfig(source=str(corpus_folder), seq_len=32), toy_tokenizer)
     assert np.array_equal(got.store.get(200, 216), everything[200:216].numpy())
+    assert np.array_equal(got.store.get(30, 70), everything[30:70].numpy())  # a range across blocks
     # a small head (a reused extraction's context scan) is read in the driver, the same sequences
     assert np.array_equal(corpus_job.head_sequences(ecfg, 216), got.store.get(0, 216))
     assert corpus_job.head_sequences(ecfg, corpus_job.HEAD_BYTES // (32 * 4) + 1) is None
@@ -89,7 +98,8 @@ def test_bad_corpus_files_name_file_and_line(ray_cluster, toy_dir, tmp_path):
         corpus_job.read_corpus(_ecfg(toy_dir, tmp_path / "nowhere.jsonl"))
 
 
-def test_a_mixture_through_ray_data_is_the_one_process_mixture(ray_cluster, toy_dir, toy_tokenizer, tmp_path):
+def test_a_mixture_through_ray_data_is_the_one_process_mixture(ray_cluster, toy_dir, toy_tokenizer, tmp_path,
+                                                               monkeypatch):
     """Each source read as a corpus of its own by Ray Data, interleaved by the schedule: the same
     sequences and hash as one process, the held-out tail after them, and only refs in the driver."""
     from crossray.config import MixtureSource
@@ -102,6 +112,7 @@ def test_a_mixture_through_ray_data_is_the_one_process_mixture(ray_cluster, toy_
                            seq_len=32, n_sequences=240, mixture_seed=3)
     ecfg = ExtractConfig(family=str(toy_dir), revisions=("step0", "step128"), layer=2, corpus=mixture)
     tokens, one_process_hash = load_sequences(mixture, toy_tokenizer)
+    monkeypatch.setattr(corpus_job, "DRIVER_BYTES", 0)  # (a small read is done in the driver)
     got = corpus_job.read_corpus(ecfg, LaunchConfig(), extra=30)
     assert (got.n_train, got.store.n) == (240, 270) and got.corpus_hash == one_process_hash
     assert np.array_equal(got.store.get(0, 240), tokens.numpy())
