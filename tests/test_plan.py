@@ -24,6 +24,16 @@ def crossray(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **cache})
 
 
+def plan(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`crossray plan ARGS` through the command's `main` in this process (the installed command in a
+    bare environment: `crossray` above, once per file), as (exit code, stdout, stderr)."""
+    from crossray.cli import main
+
+    code = main(["plan", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["crossray", "plan", *args], code, out, err)
+
+
 def test_plan_of_the_paper_run_is_about_5_tb_and_streams():
     proc = crossray("plan", "configs/pythia-1b.yaml", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -36,13 +46,14 @@ def test_plan_of_the_paper_run_is_about_5_tb_and_streams():
     assert plan["tokens"] == 409_200_000 and plan["d_model"] == 2048
     assert plan["corpus_bytes"] == 400_240 * 1024 * 4  # the token ids, in Ray's object store
     assert 0.5 < plan["gpu_hours"] < 20 and plan["wall_hours"] < plan["gpu_hours"]
-    # the same config forced to Parquet writes the 5 TB
-    proc = crossray("plan", "configs/pythia-1b.yaml", "--json", "--extract.mode", "parquet")
+
+def test_plan_forced_to_parquet_writes_the_5_tb(capsys):
+    proc = plan(capsys, str(ROOT / "configs" / "pythia-1b.yaml"), "--json", "--extract.mode", "parquet")
     assert json.loads(proc.stdout.strip().splitlines()[-1])["disk_bytes"] > 5e12
 
 
-def test_plan_text_and_auto_mode_on_the_toy(toy_dir):
-    proc = crossray("plan", "configs/tiny.yaml")
+def test_plan_text_and_auto_mode_on_the_toy(toy_dir, capsys):
+    proc = plan(capsys, str(ROOT / "configs" / "tiny.yaml"))
     assert proc.returncode == 0, proc.stderr
     assert "126,000 tokens x 3 checkpoints x d_model 64" in proc.stdout and "mode parquet" in proc.stdout
     cfg = load_config(ROOT / "configs" / "tiny.yaml", {"extract.max_disk_gb": "0.01"})
@@ -70,7 +81,7 @@ def test_parquet_run_that_does_not_fit_is_refused_before_any_compute(tmp_path):
     assert not (tmp_path / "runs" / "tiny").exists() and "Started a local Ray" not in proc.stderr
 
 
-def test_plan_from_measured_throughputs(tmp_path):
+def test_plan_from_measured_throughputs(tmp_path, capsys):
     """`--throughput FILE`: the GPU hours at the measured model FLOP/s (here half the assumed rates:
     twice the hours), and the plan says where its figures came from; without it, the assumption."""
     from crossray.plan import ASSUMED
@@ -81,14 +92,16 @@ def test_plan_from_measured_throughputs(tmp_path):
                                 "extract_flops_per_s": {"bfloat16": rates["extract"] / 2,
                                                         "float32": rates["extract"] / 2},
                                 "train_flops_per_s": rates["train"] / 2}))
-    assumed = crossray("plan", "configs/pythia-1b-study.yaml")
-    measured = crossray("plan", "configs/pythia-1b-study.yaml", "--throughput", str(path))
+    study = str(ROOT / "configs" / "pythia-1b-study.yaml")
+    assumed = plan(capsys, study)
+    measured = plan(capsys, study, "--throughput", str(path))
     assert assumed.returncode == measured.returncode == 0, measured.stderr
     assert "on H100s (assumed: 790 TFLOP/s bf16" in assumed.stdout
     assert f"on NVIDIA H100 80GB HBM3 (measured throughputs from {path})" in measured.stdout
     hours = [float(p.stdout.split("compute: ")[1].split()[0]) for p in (assumed, measured)]
     assert hours[1] == pytest.approx(2 * hours[0], rel=0.01)
-    missing = crossray("plan", "configs/pythia-1b.yaml", "--throughput", str(tmp_path / "none.json"))
+    missing = plan(capsys, str(ROOT / "configs" / "pythia-1b.yaml"), "--throughput",
+                   str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "crossray: error: throughput file" in missing.stderr
 
 
