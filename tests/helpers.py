@@ -93,7 +93,7 @@ def tiny_pipeline_config(tmp_path: Path) -> Path:
 
     cfg = _yaml_config("tiny.yaml")
     cfg["pipeline"]["out"] = str(tmp_path / "runs")
-    cfg["launch"] = {"register_name": "toy-test"}
+    cfg.setdefault("launch", {})["register_name"] = "toy-test"
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -102,8 +102,9 @@ def tiny_pipeline_config(tmp_path: Path) -> Path:
 ONE_OF_EACH = {"actors": 1, "workers": 1, "cpus_per_actor": 1.0, "cpus_per_worker": 1.0}
 """The light runs' launch: one extraction/attribution actor and one Train worker of a whole CPU each.
 On two cores this runs a light pipeline in 2/3 of the time of the default two of each at half a CPU
-(fewer Ray worker processes to start, and tasks that reuse warm workers). Whole runs on the defaults:
-`tracked_run`, and the multi-node rehearsal; the jobs' tests check two actors and DDP workers."""
+(fewer Ray worker processes to start, and tasks that reuse warm workers); configs/tiny.yaml sets the
+same for `make demo` and `tracked_run`. Two actors and two DDP workers: the multi-node rehearsal and
+the jobs' tests (tests/jobs/test_extract_job.py, test_train_job.py, test_attribute_job.py)."""
 
 
 def light_pipeline_config(tmp_path: Path, toy_dir: Path, out: Path | None = None,
