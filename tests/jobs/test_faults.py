@@ -63,7 +63,7 @@ def test_disk_full_during_extraction(toy_dir, tmp_path):
     mnt.mkdir()
     from tests.helpers import light_pipeline_config
 
-    config = light_pipeline_config(tmp_path, toy_dir, mnt)
+    config = light_pipeline_config(tmp_path, toy_dir, mnt, changes=_faster(tmp_path, toy_dir))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("RAY_ADDRESS", None)
     filler = (f"while [ ! -e {mnt}/tiny/extract/started.json ]; do sleep 0.05; done; "
@@ -108,6 +108,16 @@ def _mlflow_server(port: int, root: Path) -> subprocess.Popen:
     raise AssertionError("mlflow server did not start")
 
 
+def _faster(tmp_path: Path, toy_dir: Path) -> dict:
+    """The light run's changes for a fault test, which checks the fault, not the tables: its task cut
+    to its first 40 rows (screening and attribution in a fifth of the time) and only the pinned set
+    screened. Extraction and training stay the light run's, so the crosscoder compares with it."""
+    rows = (toy_dir / "tasks" / "simple_agreement.jsonl").read_text().splitlines()[:40]
+    task = tmp_path / "simple_agreement.jsonl"
+    task.write_text("\n".join(rows) + "\n")
+    return {"pipeline.tasks": [str(task)], "pipeline.screen_revisions": ["step0", "step128", "step1000"]}
+
+
 def _wait(condition, proc: subprocess.Popen, seconds: float, what: str) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline and proc.poll() is None and not condition():
@@ -133,7 +143,8 @@ def test_interrupted_runs_resume(light_chain, toy_dir, tmp_path):
 
     _, reference = light_chain.first
     port, root = free_port(), tmp_path / "mlflow"
-    config = light_pipeline_config(tmp_path, toy_dir, changes={"train.checkpoint_every": 10})
+    config = light_pipeline_config(tmp_path, toy_dir, changes={"train.checkpoint_every": 10,
+                                                               **_faster(tmp_path, toy_dir)})
     folder = tmp_path / "runs" / "tiny"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     env.pop("RAY_ADDRESS", None)
