@@ -11,7 +11,8 @@ Steps (the rules are `crossray.corpus`'s, so one process gives the same sequence
 3. the driver takes the blocks' refs as they come and stops the reading once it has the sequences
    it needs; each block becomes one int32 array in the object store, digested where it lies.
 A small read (at most `DRIVER_BYTES` of tokens: a toy run, a smoke test) is done in the driver with
-the same rules and put in the object store in the same blocks, without Ray Data's start-up.
+the same rules and put in the object store in blocks of at most BLOCK_BYTES, without Ray Data's
+start-up (the same sequences and digests).
 The driver holds only refs, offsets and 32 bytes of digest per sequence: at the paper's 400,240
 sequences x 1,024 tokens that is 13 MB, against 1.6 GB of tokens, which stay spread over the nodes'
 object stores (Ray spills them to disk if they do not fit).
@@ -216,7 +217,8 @@ def _read_source(ecfg: ExtractConfig, launch: LaunchConfig, wanted: int | None) 
 
     The driver iterates the blocks' refs as Ray Data produces them (in corpus order) and stops once
     it has enough, which cancels the reading; each block is indexed where it lies. A small read
-    (`DRIVER_BYTES`) is done here, with the same rules, into the same blocks and digests."""
+    (`DRIVER_BYTES`) is done here, with the same rules: the same sequences and digests, in blocks of at
+    most BLOCK_BYTES."""
     corpus = ecfg.corpus
     if wanted is not None and wanted * corpus.seq_len * 4 <= DRIVER_BYTES:
         ids = head_sequences(ecfg, wanted)
