@@ -75,9 +75,11 @@ def wait_ready(url: str, timeout: float = 90) -> None:
     raise AssertionError(f"{url}/health never answered 200; last: {getattr(last, 'text', last)}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def served(tracked_run, mlflow_server, tmp_path_factory):
-    """(base URL, pipeline results, pipeline folder) with the app deployed as `crossray`."""
+    """(base URL, pipeline results, pipeline folder) with the app deployed as `crossray`; shut down
+    after the last test of tests/serve, so its replicas (1.5 of the session's 2 CPUs) do not idle
+    beside the rest of the suite."""
     from ray import serve
 
     from serve.app import make_app
