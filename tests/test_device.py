@@ -120,7 +120,7 @@ def test_the_pipelines_ray_tasks_hand_their_device_to_the_work(ray_cluster):
     def backend(**launch):
         return RayBackend(SimpleNamespace(launch=LaunchConfig(**launch), evaluate=EvaluateConfig()))
 
-    cpu = backend()  # (half a CPU each, as the launch defaults: the session's Serve may hold the rest)
+    cpu = backend()  # (half a CPU each, as the launch defaults)
     assert cpu.map(where, [(1,), (2,)]) == [((2, "cpu", 1), "cpu"), ((4, "cpu", 1), "cpu")]
     assert cpu.device("actors") == cpu.device("workers") == "cpu"
     gpu = backend(gpus_per_actor=1, gpus_per_worker=0.5)
