@@ -31,7 +31,7 @@ from crossray.progress import Progress
 from crossray.store import EFFECTS, SUMMARY, load_crosscoder, write_tables
 from crossray.tasks import TaskError, load_tasks
 from jobs._ray import job_parser, run_job
-from rayenv import compute_device
+from rayenv import compute_device, torch_worker
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def run_attribute(crosscoder_dir: str | Path, family: Family, task_specs: list[s
                             f"(skipped {dict(t.skipped)})")
     baselines = [AT.task_baseline(t, tokenizer, cfg) for t in tasks]  # a mixed task fails before Ray
     launch = launch or LaunchConfig()
-    remote = ray.remote(num_cpus=launch.cpus_per_actor, num_gpus=launch.gpus_per_actor)(AttributionActor)
+    remote = ray.remote(num_cpus=launch.cpus_per_actor, num_gpus=launch.gpus_per_actor,
+                        runtime_env=torch_worker())(AttributionActor)
     pool_actors = [remote.remote(str(crosscoder_dir), family, revisions, cc.cfg.layer, launch.gpus_per_actor,
                                  cfg.dtype) for _ in range(launch.actors)]
     pool = ActorPool(pool_actors)

@@ -32,6 +32,7 @@ import ray
 from crossray import corpus as K
 from crossray.config import ExtractConfig, LaunchConfig
 from crossray.progress import Progress
+from rayenv import torch_worker
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def head_sequences(ecfg: ExtractConfig, stop: int) -> np.ndarray | None:
     return tokens.numpy().astype(np.int32)
 
 
-@ray.remote(num_returns=2)
+@ray.remote(num_returns=2, runtime_env=torch_worker())
 def _index_block(block, seq_len: int) -> tuple[np.ndarray, bytes]:
     """A block as one int32 array (zero-copy for its readers) and its sequences' digests."""
     from ray.data.block import BlockAccessor
@@ -159,9 +160,10 @@ def sequence_dataset(ecfg: ExtractConfig, launch: LaunchConfig) -> ray.data.Data
     ds.context.execution_options.preserve_order = True
     ds.context.target_max_block_size = BLOCK_BYTES
     # different CPU requests keep Ray from fusing the two steps, so one file is tokenised in parallel
-    ds = ds.map_batches(_read, batch_size=1, fn_kwargs={"cfg": corpus}, num_cpus=0.25)
+    ds = ds.map_batches(_read, batch_size=1, fn_kwargs={"cfg": corpus}, num_cpus=0.25,
+                        runtime_env=torch_worker())
     return ds.map_batches(_tokenize, batch_size=None, fn_kwargs={"ecfg": ecfg},
-                          num_cpus=max(launch.cpus_per_actor, 0.5))
+                          num_cpus=max(launch.cpus_per_actor, 0.5), runtime_env=torch_worker())
 
 
 def _cause(e: BaseException) -> BaseException:

@@ -38,7 +38,7 @@ from crossray.progress import Progress
 from crossray.schema import shallow
 from jobs._ray import job_parser, run_job
 from jobs.corpus import Corpus, TokenStore, read_corpus
-from rayenv import compute_device
+from rayenv import compute_device, torch_worker
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def estimate_norm_policies(prep: Prepared, num_cpus: float = 0.5, num_gpus: floa
     paper's scale would not fit in memory)."""
     n = min(prep.cfg.norm_sequences, prep.n_sequences)
 
-    @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)
+    @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env=torch_worker())
     def task(cfg, store):
         extractor = X.CheckpointSetExtractor(cfg, compute_device(num_gpus))
         parts = []
@@ -166,7 +166,7 @@ def estimate_norm_policies(prep: Prepared, num_cpus: float = 0.5, num_gpus: floa
 
 def _actor_args(launch: LaunchConfig, spread: bool) -> dict:
     args = {"compute": ray.data.ActorPoolStrategy(size=launch.actors), "num_cpus": launch.cpus_per_actor,
-            "max_restarts": -1, "max_task_retries": -1}
+            "max_restarts": -1, "max_task_retries": -1, "runtime_env": torch_worker()}
     if launch.gpus_per_actor:
         args["num_gpus"] = launch.gpus_per_actor
     if spread:

@@ -50,7 +50,7 @@ from jobs import extract as extract_job
 from jobs import train as train_job
 from jobs._ray import error_line, guarded, job_parser, setup_logging
 from jobs.corpus import head_sequences
-from rayenv import compute_device, init_ray, planned_device
+from rayenv import compute_device, init_ray, planned_device, torch_worker
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ class RayBackend:
 
     def map(self, fn: Callable, args: list[tuple]) -> list[tuple[object, str]]:
         gpus = self.launch.gpus_per_actor
-        task = ray.remote(num_cpus=self.launch.cpus_per_actor, num_gpus=gpus)(_call)
+        task = ray.remote(num_cpus=self.launch.cpus_per_actor, num_gpus=gpus,
+                          runtime_env=torch_worker())(_call)
         try:
             return ray.get([task.remote(fn, gpus, *a) for a in args])
         except ray.exceptions.RayTaskError as e:

@@ -48,7 +48,7 @@ from crossray.store import CROSSCODER, STREAM_POSITION, TRAIN_HISTORY
 from crossray.train import Trainer, check_shared, fit_together
 from jobs._ray import job_parser, run_job
 from jobs.extract import RowStream
-from rayenv import task_device, use_assigned_cpus
+from rayenv import task_device, torch_worker, use_assigned_cpus
 
 logger = logging.getLogger(__name__)
 # A Train checkpoint holds the crosscoder (`CROSSCODER`), every metrics row rank 0 logged
@@ -259,7 +259,8 @@ def run_train_together(sets: dict[str, SetToTrain], launch: LaunchConfig, storag
         run_config=RunConfig(name=name or f"crosscoder-{uuid.uuid4().hex[:8]}",
                              storage_path=str(Path(storage).resolve()),
                              failure_config=FailureConfig(max_failures=launch.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env=torch_worker()),
         datasets={"train": stream.dataset} if stream is not None else None,
         # items reach the workers in the plan's order: an item re-extracted after its actor died comes
         # before any later one, so a run trains the plan's leading rows (less what its shuffle buffers

@@ -34,6 +34,7 @@ from crossray.cache import serve_cache_dir
 from crossray.cli import error_line
 from crossray.config import load_config
 from crossray.store import TRACKING_DB, run_folder
+from rayenv import torch_worker
 from serve.api import ServiceState, build_api
 from serve.model import HandleClient, LiveModel
 from serve.schemas import LiveLimits
@@ -41,7 +42,7 @@ from serve.schemas import LiveLimits
 logger = logging.getLogger(__name__)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5, "runtime_env": torch_worker()}, max_ongoing_requests=64)
 @serve.ingress()
 class CrosscoderService:
     def __init__(self, runs: list[str], token: str | None = None, cache_dir: str | None = None,
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         app = make_app({"runs": args.run, "token_env": args.token_env, "cache_dir": cache,
                         "tracking_uri": uri, "live": not args.no_live, "batch_size": args.batch_size,
                         "allowed_hosts": args.allowed_hosts},
-                       {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": args.live_gpus}},
+                       {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": args.live_gpus,
+                                              "runtime_env": torch_worker()}},
                        num_replicas=args.replicas)
         check_sources(args.run, Path(cache))
     except ValueError as e:

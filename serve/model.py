@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from ray import serve
 
 from crossray.errors import query_error
+from rayenv import torch_worker
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _alone(compute: Callable[[dict], dict], body: dict) -> dict:
                            "will not help", "failed")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5, "runtime_env": torch_worker()}, max_ongoing_requests=64)
 class LiveModel:
     def __init__(self, runs: list[str], cache_dir: str | None = None, tracking_uri: str | None = None,
                  max_batch_size: int = 16):

@@ -127,6 +127,25 @@ def test_the_pipelines_ray_tasks_hand_their_device_to_the_work(ray_cluster):
     assert gpu.device("actors") == gpu.device("workers") == "cuda"
 
 
+def test_only_crossrays_workers_import_torch(ray_cluster):
+    """The job's setup hook imports torch (one thread) in the workers `torch_worker` marks, and not in
+    the others, where Ray runs its own actors (a Train run's controller and helpers)."""
+    import ray
+
+    from rayenv import torch_worker
+
+    def probe():  # pickled by value: unpickling it imports no test module (and so no torch)
+        import sys
+
+        torch = sys.modules.get("torch")
+        return torch is not None, torch.get_num_threads() if torch else None
+
+    plain = ray.remote(num_cpus=0.5)(probe)
+    marked = ray.remote(num_cpus=0.5, runtime_env=torch_worker())(probe)
+    assert ray.get(plain.remote()) == (False, None)
+    assert ray.get(marked.remote()) == (True, 1)
+
+
 MODEL_LOADERS = {"load_model", "load_layer_model", "CheckpointSetExtractor", "accuracy_curves",
                  "revision_activations"}
 ALLOWED = {("crossray/cli.py", "load_model")}
