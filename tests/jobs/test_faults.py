@@ -126,7 +126,7 @@ def _wait(condition, proc: subprocess.Popen, seconds: float, what: str) -> None:
 
 
 @pytest.mark.ray
-def test_interrupted_runs_resume(light_chain, toy_dir, tmp_path):
+def test_interrupted_runs_resume(light_chain, ray_address, toy_dir, tmp_path):
     """One run folder through the interruptions a user meets, each followed by the same command:
     1. a second run of the folder while the first holds it is refused at once, naming the holder;
     2. the MLflow server stops after screening: exit 1 with one line saying so;
@@ -146,8 +146,10 @@ def test_interrupted_runs_resume(light_chain, toy_dir, tmp_path):
     config = light_pipeline_config(tmp_path, toy_dir, changes={"train.checkpoint_every": 10,
                                                                **_faster(tmp_path, toy_dir)})
     folder = tmp_path / "runs" / "tiny"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-    env.pop("RAY_ADDRESS", None)
+    # each run a driver joining the session's Ray cluster, as on a shared cluster: a killed driver's
+    # actors and Train workers end with it, the cluster lives on
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+           "RAY_ADDRESS": ray_address}
     cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config)]
     server = _mlflow_server(port, root)
     run = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -172,7 +174,7 @@ def test_interrupted_runs_resume(light_chain, toy_dir, tmp_path):
         run = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
         _wait(lambda: registered_checkpoints(folder / "train" / "ray") >= 1, run, 400, "a checkpoint")
-        kill_tree(run.pid)  # the driver and the local Ray cluster it started, as a crash would
+        kill_tree(run.pid)  # the driver, as a crash would
         run.wait()
         assert not (folder / "train" / "done.json").exists()
         again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)  # 4.

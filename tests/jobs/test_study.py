@@ -38,9 +38,10 @@ class FailOnce:
         return self.backend.attribute(crosscoder, *args, **kwargs)
 
 
-def _killed_while_training(config: Path, cfg) -> None:
-    """`crossray run` of the study in a process of its own (its own local Ray), SIGKILLed with the
-    driver and its Ray once the joint Train job has registered a checkpoint."""
+def _killed_while_training(config: Path, cfg, address: str) -> None:
+    """`crossray run` of the study in a process of its own, a driver joining the session's Ray cluster
+    at `address`, SIGKILLed once the joint Train job has registered a checkpoint (Ray ends the dead
+    driver's actors and Train workers; the cluster lives on, as a shared cluster does)."""
     import os
     import subprocess
     import sys
@@ -49,8 +50,8 @@ def _killed_while_training(config: Path, cfg) -> None:
     from tests.helpers import kill_tree, registered_checkpoints
 
     root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["PYTHONPATH"] = str(root)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PYTHONPATH=str(root), RAY_ADDRESS=address)
     storage = RunLayout.of(cfg.pipeline.out, cfg.pipeline.name).train_storage
     run = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(config)], env=env, cwd=root,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -63,7 +64,7 @@ def _killed_while_training(config: Path, cfg) -> None:
 
 
 @pytest.fixture(scope="module")
-def study(ray_cluster, toy_dir, tmp_path_factory):
+def study(ray_cluster, ray_address, toy_dir, tmp_path_factory):
     """The light toy study killed while training, resumed with its second set failing once in
     attribution, then run again: (config, uri, the resumed outcome, the re-run's outcome)."""
     from jobs.pipeline import RayBackend
@@ -73,7 +74,7 @@ def study(ray_cluster, toy_dir, tmp_path_factory):
     cfg = load_config(config)
     uri = f"sqlite:///{root}/runs/mlflow.db"
     (root / "runs").mkdir(exist_ok=True)
-    _killed_while_training(config, cfg)
+    _killed_while_training(config, cfg, ray_address)
     flaky = FailOnce(RayBackend(cfg), SETS[1])
     first = Study(cfg, flaky, "study.yaml", uri).run()
     again = Study(cfg, RayBackend(cfg), "study.yaml", uri).run()
