@@ -13,7 +13,8 @@
 #
 #     bash bench/gpu.sh            on a GPU machine, from the repository root
 #     bash bench/gpu.sh --tiny     the same steps at tiny shapes on the CPU, (a) on the pipeline only and
-#                                  expecting the CPU (the suite runs it: tests/test_gpu_script.py)
+#                                  expecting the CPU (the suite runs it, its run joining the suite's
+#                                  Ray cluster through RAY_ADDRESS: tests/test_gpu_script.py)
 #
 # Python: $PY, else .venv/bin/python, else python3; (a) needs the project's packages (ray, mlflow,
 # transformers), (b) only torch. A step that fails is reported and the others still run; the exit
@@ -38,8 +39,9 @@ step() {  # name, seconds, command...: stdout to $out/name.out, stderr to $out/n
     fi
     echo "   $name: $((SECONDS - t0)) s"
 }
-offline=()  # Ray inside a loopback-only network namespace (environment.md), where unshare is allowed
-unshare -n true 2>/dev/null && offline=(unshare -n sh -c 'ip link set lo up && exec "$@"' sh)
+offline=()  # Ray inside a loopback-only network namespace (environment.md), where unshare is allowed;
+# with RAY_ADDRESS set the runs join that cluster (the suite's own), whose namespace is the caller's
+[ -z "${RAY_ADDRESS:-}" ] && unshare -n true 2>/dev/null && offline=(unshare -n sh -c 'ip link set lo up && exec "$@"' sh)
 
 # (a) the pipeline and the study, every stage on the device the launch reserves
 if [ $tiny = 1 ]; then  # the pipeline only, as small as a whole run gets: one toy task, 20 steps

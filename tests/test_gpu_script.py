@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 
-def test_gpu_script_in_its_tiny_mode(toy_dir, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    proc = subprocess.run(["bash", "bench/gpu.sh", "--tiny"], cwd=ROOT, env={**env, "OUT": str(tmp_path)},
+def test_gpu_script_in_its_tiny_mode(toy_dir, ray_address, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OUT=str(tmp_path), RAY_ADDRESS=ray_address)  # its run joins the session's cluster
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--tiny"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "FAILED" not in proc.stdout
