@@ -50,11 +50,13 @@ def test_empty_task_file_fails_before_any_compute(toy_dir, tmp_path):
 
 
 @pytest.mark.ray
-def test_disk_full_during_extraction(toy_dir, tmp_path):
+def test_disk_full_during_extraction(toy_dir, ray_address, tmp_path):
     """Out of space while writing shards: exit 1, one line naming the cause and what to do, the
-    traceback in a log file, no temporary file left. The run folder sits on a 40 MB tmpfs mounted in
-    a private mount namespace (root only): room enough for the plan's check before the run, then
-    filled by another writer (all but 256 KB) once the extract stage starts."""
+    traceback in a log file, no temporary file left. The run folder sits on a 40 MB tmpfs (root only):
+    room enough for the plan's check before the run, then filled by another writer (all but 256 KB)
+    once the extract stage starts. In the suite's own namespaces (`scripts/offline`) the tmpfs is
+    mounted there, seen by the session's Ray that the run joins, and gone with the namespace;
+    elsewhere in a private mount namespace of the run's own, with a Ray of its own."""
     import shutil
 
     if os.geteuid() != 0 or shutil.which("unshare") is None:
@@ -65,15 +67,22 @@ def test_disk_full_during_extraction(toy_dir, tmp_path):
 
     config = light_pipeline_config(tmp_path, toy_dir, mnt, changes=_faster(tmp_path, toy_dir))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    env.pop("RAY_ADDRESS", None)
+    own_namespace = os.environ.get("CROSSRAY_OWN_PIDNS") == "1"
+    if own_namespace:
+        env["RAY_ADDRESS"] = ray_address
+    else:
+        env.pop("RAY_ADDRESS", None)
     filler = (f"while [ ! -e {mnt}/tiny/extract/started.json ]; do sleep 0.05; done; "
               f"dd if=/dev/zero of={mnt}/filler bs=1K "
               f"count=$(( $(df --output=avail -k {mnt} | tail -1) - 256 )) 2>/dev/null")
-    script = (f"mount -t tmpfs -o size=40m tmpfs {mnt} || exit 77; ({filler}) & "
+    script = (f"mount -t tmpfs -o size=40m tmpfs {mnt} || exit 77; ({filler}) & filler=$!; "
               f"{sys.executable} -m jobs.pipeline --config {config}; echo rc=$?; "
+              f"kill $filler 2>/dev/null; wait $filler; "
               f"echo temporaries: $(find {mnt} -name '*.tmp*' | wc -l); "
-              f"echo in the log: $(grep -c 'No space left on device' {mnt}/tiny/logs/failure-*.log)")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, cwd=ROOT, capture_output=True,
+              f"echo in the log: $(grep -c 'No space left on device' {mnt}/tiny/logs/failure-*.log); "
+              f"umount {mnt}")
+    prefix = [] if own_namespace else ["unshare", "-m"]
+    proc = subprocess.run([*prefix, "sh", "-c", script], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     if proc.returncode == 77:
         pytest.skip("tmpfs cannot be mounted here")
