@@ -36,6 +36,7 @@ def pytest_sessionstart(session):
     import time
 
     session.config._crossray_started = time.time()
+    _tracking_server(session.config)  # comes up while the tests are collected
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -76,7 +77,7 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_process_outlives_the_suite():
+def _no_process_outlives_the_suite(request):
     """Fails the suite when a process it started is still alive at its end (set up first, so torn
     down last: after the session's Ray cluster, tracking server and Serve have stopped). Stragglers
     get 30 s to exit, then are killed and named."""
@@ -88,6 +89,7 @@ def _no_process_outlives_the_suite():
 
     before = set() if os.environ.get("CROSSRAY_OWN_PIDNS") == "1" else {p.pid for p in psutil.process_iter()}
     yield
+    _tracking_server(request.config).stop()  # (when no test asked for it)
     deadline = time.time() + 30
     while (strays := stray_processes(before)) and time.time() < deadline:
         time.sleep(1)
@@ -202,45 +204,71 @@ def toy_acts(ray_cluster, toy_extract_cfg, tmp_path_factory):
     return out
 
 
+class _TrackingServer:
+    """The session's real tracking server (sqlite backend) on 127.0.0.1, started as pytest starts, so
+    that it comes up while the tests are collected (a single-threaded few seconds that leave the second
+    core idle), and stopped by its PID: by `mlflow_server`'s teardown, or, when no test asked for it,
+    before the check for processes that outlive the suite."""
+
+    def __init__(self, root: Path):
+        import subprocess
+        import sys
+
+        from tests.helpers import free_port
+
+        self.root, port = root, free_port()
+        self.uri = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               "MLFLOW_DISABLE_TELEMETRY": "true"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                                      "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                                      "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    def wait_ready(self, seconds: float = 60) -> bool:
+        import time
+        import urllib.request
+
+        deadline = time.time() + seconds
+        while time.time() < deadline and self.proc.poll() is None:
+            try:
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=1).status == 200:
+                    return True
+            except OSError:
+                time.sleep(0.3)
+        return False
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def _tracking_server(config) -> _TrackingServer:
+    """The session's server, started by the first call (`pytest_sessionstart`'s)."""
+    if getattr(config, "_crossray_mlflow", None) is None:
+        config._crossray_mlflow = _TrackingServer(config._tmp_path_factory.mktemp("mlflow"))
+    return config._crossray_mlflow
+
+
 @pytest.fixture(scope="session")
-def mlflow_root(tmp_path_factory) -> Path:
+def mlflow_root(request) -> Path:
     """The tracking server's folder: its sqlite store, and its artifact store under artifacts/."""
-    return tmp_path_factory.mktemp("mlflow")
+    return _tracking_server(request.config).root
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(mlflow_root):
-    """A real tracking server (sqlite backend), started here and stopped by its PID."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from tests.helpers import free_port
-
-    root = mlflow_root
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
+def mlflow_server(request):
+    """The session's real tracking server (`_TrackingServer`): its URI once it answers."""
+    server = _tracking_server(request.config)
+    if not server.wait_ready():
+        server.stop()
         pytest.fail("mlflow server did not start")
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -22,29 +22,31 @@ logs() {  # why a node did not come up: the tails of the GCS's and the raylets' 
   done
 }
 
-alive() {  # wait up to $2 s until the cluster has $1 alive nodes (the head's dashboard answers too)
-  "$PY" - "http://127.0.0.1:$DASH" "$1" "$2" <<'EOF'
+alive() {  # wait up to $2 s until the cluster has an alive node with the resource node_$1 (the head's
+  # dashboard answers too)
+  "$PY" - "http://127.0.0.1:$DASH" "node_$1" "$2" <<'EOF'
 import sys, time
 from ray.util.state import list_nodes
-want, deadline = int(sys.argv[2]), time.time() + float(sys.argv[3])
+want, deadline = sys.argv[2], time.time() + float(sys.argv[3])
 while time.time() < deadline:
     try:
-        if len(list_nodes(address=sys.argv[1], filters=[("state", "=", "ALIVE")])) >= want:
+        if any(want in n.resources_total for n in list_nodes(address=sys.argv[1],
+                                                             filters=[("state", "=", "ALIVE")])):
             sys.exit(0)
     except Exception:
         pass
-    time.sleep(2)
+    time.sleep(0.5)
 sys.exit(1)
 EOF
 }
 
-start_worker() {  # name, alive nodes once it is up; each attempt its own temp dir (as on its own machine)
+start_worker() {  # name; each attempt its own temp dir (as on its own machine)
   for attempt in 1 2; do
     # shellcheck disable=SC2046
     "$RAY" start --address="127.0.0.1:$GCS" --num-cpus=1 --resources="{\"node_$1\": 1}" \
         --temp-dir="$TEMP/$1$attempt" $(own_ports) > "$TEMP/start-$1-$attempt.log" 2>&1
     # `ray start` gives a raylet a fixed 30 s to register; on a busy machine it may register later
-    alive "$2" 90 && return 0
+    alive "$1" 90 && return 0
     echo "NODE_RETRY $1 (attempt $attempt): $(tail -n 2 "$TEMP/start-$1-$attempt.log" | tr '\n' ' ')"
   done
   echo "NODE_FAILED $1"
@@ -56,13 +58,15 @@ start_worker() {  # name, alive nodes once it is up; each attempt its own temp d
 "$RAY" start --head --port="$GCS" --num-cpus=1 --resources='{"node_head": 1}' --temp-dir="$TEMP" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --disable-usage-stats $(own_ports) \
     > "$TEMP/start-head.log" 2>&1
-if ! alive 1 120; then  # the head, its dashboard up, before the workers add to the load
+if ! alive head 120; then  # the head, its dashboard up, before the workers add to the load
   echo "NODE_FAILED head: $(tail -n 3 "$TEMP/start-head.log" | tr '\n' ' ')"
   logs
   "$RAY" stop --force >/dev/null 2>&1
   exit 1
 fi
-if ! { start_worker a 2 && start_worker b 3; }; then
+start_worker a & a=$!  # the two workers side by side, as two machines would join
+start_worker b & b=$!
+if ! { wait $a && wait $b; }; then
   "$RAY" stop --force >/dev/null 2>&1
   exit 1
 fi

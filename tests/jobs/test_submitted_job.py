@@ -37,7 +37,8 @@ def test_streamed_study_submitted_to_a_three_node_cluster(mlflow_server, toy_dir
     cfg["study"] = {"sets": ["adjacent"]}
     cfg["extract"].update(mode="stream", batch_sequences=48)
     cfg["train"].update(n_steps=60, checkpoint_every=30, metrics_every=30)
-    cfg["launch"] = {"register_name": "toy-multinode", "actors": 2, "workers": 2}
+    # one extraction actor of a whole node (so on a node of its own) and two Train workers of half a CPU
+    cfg["launch"] = {"register_name": "toy-multinode", "actors": 1, "cpus_per_actor": 1.0, "workers": 2}
     config.write_text(yaml.safe_dump(cfg))
     temp = tempfile.mkdtemp(prefix="crj", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
