@@ -83,8 +83,8 @@ def test_pipeline_tracked_in_mlflow(tracked_run, mlflow_server, tmp_path):
 @pytest.fixture(scope="module")
 def paper_stream_run(ray_cluster, light_chain, mlflow_server, toy_dir, tmp_path_factory):
     """`crossray run CONFIG --pipeline.method paper --extract.mode stream --json` (its `main`, on the
-    session's Ray; a run in a process of its own: test_faults.py) on the light run's extraction and
-    training with every toy task: one run for two things, each checked on its own below. The
+    session's Ray; a run in a process of its own: test_faults.py) on the light run's extraction,
+    training and task: one run for two things, each checked on its own below. The
     normalisation keeps training's view of position 0 (set explicitly: the paper's default for it
     is checked in test_config.py), so the crosscoder is the Parquet run's (`light_chain.first`) but
     for the stream: (summary, run folder, config)."""
@@ -94,7 +94,7 @@ def paper_stream_run(ray_cluster, light_chain, mlflow_server, toy_dir, tmp_path_
 
     tmp_path = tmp_path_factory.mktemp("paper-stream")
     config = light_pipeline_config(tmp_path, toy_dir, changes={
-        "pipeline.name": "tiny-stream", "pipeline.tasks": ["toy"], "pipeline.screen_examples": 10,
+        "pipeline.name": "tiny-stream", "pipeline.screen_examples": 10,
         "pipeline.screen_revisions": ["step0", "step128", "step1000"], "extract.mode": "stream",
         "extract.norm_first_position": False, "launch.register_name": "toy-test-stream"})  # toy-test stays
     handler, previous = signal.getsignal(signal.SIGTERM), mlflow.get_tracking_uri()
