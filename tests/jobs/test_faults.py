@@ -134,62 +134,92 @@ def _wait(condition, proc: subprocess.Popen, seconds: float, what: str) -> None:
     assert condition(), f"{what} did not happen (the run ended with {proc.poll()})"
 
 
+@pytest.fixture(scope="module")
+def interrupted(ray_address, toy_dir, tmp_path_factory):
+    """One run folder through the interruptions a user meets, each followed by the same command (the
+    light run's config, checkpointed every 10 steps; each run a driver joining the session's Ray
+    cluster, as on a shared cluster: a killed driver's actors and Train workers end with it, the
+    cluster lives on). Here its first run: a second run of the folder while the first holds it, then
+    the MLflow server stopped after screening. A namespace with the command, its environment, the
+    folder, the server, and what the first two runs did (`first`, `second`); the tests below go on
+    from there, in file order."""
+    import signal
+    import types
+
+    from tests.helpers import free_port, kill_tree, light_pipeline_config
+
+    tmp_path = tmp_path_factory.mktemp("interrupted")
+    port, root = free_port(), tmp_path / "mlflow"
+    config = light_pipeline_config(tmp_path, toy_dir, changes={"train.checkpoint_every": 10,
+                                                               **_faster(tmp_path, toy_dir)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+           "RAY_ADDRESS": ray_address}
+    ns = types.SimpleNamespace(cmd=[sys.executable, "-m", "jobs.pipeline", "--config", str(config)], env=env,
+                               folder=tmp_path / "runs" / "tiny", port=port, root=root)
+    ns.server = _mlflow_server(port, root)
+    run = subprocess.Popen(ns.cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        _wait(lambda: (ns.folder.parent / "tiny.lock").exists(), run, 120, "the lock")
+        # the same command while the first run holds the folder
+        ns.second = subprocess.run(ns.cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        _wait(lambda: (ns.folder / "select" / "done.json").exists(), run, 300, "screening")
+        os.killpg(ns.server.pid, signal.SIGTERM)  # the tracking server goes away
+        ns.server.wait(timeout=30)
+        _, stderr = run.communicate(timeout=300)
+        ns.first = types.SimpleNamespace(pid=run.pid, returncode=run.returncode, stderr=stderr)
+    finally:
+        kill_tree(run.pid)  # (whatever is left of it)
+    yield ns
+    if ns.server.poll() is None:
+        os.killpg(ns.server.pid, signal.SIGTERM)
+        ns.server.wait(timeout=30)
+
+
 @pytest.mark.ray
-def test_interrupted_runs_resume(light_chain, ray_address, toy_dir, tmp_path):
-    """One run folder through the interruptions a user meets, each followed by the same command:
-    1. a second run of the folder while the first holds it is refused at once, naming the holder;
-    2. the MLflow server stops after screening: exit 1 with one line saying so;
-    3. after a restart, the run is SIGKILLed during training;
-    4. the next run takes over the stale lock, closes the killed stage run as KILLED, resumes from
-       the last Ray Train checkpoint, and its crosscoder is as good as the uninterrupted one's (the
-       session's light run: the same data and training, checkpointed every 20 steps, not 10)."""
+def test_a_held_folder_is_refused_and_a_lost_tracking_server_ends_the_run(interrupted):
+    """1. A second run of the folder while the first holds it is refused at once, naming the holder;
+    2. the MLflow server stops after screening: exit 1 with one line saying so."""
+    second, first = interrupted.second, interrupted.first
+    assert second.returncode == 2
+    [line] = [x for x in second.stderr.splitlines() if x.startswith("crossray: error:")]
+    assert f"is in use by pid {first.pid}" in line and "--wait" in line
+    assert first.returncode == 1, first.stderr[-3000:]
+    errors = [x for x in first.stderr.splitlines() if x.startswith("crossray: error:")]
+    assert len(errors) == 1 and "MLflow tracking server" in errors[0] and "restart it" in errors[0], \
+        first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+
+
+@pytest.mark.ray
+def test_a_killed_run_resumes_from_its_last_checkpoint(interrupted, light_chain):
+    """The same folder, its tracking server back: 3. the run is SIGKILLed during training; 4. the
+    next run takes over the stale lock, closes the killed stage run as KILLED, resumes from the last
+    Ray Train checkpoint, and its crosscoder is as good as the uninterrupted one's (the session's light
+    run: the same data and training, checkpointed every 20 steps, not 10)."""
     import json
     import signal
 
     from mlflow import MlflowClient
 
-    from tests.helpers import free_port, kill_tree, light_pipeline_config, registered_checkpoints
+    from tests.helpers import kill_tree, registered_checkpoints
 
     _, reference = light_chain.first
-    port, root = free_port(), tmp_path / "mlflow"
-    config = light_pipeline_config(tmp_path, toy_dir, changes={"train.checkpoint_every": 10,
-                                                               **_faster(tmp_path, toy_dir)})
-    folder = tmp_path / "runs" / "tiny"
-    # each run a driver joining the session's Ray cluster, as on a shared cluster: a killed driver's
-    # actors and Train workers end with it, the cluster lives on
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
-           "RAY_ADDRESS": ray_address}
-    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config)]
-    server = _mlflow_server(port, root)
-    run = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ns = interrupted
+    folder = ns.folder
+    ns.server = _mlflow_server(ns.port, ns.root)  # 3. back; the same command, SIGKILLed while training
+    run = subprocess.Popen(ns.cmd, env=ns.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     try:
-        _wait(lambda: (folder.parent / "tiny.lock").exists(), run, 120, "the lock")
-        # 1. the same command while the first run holds the folder: refused, not waiting
-        second = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2
-        [line] = [x for x in second.stderr.splitlines() if x.startswith("crossray: error:")]
-        assert f"is in use by pid {run.pid}" in line and "--wait" in line
-        _wait(lambda: (folder / "select" / "done.json").exists(), run, 300, "screening")
-        os.killpg(server.pid, signal.SIGTERM)  # 2. the tracking server goes away
-        server.wait(timeout=30)
-        _, stderr = run.communicate(timeout=300)
-        assert run.returncode == 1, stderr[-3000:]
-        errors = [x for x in stderr.splitlines() if x.startswith("crossray: error:")]
-        assert len(errors) == 1 and "MLflow tracking server" in errors[0] and "restart it" in errors[0], \
-            stderr[-3000:]
-        assert "Traceback" not in stderr
-        server = _mlflow_server(port, root)  # 3. back; the same command, SIGKILLed while training
-        run = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
         _wait(lambda: registered_checkpoints(folder / "train" / "ray") >= 1, run, 400, "a checkpoint")
         kill_tree(run.pid)  # the driver, as a crash would
         run.wait()
         assert not (folder / "train" / "done.json").exists()
-        again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)  # 4.
+        # 4. the same command again
+        again = subprocess.run(ns.cmd, env=ns.env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stderr[-3000:]
         assert "taking over the stale lock" in again.stderr and "FVE" in again.stdout
-        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        client = MlflowClient(ns.env["MLFLOW_TRACKING_URI"])
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert not [r for r in runs if r.info.status == "RUNNING"]  # every run ended
         stages = {}
@@ -199,8 +229,8 @@ def test_interrupted_runs_resume(light_chain, ray_address, toy_dir, tmp_path):
         assert stages["extract"].count("FINISHED") == 1, stages
     finally:
         kill_tree(run.pid)  # (whatever is left of it)
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        os.killpg(ns.server.pid, signal.SIGTERM)
+        ns.server.wait(timeout=30)
     train = json.loads((folder / "train" / "done.json").read_text())["result"]["final"]
     assert train["step"] == 100 and 10 <= train["resumed_from_step"] < 100
     evaluate = json.loads((folder / "evaluate" / "done.json").read_text())["result"]
