@@ -66,7 +66,7 @@ def _killed_while_training(config: Path, cfg, address: str) -> None:
 @pytest.fixture(scope="module")
 def study(ray_cluster, ray_address, toy_dir, tmp_path_factory):
     """The light toy study killed while training, resumed with its second set failing once in
-    attribution, then run again: (config, uri, the resumed outcome, the re-run's outcome)."""
+    attribution: (config, uri, the resumed outcome). Its re-run: `rerun`."""
     from jobs.pipeline import RayBackend
 
     root = tmp_path_factory.mktemp("study")
@@ -77,12 +77,20 @@ def study(ray_cluster, ray_address, toy_dir, tmp_path_factory):
     _killed_while_training(config, cfg, ray_address)
     flaky = FailOnce(RayBackend(cfg), SETS[1])
     first = Study(cfg, flaky, "study.yaml", uri).run()
-    again = Study(cfg, RayBackend(cfg), "study.yaml", uri).run()
-    return cfg, uri, first, again
+    return cfg, uri, first
+
+
+@pytest.fixture(scope="module")
+def rerun(study):
+    """The resumed study run again: the re-run's outcome."""
+    from jobs.pipeline import RayBackend
+
+    cfg, uri, _ = study
+    return Study(cfg, RayBackend(cfg), "study.yaml", uri).run()
 
 
 def test_a_failed_set_is_reported_and_the_others_finish(study):
-    _, _, first, _ = study
+    _, _, first = study
     summary = study_summary(first)
     assert list(summary["sets"]) == SETS and summary["failed"] == [SETS[1]]
     assert summary["sets"][SETS[1]]["status"] == "failed" and "attribution actor died" in \
@@ -98,15 +106,14 @@ def test_a_failed_set_is_reported_and_the_others_finish(study):
 
 
 def test_the_killed_study_resumed_every_set_from_the_joint_checkpoint(study):
-    _, _, first, _ = study
+    _, _, first = study
     for name in (SETS[0], *SETS[2:]):
         final = first.sets[name].train.final
         assert final["resumed_from_step"] > 0 and final["step"] == 120, final
 
 
-def test_the_rerun_reuses_the_finished_sets_and_retries_the_failed_one(study):
-    _, _, _, again = study
-    summary = study_summary(again)
+def test_the_rerun_reuses_the_finished_sets_and_retries_the_failed_one(rerun):
+    summary = study_summary(rerun)
     assert summary["failed"] == [] and summary["stages"] == dict.fromkeys(("screen", "select", "extract"),
                                                                            "reused")
     stages = {name: s["stages"] for name, s in summary["sets"].items()}
@@ -115,8 +122,8 @@ def test_the_rerun_reuses_the_finished_sets_and_retries_the_failed_one(study):
     json.dumps(summary)  # what `crossray run --json` prints
 
 
-def test_each_revision_is_extracted_once_for_every_set(study):
-    cfg, _, _, again = study
+def test_each_revision_is_extracted_once_for_every_set(study, rerun):
+    (cfg, _, _), again = study, rerun
     layout = RunLayout.of(cfg.pipeline.out, cfg.pipeline.name)
     manifest = Manifest.read(layout.acts)
     assert manifest.revisions == again.revisions == ["step64", "step128", "step256", "step1000"]
@@ -131,8 +138,8 @@ def test_each_revision_is_extracted_once_for_every_set(study):
                                             for r in name.split("-")]
 
 
-def test_the_comparison_tables_and_report(study, tmp_path):
-    cfg, _, _, again = study
+def test_the_comparison_tables_and_report(study, rerun, tmp_path):
+    (cfg, _, _), again = study, rerun
     layout = RunLayout.of(cfg.pipeline.out, cfg.pipeline.name)
     timeline = {(r["set"], r["revision"]): r for r in again.comparison["timeline"]}
     assert set(timeline) == {(n, r) for n in SETS for r in n.split("-")}
@@ -155,8 +162,8 @@ def test_the_comparison_tables_and_report(study, tmp_path):
         browser.screenshot(ARTIFACTS / "study.png")
 
 
-def test_mlflow_holds_the_study_above_its_sets(study):
-    _, uri, _, again = study
+def test_mlflow_holds_the_study_above_its_sets(study, rerun):
+    (_, uri, _), again = study, rerun
     client = MlflowClient(uri)
     run = client.get_run(again.mlflow_run_id)
     assert "IE mass per checkpoint (timeline)" in run.data.tags["mlflow.note.content"]
@@ -178,7 +185,7 @@ def test_mlflow_holds_the_study_above_its_sets(study):
     assert served.accuracy.exists() and served.effects.exists()
 
 
-def test_serve_lists_the_study_and_the_page_switches_sets(study, tmp_path):
+def test_serve_lists_the_study_and_the_page_switches_sets(study, rerun, tmp_path):
     """A study folder served: every set is a run, /studies gives the comparison, the page shows the
     timeline and switches between the study's sets."""
     import threading
@@ -189,7 +196,7 @@ def test_serve_lists_the_study_and_the_page_switches_sets(study, tmp_path):
     from serve.api import ServiceState, build_api
     from tests.helpers import free_port
 
-    cfg, _, _, again = study
+    (cfg, _, _), again = study, rerun
     folder = RunLayout.of(cfg.pipeline.out, cfg.pipeline.name).root
     state = ServiceState([str(folder)], tmp_path / "cache")
     state.load()
@@ -221,14 +228,14 @@ def test_serve_lists_the_study_and_the_page_switches_sets(study, tmp_path):
         thread.join(timeout=10)
 
 
-def test_a_set_is_served_from_mlflow_alone(study, tmp_path):
+def test_a_set_is_served_from_mlflow_alone(study, rerun, tmp_path):
     """A set's MLflow run (or its registered crosscoder) loads like a plain run's: its own stages
     from its run, the shared ones from the study's."""
     import mlflow
 
     from crossray.results import load_run
 
-    _, uri, _, again = study
+    (_, uri, _), again = study, rerun
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
