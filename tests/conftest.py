@@ -204,53 +204,14 @@ def toy_acts(ray_cluster, toy_extract_cfg, tmp_path_factory):
     return out
 
 
-class _TrackingServer:
-    """The session's real tracking server (sqlite backend) on 127.0.0.1, started as pytest starts, so
-    that it comes up while the tests are collected (a single-threaded few seconds that leave the second
-    core idle), and stopped by its PID: by `mlflow_server`'s teardown, or, when no test asked for it,
-    before the check for processes that outlive the suite."""
+def _tracking_server(config):
+    """The session's tracking server (`tests.helpers.TrackingServer`), started as pytest starts (so it
+    comes up while the tests are collected) by the first call (`pytest_sessionstart`'s), and stopped by
+    `mlflow_server`'s teardown, or, when no test asked for it, before the stray-process check."""
+    from tests.helpers import TrackingServer
 
-    def __init__(self, root: Path):
-        import subprocess
-        import sys
-
-        from tests.helpers import free_port
-
-        self.root, port = root, free_port()
-        self.uri = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-               "MLFLOW_DISABLE_TELEMETRY": "true"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                                      "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                                      "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-
-    def wait_ready(self, seconds: float = 60) -> bool:
-        import time
-        import urllib.request
-
-        deadline = time.time() + seconds
-        while time.time() < deadline and self.proc.poll() is None:
-            try:
-                if urllib.request.urlopen(f"{self.uri}/health", timeout=1).status == 200:
-                    return True
-            except OSError:
-                time.sleep(0.3)
-        return False
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=30)
-
-
-def _tracking_server(config) -> _TrackingServer:
-    """The session's server, started by the first call (`pytest_sessionstart`'s)."""
     if getattr(config, "_crossray_mlflow", None) is None:
-        config._crossray_mlflow = _TrackingServer(config._tmp_path_factory.mktemp("mlflow"))
+        config._crossray_mlflow = TrackingServer(config._tmp_path_factory.mktemp("mlflow"))
     return config._crossray_mlflow
 
 
@@ -262,7 +223,7 @@ def mlflow_root(request) -> Path:
 
 @pytest.fixture(scope="session")
 def mlflow_server(request):
-    """The session's real tracking server (`_TrackingServer`): its URI once it answers."""
+    """The session's real tracking server: its URI once it answers."""
     server = _tracking_server(request.config)
     if not server.wait_ready():
         server.stop()

@@ -289,6 +289,46 @@ def stray_processes(started_before: set[int]) -> list:
     return out
 
 
+class TrackingServer:
+    """A real tracking server (sqlite backend under `root`, artifacts in root/artifacts) on 127.0.0.1
+    at `port` (a free one when None), started here and stopped by its PID."""
+
+    def __init__(self, root: Path, port: int | None = None):
+        import subprocess
+        import sys
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.port = root, port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               "MLFLOW_DISABLE_TELEMETRY": "true"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                                      "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    def wait_ready(self, seconds: float = 60) -> bool:
+        import time
+        import urllib.request
+
+        deadline = time.time() + seconds
+        while time.time() < deadline and self.proc.poll() is None:
+            try:
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=1).status == 200:
+                    return True
+            except OSError:
+                time.sleep(0.3)
+        return False
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
 def light_study_config(tmp_path: Path, toy_dir: Path, out: Path | None = None) -> Path:
     """configs/tiny-study.yaml as small as a study gets: one task, the four revisions screened,
     96 sequences, 120 steps of a 64-latent crosscoder per set (checkpoints every 10: a kill lands

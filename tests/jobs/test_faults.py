@@ -97,24 +97,15 @@ def test_disk_full_during_extraction(toy_dir, ray_address, tmp_path):
     assert "in the log: 0" not in proc.stdout and "in the log: " in proc.stdout  # the real error, kept
 
 
-def _mlflow_server(port: int, root: Path) -> subprocess.Popen:
-    """A tracking server on 127.0.0.1 (sqlite), started here; the caller stops it by its PID."""
-    import httpx
+def _mlflow_server(root: Path, port: int | None = None):
+    """A tracking server on 127.0.0.1 (at `port`: the same one again after a restart), answering."""
+    from tests.helpers import TrackingServer
 
-    root.mkdir(exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise AssertionError("mlflow server did not start")
+    server = TrackingServer(root, port)
+    if not server.wait_ready():
+        server.stop()
+        raise AssertionError("mlflow server did not start")
+    return server
 
 
 def _faster(tmp_path: Path, toy_dir: Path) -> dict:
@@ -143,20 +134,18 @@ def interrupted(ray_address, toy_dir, tmp_path_factory):
     the MLflow server stopped after screening. A namespace with the command, its environment, the
     folder, the server, and what the first two runs did (`first`, `second`); the tests below go on
     from there, in file order."""
-    import signal
     import types
 
-    from tests.helpers import free_port, kill_tree, light_pipeline_config
+    from tests.helpers import kill_tree, light_pipeline_config
 
     tmp_path = tmp_path_factory.mktemp("interrupted")
-    port, root = free_port(), tmp_path / "mlflow"
+    server = _mlflow_server(tmp_path / "mlflow")
     config = light_pipeline_config(tmp_path, toy_dir, changes={"train.checkpoint_every": 10,
                                                                **_faster(tmp_path, toy_dir)})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": server.uri,
            "RAY_ADDRESS": ray_address}
     ns = types.SimpleNamespace(cmd=[sys.executable, "-m", "jobs.pipeline", "--config", str(config)], env=env,
-                               folder=tmp_path / "runs" / "tiny", port=port, root=root)
-    ns.server = _mlflow_server(port, root)
+                               folder=tmp_path / "runs" / "tiny", server=server)
     run = subprocess.Popen(ns.cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, start_new_session=True)
     try:
@@ -164,16 +153,13 @@ def interrupted(ray_address, toy_dir, tmp_path_factory):
         # the same command while the first run holds the folder
         ns.second = subprocess.run(ns.cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         _wait(lambda: (ns.folder / "select" / "done.json").exists(), run, 300, "screening")
-        os.killpg(ns.server.pid, signal.SIGTERM)  # the tracking server goes away
-        ns.server.wait(timeout=30)
+        ns.server.stop()  # the tracking server goes away
         _, stderr = run.communicate(timeout=300)
         ns.first = types.SimpleNamespace(pid=run.pid, returncode=run.returncode, stderr=stderr)
     finally:
         kill_tree(run.pid)  # (whatever is left of it)
     yield ns
-    if ns.server.poll() is None:
-        os.killpg(ns.server.pid, signal.SIGTERM)
-        ns.server.wait(timeout=30)
+    ns.server.stop()
 
 
 @pytest.mark.ray
@@ -198,7 +184,6 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(interrupted, light_chain)
     Ray Train checkpoint, and its crosscoder is as good as the uninterrupted one's (the session's light
     run: the same data and training, checkpointed every 20 steps, not 10)."""
     import json
-    import signal
 
     from mlflow import MlflowClient
 
@@ -207,7 +192,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(interrupted, light_chain)
     _, reference = light_chain.first
     ns = interrupted
     folder = ns.folder
-    ns.server = _mlflow_server(ns.port, ns.root)  # 3. back; the same command, SIGKILLed while training
+    # 3. the server back on its port; the same command, SIGKILLed while training
+    ns.server = _mlflow_server(ns.server.root, ns.server.port)
     run = subprocess.Popen(ns.cmd, env=ns.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     try:
@@ -229,8 +215,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(interrupted, light_chain)
         assert stages["extract"].count("FINISHED") == 1, stages
     finally:
         kill_tree(run.pid)  # (whatever is left of it)
-        os.killpg(ns.server.pid, signal.SIGTERM)
-        ns.server.wait(timeout=30)
+        ns.server.stop()
     train = json.loads((folder / "train" / "done.json").read_text())["result"]["final"]
     assert train["step"] == 100 and 10 <= train["resumed_from_step"] < 100
     evaluate = json.loads((folder / "evaluate" / "done.json").read_text())["result"]
